@@ -1,0 +1,474 @@
+"""Configuration: frozen dataclasses <-> YAML, with dotted command-line overrides.
+
+``load_config(["configs/smoke.yaml"], ["rollout.group_size=10"])`` starts from
+the dataclass defaults, merges each YAML file in order (a file may name a
+``base:`` file it extends, relative to itself), then the overrides. Unknown
+keys raise an error listing the valid ones. Cross-field checks live in each
+section's ``__post_init__`` and say how to fix the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message says how to fix it."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclasses.dataclass(frozen=True)
+class SimulatorConfig:
+    """The built-in marketplace simulator (``grade-ray simulate``)."""
+
+    seed: int = 0
+    """Master seed: same seed, same users, items, requests and feedback."""
+    num_requests: int = 100_000
+    """Logged requests to generate for training."""
+    num_eval_requests: int = 20_000
+    """Held-out logged requests (later days, same users) for offline evaluation."""
+    num_users: int = 20_000
+    """Distinct users; each request picks one."""
+    num_items: int = 50_000
+    """Size of the item catalogue."""
+    num_candidates: int = 100
+    """Candidates per request (the longest list)."""
+    min_candidates: int = 100
+    """Shortest candidate list; < num_candidates gives variable-length requests."""
+    context_dim: int = 16
+    """Observed context features per request (reveal the user's segment only partly)."""
+    segment_names: tuple[str, ...] = ("browser", "buyer", "premium", "bargain")
+    """Latent user segments."""
+    segment_mix: tuple[float, ...] = (0.4, 0.3, 0.15, 0.15)
+    """Probability of each segment in the user population (sums to 1)."""
+    context_signal: float = 1.5
+    """How strongly context features reveal the segment (0 = not at all)."""
+    prediction_noise: float = 0.25
+    """Base noise (log scale) of the upstream model's predictions."""
+    miscalibration: float = 1.0
+    """Scale of segment- and task-specific miscalibration of the upstream model."""
+    logging_weights: tuple[float, ...] = (0.3, 0.3, 0.2, 0.2)
+    """Static production fusion weights of the logging policy (pctr, pcvr, pgmv, pprofit)."""
+    logging_noise: float = 0.05
+    """Std of the per-request noise added to the logging weights before renormalising."""
+    num_days: int = 7
+    """Days the training logs span (request ``ts`` grows with the request index)."""
+    rows_per_shard: int = 50_000
+    """Rows per Parquet shard; bounds generator memory."""
+    north_star: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"click": 0.05, "order": 1.0, "gmv": 0.0, "profit": 0.02}
+    )
+    """Declared north-star value per impression as gains over labels."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_requests > 0, "simulator.num_requests must be > 0")
+        _check(self.num_users > 0 and self.num_items > 0, "simulator.num_users/num_items must be > 0")
+        _check(
+            1 <= self.min_candidates <= self.num_candidates,
+            f"simulator.min_candidates={self.min_candidates} must be in "
+            f"[1, num_candidates={self.num_candidates}]",
+        )
+        _check(self.num_items >= self.num_candidates,
+               "simulator.num_items must be >= num_candidates")
+        _check(len(self.segment_mix) == len(self.segment_names),
+               f"simulator.segment_mix needs one probability per segment {self.segment_names}")
+        _check(abs(sum(self.segment_mix) - 1.0) < 1e-6 and min(self.segment_mix) >= 0,
+               f"simulator.segment_mix={self.segment_mix} must be >= 0 and sum to 1")
+        _check(len(self.logging_weights) == 4 and min(self.logging_weights) >= 0,
+               "simulator.logging_weights needs 4 non-negative weights (pctr, pcvr, pgmv, pprofit)")
+        _check(self.rows_per_shard > 0, "simulator.rows_per_shard must be > 0")
+        _check(self.num_days >= 1, "simulator.num_days must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where logged sessions come from and how bad rows are handled."""
+
+    train_path: str = ""
+    """Training sessions (file or directory); empty = simulate into RUN_DIR/data/train."""
+    eval_path: str = ""
+    """Held-out sessions; empty = simulate into RUN_DIR/data/eval."""
+    on_error: str = "raise"
+    """Bad rows: ``raise`` (stop with file/row/column) or ``reject`` (set aside, counted)."""
+    batch_size: int = 2048
+    """Rows per read batch."""
+
+    def __post_init__(self) -> None:
+        _check(self.on_error in ("raise", "reject"),
+               f"data.on_error={self.on_error!r}: use 'raise' or 'reject'")
+        _check(self.batch_size > 0, "data.batch_size must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    """R = l1 * R_post + l2 * R_prior + l3 * R_format (format gated on l1*R_post + l2*R_prior >= tau)."""
+
+    k: int = 10
+    """NDCG cut-off."""
+    post_gains: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"click": 1.0, "order": 10.0}
+    )
+    """R_post gain per observed label (label name -> gain), e.g. order > click."""
+    prior_gains: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"ctr": 1.0, "ctr*cvr": 10.0}
+    )
+    """R_prior gain: products of predicted tasks ('ctr*cvr') -> coefficient."""
+    format_rules: tuple[str, ...] = ("cvr>=ctr",)
+    """Weight-hierarchy rules 'a>=b' over task names; R_format = share satisfied."""
+    l1: float = 1.0
+    """Weight of R_post."""
+    l2: float = 0.3
+    """Weight of R_prior."""
+    l3: float = 0.05
+    """Weight of R_format."""
+    tau: float = 0.4
+    """Gate: R_format counts only when l1*R_post + l2*R_prior >= tau."""
+
+    def __post_init__(self) -> None:
+        _check(self.k >= 1, "reward.k must be >= 1")
+        _check(min(self.l1, self.l2, self.l3) >= 0, "reward.l1/l2/l3 must be >= 0")
+        _check(self.l1 + self.l2 > 0, "reward.l1 + reward.l2 must be > 0 (no ranking signal)")
+        _check(bool(self.post_gains) or self.l1 == 0,
+               "reward.post_gains is empty: give label gains or set reward.l1=0")
+        _check(bool(self.prior_gains) or self.l2 == 0,
+               "reward.prior_gains is empty: give task gains or set reward.l2=0")
+        for rule in self.format_rules:
+            _check(len(rule.split(">=")) == 2 and all(rule.split(">=")),
+                   f"reward.format_rules entry {rule!r} must look like 'cvr>=ctr'")
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyConfig:
+    """The MMoE-like policy network pi_theta(x) on the simplex."""
+
+    fusion: str = "log_product"
+    """Fusion form: 'linear' or 'log_product'."""
+    fusion_eps: float = 1e-6
+    """eps in log(p + eps)."""
+    num_experts: int = 4
+    """Shared experts."""
+    expert_hidden: int = 64
+    """Hidden width of each expert MLP."""
+    num_heads: int = 1
+    """Gates/towers (the K-way softmax head reads a gated mixture of experts)."""
+    dropout: float = 0.0
+    """Dropout in experts."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_experts >= 1 and self.expert_hidden >= 1,
+               "policy.num_experts and policy.expert_hidden must be >= 1")
+        _check(0 <= self.dropout < 1, "policy.dropout must be in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExplorationConfig:
+    """How Stage 2 samples G weight vectors per request around pi_old."""
+
+    kind: str = "dirichlet"
+    """'dirichlet' (alpha = alpha_hat_t * pi) or 'gaussian' (noise on logits)."""
+    group_size: int = 20
+    """G: weight vectors sampled per request."""
+    alpha_start: float = 5.0
+    """alpha_hat at the start of training (small = explore)."""
+    alpha_end: float = 15.0
+    """alpha_hat at the end of training (large = exploit)."""
+    schedule: str = "cosine"
+    """alpha_hat schedule over training progress: 'cosine', 'linear' or 'constant'."""
+    alpha_floor: float = 0.05
+    """Per-component floor on the Dirichlet concentration (keeps log-probs finite)."""
+    sigma: float = 0.5
+    """Std of the logit noise for 'gaussian' exploration."""
+
+    def __post_init__(self) -> None:
+        _check(self.group_size >= 2, "exploration.group_size must be >= 2 (advantages need a group)")
+        _check(self.alpha_start > 0 and self.alpha_end > 0, "exploration.alpha_* must be > 0")
+        _check(self.alpha_floor > 0, "exploration.alpha_floor must be > 0")
+        _check(self.sigma > 0, "exploration.sigma must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """Stage 1: supervised learning-to-rank (LambdaLoss) on logged feedback."""
+
+    epochs: int = 2
+    """Passes over the training logs (0 skips Stage 1)."""
+    lr: float = 3e-3
+    """Adam learning rate."""
+    batch_size: int = 512
+    """Requests per gradient step."""
+    temperature: float = 1.0
+    """Scale of fused scores inside LambdaLoss."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """Stage 2: critic-free group-relative policy optimisation."""
+
+    rounds: int = 4
+    """Training rounds (reference policy re-synced at the start of each)."""
+    requests_per_round: int = 0
+    """Requests per round; 0 = split the training logs evenly over the rounds (by time)."""
+    lr: float = 1e-3
+    """Adam learning rate."""
+    clip_eps: float = 0.2
+    """PPO-style ratio clip epsilon."""
+    beta: float = 0.01
+    """Weight of KL(pi_theta || pi_ref)."""
+    kl_estimator: str = "exact"
+    """'exact' (closed-form for the exploration distribution) or 'k3' (sample estimator)."""
+    advantage: str = "std"
+    """Group advantage scaling: 'std' ((R-mean)/std), 'mean' (R-mean) or 'none' (R)."""
+    epochs_per_batch: int = 2
+    """Gradient passes over each rollout batch (ratios move away from 1 after the first)."""
+    minibatch_size: int = 512
+    """Requests per gradient step."""
+    grad_clip: float = 1.0
+    """Max global gradient norm."""
+
+    def __post_init__(self) -> None:
+        _check(self.rounds >= 1, "grpo.rounds must be >= 1")
+        _check(0 < self.clip_eps < 1, "grpo.clip_eps must be in (0, 1)")
+        _check(self.beta >= 0, "grpo.beta must be >= 0")
+        _check(self.kl_estimator in ("exact", "k3"), "grpo.kl_estimator: use 'exact' or 'k3'")
+        _check(self.advantage in ("std", "mean", "none"),
+               "grpo.advantage: use 'std', 'mean' or 'none'")
+        _check(self.epochs_per_batch >= 1 and self.minibatch_size >= 1,
+               "grpo.epochs_per_batch and grpo.minibatch_size must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """Ray rollout actors."""
+
+    num_workers: int = 2
+    """Rollout actors."""
+    num_cpus_per_worker: float = 0.5
+    """CPUs each actor reserves (fractional allowed; leave a CPU for data tasks)."""
+    batch_size: int = 1024
+    """Requests per actor call."""
+    max_staleness: int = 0
+    """Max policy versions a rollout may lag the learner (0 = strictly on-policy)."""
+    resource: str = "rollout"
+    """Custom resource actors request when the cluster offers it (empty = never)."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 1, "rollout.num_workers must be >= 1")
+        _check(self.num_cpus_per_worker > 0, "rollout.num_cpus_per_worker must be > 0")
+        _check(self.batch_size >= 1, "rollout.batch_size must be >= 1")
+        _check(self.max_staleness >= 0, "rollout.max_staleness must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerConfig:
+    """Ray Train learner."""
+
+    num_workers: int = 1
+    """Ray Train workers (DDP when > 1)."""
+    use_gpu: bool = False
+    """Put each learner worker on a GPU."""
+    num_cpus_per_worker: float = 0.5
+    """CPUs each learner worker reserves."""
+    max_failures: int = 2
+    """Restarts from the last checkpoint after a worker failure."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 1, "learner.num_workers must be >= 1")
+        _check(self.num_cpus_per_worker > 0, "learner.num_cpus_per_worker must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Offline evaluation and the simulated online A/B test."""
+
+    ab_requests: int = 20_000
+    """Fresh simulated requests per A/B test."""
+    ab_seed: int = 10_007
+    """Seed of the A/B test's fresh users and feedback (same for every arm: paired design)."""
+    bootstrap: int = 200
+    """Bootstrap resamples for confidence intervals."""
+    static_grid_step: float = 0.1
+    """Simplex grid step for the best-static-weights search."""
+    search_requests: int = 5_000
+    """Training requests used to search the best static weights."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One experiment."""
+
+    run_dir: str = "runs/default"
+    """Where metrics, checkpoints, plots and generated data go."""
+    seed: int = 0
+    """Seed for model init and sampling."""
+    simulator: SimulatorConfig = dataclasses.field(default_factory=SimulatorConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    policy: PolicyConfig = dataclasses.field(default_factory=PolicyConfig)
+    exploration: ExplorationConfig = dataclasses.field(default_factory=ExplorationConfig)
+    pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
+    grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    learner: LearnerConfig = dataclasses.field(default_factory=LearnerConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def hash(self) -> str:
+        """Short stable hash of the whole config (for exports and run ids)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+    def replace(self, **overrides: Any) -> Config:
+        """Copy with dotted overrides, e.g. ``cfg.replace(**{"grpo.rounds": 2})``."""
+        d = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(d, key, value)
+        return from_dict(Config, d)
+
+
+# ---------------------------------------------------------------------------
+# dict / YAML conversion
+
+
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        (inner, _ellipsis) = typing.get_args(tp)
+        return tuple(_coerce(inner, v, f"{where}[]") for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        _k, inner = typing.get_args(tp)
+        return {str(k): _coerce(inner, v, f"{where}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads '3e-4' as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass ``cls`` from a (partial) dict; unknown keys raise."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key(s) {[prefix + u for u in unknown]}; valid keys here: {names}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        kwargs[name] = _coerce(hints[name], value, key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) \
+            and k not in _LEAF_DICTS else v
+    return out
+
+
+# dict-valued fields are replaced whole, not merged key by key
+_LEAF_DICTS = {"north_star", "post_gains", "prior_gains"}
+
+
+def _set_dotted(d: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = d
+    for p in parts[:-1]:
+        if p not in node or not isinstance(node[p], dict):
+            raise ConfigError(f"unknown config section {key!r}; top-level keys: {sorted(d)}")
+        node = node[p]
+    if parts[-1] not in node:
+        raise ConfigError(f"unknown config key {key!r}; valid keys here: {sorted(node)}")
+    node[parts[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A config YAML (safe_load), with its ``base:`` chain resolved."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping")
+    base = data.pop("base", None)
+    if base:
+        data = _merge(read_yaml(path.parent / base), data)
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'grpo.lr=3e-4' -> ('grpo.lr', 0.0003); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def load_config(paths: list[str | Path] | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- each YAML file in order <- ``section.key=value`` overrides."""
+    d = to_dict(Config())
+    for p in paths or []:
+        d = _merge(d, read_yaml(p))
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(d, key, value)
+    return from_dict(Config, d)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
