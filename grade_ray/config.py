@@ -68,9 +68,9 @@ class SimulatorConfig:
     rows_per_shard: int = 50_000
     """Rows per Parquet shard; bounds generator memory."""
     north_star: dict[str, float] = dataclasses.field(
-        default_factory=lambda: {"click": 0.05, "order": 1.0, "gmv": 0.0, "profit": 0.02}
+        default_factory=lambda: {"click": 1.0, "order": 10.0}
     )
-    """Declared north-star value per impression as gains over labels."""
+    """North-star business value as gains over labels (same gains as the default R_post)."""
 
     def __post_init__(self) -> None:
         _check(self.num_requests > 0, "simulator.num_requests must be > 0")
@@ -161,8 +161,6 @@ class PolicyConfig:
     """Shared experts."""
     expert_hidden: int = 64
     """Hidden width of each expert MLP."""
-    num_heads: int = 1
-    """Gates/towers (the K-way softmax head reads a gated mixture of experts)."""
     dropout: float = 0.0
     """Dropout in experts."""
 
@@ -218,8 +216,10 @@ class GRPOConfig:
 
     rounds: int = 4
     """Training rounds (reference policy re-synced at the start of each)."""
+    data_passes: int = 1
+    """Passes over the training logs; the logs are cut into rounds/data_passes time windows."""
     requests_per_round: int = 0
-    """Requests per round; 0 = split the training logs evenly over the rounds (by time)."""
+    """Cap on requests per round (0 = the whole time window)."""
     lr: float = 1e-3
     """Adam learning rate."""
     clip_eps: float = 0.2
@@ -239,6 +239,9 @@ class GRPOConfig:
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "grpo.rounds must be >= 1")
+        _check(self.data_passes >= 1 and self.rounds % self.data_passes == 0,
+               f"grpo.rounds={self.rounds} must be a multiple of grpo.data_passes="
+               f"{self.data_passes}")
         _check(0 < self.clip_eps < 1, "grpo.clip_eps must be in (0, 1)")
         _check(self.beta >= 0, "grpo.beta must be >= 0")
         _check(self.kl_estimator in ("exact", "k3"), "grpo.kl_estimator: use 'exact' or 'k3'")

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -192,18 +191,21 @@ class SessionBatch:
             raise ValueError("concat needs at least one batch")
         n = max(b.mask.shape[1] for b in batches)
 
-        def pad(a: np.ndarray) -> np.ndarray:
-            if a.ndim == 1 or a.shape[1] == n:
+        def pad(name: str, a: np.ndarray) -> np.ndarray:
+            if name not in _PER_CANDIDATE or a.shape[1] == n:
                 return a
             width = [(0, 0), (0, n - a.shape[1])] + [(0, 0)] * (a.ndim - 2)
             return np.pad(a, width)
 
         return SessionBatch(
             **{
-                f.name: np.concatenate([pad(getattr(b, f.name)) for b in batches])
+                f.name: np.concatenate([pad(f.name, getattr(b, f.name)) for b in batches])
                 for f in dataclasses.fields(SessionBatch)
             }
         )
+
+
+_PER_CANDIDATE = ("item_ids", "scores", "labels", "mask")
 
 
 @dataclasses.dataclass
@@ -453,7 +455,7 @@ def _castable(got: pa.DataType, want: pa.DataType) -> bool:
         return False
 
 
-def _normalize(table: pa.Table) -> pa.Table:
+def normalize_table(table: pa.Table) -> pa.Table:
     """Cast known columns to the canonical types (e.g. float64 lists, timestamps)."""
     arrays, fields = [], []
     for name in table.column_names:
@@ -483,7 +485,7 @@ def validate_table(
     if on_error not in ("raise", "reject"):
         raise ValueError(f"on_error must be 'raise' or 'reject', got {on_error!r}")
     _check_columns(table, file)
-    table = _normalize(table)
+    table = normalize_table(table)
     bad, reasons = _row_problems(table, meta)
     report = ReadReport(rows_read=table.num_rows)
     if not bad.any():
@@ -635,9 +637,3 @@ def read_ray_dataset(path: str | Path, **read_kwargs):
 
     files = [str(f) for f in list_files(path)]
     return ray.data.read_parquet(files, **read_kwargs)
-
-
-def isfinite_or_raise(x: float, what: str) -> float:
-    if not math.isfinite(x):
-        raise SchemaError(f"{what} is not finite: {x}")
-    return x

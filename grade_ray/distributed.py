@@ -1,0 +1,173 @@
+"""GRADE on Ray: a Ray Train learner driving a pool of rollout actors.
+
+The controller loop lives in each Ray Train worker (rank r drives its own
+rollout actors over its share of every step's tasks); with several learner
+workers the model is DDP-wrapped and every rank runs the same number of steps
+and minibatches. Stage 1 runs in the driver before Train starts. Each round
+rank 0 writes a checkpoint to ``RUN_DIR/checkpoints`` and reports it to Ray
+Train, so ``FailureConfig(max_failures)`` restarts resume from it and
+``--resume`` continues a stopped run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from grade_ray.config import Config, from_dict
+from grade_ray.data.schema import read_meta
+
+log = logging.getLogger(__name__)
+
+DATA_CPU_RESERVE = 0.5  # CPUs left free for the driver and Ray Data read tasks
+
+
+class ResourceError(RuntimeError):
+    """Requested resources do not fit the cluster; the message says what to change."""
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to ``address`` / RAY_ADDRESS, else start an embedded local Ray."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def check_resources(cfg: Config, resources: dict[str, float] | None = None) -> None:
+    """Fail fast, naming the setting to change, if the job cannot fit the cluster."""
+    res = resources if resources is not None else ray.cluster_resources()
+    cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
+    r, lr = cfg.rollout, cfg.learner
+    rollout_cpu = r.num_workers * r.num_cpus_per_worker
+    learner_cpu = lr.num_workers * lr.num_cpus_per_worker
+    need = rollout_cpu + learner_cpu + DATA_CPU_RESERVE
+    if need > cpus + 1e-9:
+        raise ResourceError(
+            f"the job needs {need:g} CPUs (rollout {r.num_workers} x {r.num_cpus_per_worker:g} "
+            f"+ learner {lr.num_workers} x {lr.num_cpus_per_worker:g} + {DATA_CPU_RESERVE:g} "
+            f"kept free for data tasks) but the cluster has {cpus:g}; lower rollout.num_workers "
+            "or rollout.num_cpus_per_worker (fractions are fine), lower learner.num_workers / "
+            "learner.num_cpus_per_worker, or add nodes")
+    if lr.use_gpu and gpus < lr.num_workers:
+        raise ResourceError(
+            f"learner.use_gpu=true with learner.num_workers={lr.num_workers} needs "
+            f"{lr.num_workers} GPU(s) but the cluster has {gpus:g}; set learner.use_gpu=false "
+            "or add GPU nodes")
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker: build learner + rollout actors, run the remaining rounds."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from grade_ray.learner.grpo import GRPOLearner, GRPOSettings
+    from grade_ray.learner.loop import GRPOTrainer, Probe, load_policy, rollout_spec
+    from grade_ray.rollout.actor import RayRollout
+    from grade_ray.runlog import MetricsLogger, latest_checkpoint, load_checkpoint
+    from grade_ray.train import build_plan, simulator_for
+
+    torch.set_num_threads(1)
+    cfg = from_dict(Config, config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    plan = build_plan(cfg, config["train_path"])
+    meta = plan.meta
+    policy, _, _ = load_policy(config["init_policy"])
+    model = ray.train.torch.prepare_model(policy.train())
+    learner = GRPOLearner(model, GRPOSettings.from_config(cfg), ray.train.torch.get_device())
+    per_rank = max(1, cfg.rollout.num_workers // world)
+    backend = RayRollout(cfg, meta, rollout_spec(cfg, meta), num_workers=per_rank)
+    logger = MetricsLogger(cfg.run_dir) if rank == 0 else None
+    probe = Probe(cfg, meta, config["eval_path"], simulator_for(cfg)) if rank == 0 else None
+
+    def report(metrics: dict[str, float], ckpt_path: Path | None) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        if ckpt_path is None:
+            ray.train.report(clean)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            os.link(ckpt_path, Path(d) / "state.pt") if _same_fs(ckpt_path, d) else \
+                Path(d, "state.pt").write_bytes(Path(ckpt_path).read_bytes())
+            ray.train.report(clean, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    trainer = GRPOTrainer(cfg, plan, learner, backend, logger, cfg.run_dir, probe, rank=rank,
+                          world=world, report_fn=report)
+    train_ckpt = ray.train.get_checkpoint()
+    if train_ckpt is not None:  # restarted by FailureConfig
+        with train_ckpt.as_directory() as d:
+            trainer.load_state_dict(load_checkpoint(Path(d) / "state.pt"))
+        log.info("rank %d restarted from the last reported checkpoint (round %d)", rank,
+                 trainer.position.next_round)
+    elif config["resume"] and latest_checkpoint(cfg.run_dir) is not None:
+        trainer.resume_from(latest_checkpoint(cfg.run_dir))
+    fail_at = config.get("fail_at_round")
+    if fail_at is not None and train_ckpt is None:
+        trainer.fail_at_round = int(fail_at)
+    trainer.fit()
+    if rank == 0:
+        from grade_ray.learner.loop import POLICY_FILE, save_policy
+        from grade_ray.train import write_summary
+
+        save_policy(Path(cfg.run_dir) / POLICY_FILE, learner.module.cpu(), cfg, meta,
+                    {"stage": 2, "ts_range": list(plan.ts_range)})
+        write_summary(Path(cfg.run_dir), plan, trainer.history)
+        (Path(cfg.run_dir) / "rollout_actors.json").write_text(
+            __import__("json").dumps(backend.infos()))
+        logger.close()
+    backend.close()
+
+
+def _same_fs(a: Path, b: str) -> bool:
+    try:
+        return os.stat(a).st_dev == os.stat(b).st_dev
+    except OSError:
+        return False
+
+
+def run_train_ray(cfg: Config, resume: bool = False, address: str | None = None,
+                  fail_at_round: int | None = None) -> Path:
+    """Stage 1 in the driver, then Stage 2 on Ray Train + rollout actors. Returns policy.pt."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from grade_ray.learner.loop import POLICY_FILE, PRETRAIN_CKPT, save_policy
+    from grade_ray.runlog import CHECKPOINT_DIR
+    from grade_ray.train import _start, initial_policy, prepare_data
+
+    init_ray(address)
+    check_resources(cfg)
+    run_dir, logger = _start(cfg)
+    run_dir = run_dir.resolve()
+    cfg = cfg.replace(run_dir=str(run_dir))
+    train_path, eval_path = prepare_data(cfg)
+    meta = read_meta(train_path)
+    policy = initial_policy(cfg, meta, train_path, logger)
+    logger.close()
+    init = run_dir / CHECKPOINT_DIR / f"{PRETRAIN_CKPT}.pt"
+    if not init.exists():  # pretrain.epochs == 0: start Stage 2 from the initial policy
+        save_policy(init, policy, cfg, meta)
+    lr = cfg.learner
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={
+            "cfg": cfg.to_dict(), "train_path": str(Path(train_path).resolve()),
+            "eval_path": str(Path(eval_path).resolve()) if eval_path else "",
+            "init_policy": str(init), "resume": resume, "fail_at_round": fail_at_round,
+        },
+        scaling_config=ScalingConfig(num_workers=lr.num_workers, use_gpu=lr.use_gpu,
+                                     resources_per_worker={"CPU": lr.num_cpus_per_worker}),
+        run_config=RunConfig(name="train", storage_path=str(run_dir / "ray_train"),
+                             failure_config=FailureConfig(max_failures=lr.max_failures)),
+    )
+    trainer.fit()
+    return run_dir / POLICY_FILE

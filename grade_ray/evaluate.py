@@ -1,0 +1,249 @@
+"""Evaluation: offline metrics on held-out logs and, for simulator data, an online A/B test.
+
+Arms are weight functions ``(SessionBatch, truth | None) -> (B, K)``:
+
+- ``uniform``: 1/K for every task;
+- ``best_static``: the single weight vector maximising the ranking reward
+  (l1*R_post + l2*R_prior) on training logs, searched on a simplex grid —
+  what production runs today; the A/B control;
+- ``static_truth`` (simulator): the best single vector by the *true* expected
+  north-star; the strictest static baseline and the headroom's denominator;
+- ``SP`` (Stage 1 policy) and ``GRADE`` (the run's policy) plus any extra
+  runs passed as arms;
+- ``oracle`` (simulator): each user's segment's true best weights.
+
+Offline: NDCG@k per label and for the composite reward, GAUC per label, with
+bootstrap CIs. Online: the simulator's paired A/B test (CTR, CVR, OPM, GPM,
+profit, orders, north-star; lifts over best_static with CIs), the captured
+share of personalization headroom, and how close each arm's per-segment mean
+weights are to the oracle's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from grade_ray.algos.fusion import fuse
+from grade_ray.algos.metrics import gauc, ndcg_at_k
+from grade_ray.algos.rewards import group_rewards
+from grade_ray.config import Config
+from grade_ray.data.schema import SessionBatch, SessionMeta, read_sessions
+from grade_ray.data.simulator import simplex_grid
+from grade_ray.learner.loop import POLICY_FILE, PRETRAIN_CKPT, load_policy
+from grade_ray.runlog import CHECKPOINT_DIR
+from grade_ray.spec import RewardSpec, as_tensor
+
+log = logging.getLogger(__name__)
+
+WeightFn = Callable[[SessionBatch, object], np.ndarray]
+
+
+def ranking_reward(batch: SessionBatch, weights: np.ndarray, spec: RewardSpec, fusion: str,
+                   eps: float, chunk: int = 256) -> np.ndarray:
+    """(B, P) l1*R_post + l2*R_prior of each request under each weight vector (P, K)."""
+    out = []
+    w = torch.from_numpy(np.asarray(weights, dtype=np.float32))
+    for s in range(0, len(batch), chunk):
+        b = batch.slice(s, min(s + chunk, len(batch)))
+        scores = as_tensor(b.scores)
+        r = group_rewards(
+            scores, w.expand(len(b), *w.shape), spec.post_gain(as_tensor(b.labels)),
+            spec.prior_gain(scores), as_tensor(b.mask), fusion=fusion, k=spec.k,
+            rules=list(spec.rules), l1=spec.l1, l2=spec.l2, l3=0.0, tau=spec.tau,
+            fusion_eps=eps)
+        out.append(r["reward"].numpy())
+    return np.concatenate(out)
+
+
+def search_best_static(cfg: Config, train_path: str) -> np.ndarray:
+    """(K,) grid weights maximising the mean ranking reward on training logs."""
+    batch, meta, _ = read_sessions(train_path, on_error=cfg.data.on_error,
+                                   max_rows=cfg.eval.search_requests)
+    spec = RewardSpec.from_config(cfg.reward, meta)
+    grid = simplex_grid(meta.num_tasks, cfg.eval.static_grid_step)
+    reward = ranking_reward(batch, grid, spec, cfg.policy.fusion, cfg.policy.fusion_eps)
+    best = grid[reward.mean(0).argmax()]
+    log.info("best static weights on %d training requests: %s", len(batch),
+             dict(zip(meta.task_names, best.round(3).tolist())))
+    return best
+
+
+def static_arm(w: np.ndarray) -> WeightFn:
+    return lambda batch, truth: np.broadcast_to(w, (len(batch), len(w))).astype(np.float32)
+
+
+def policy_arm(path: str | Path) -> WeightFn:
+    policy, _, _ = load_policy(path)
+
+    @torch.no_grad()
+    def fn(batch: SessionBatch, truth) -> np.ndarray:
+        return policy.pi(as_tensor(batch.context)).numpy()
+
+    return fn
+
+
+def _bootstrap_ci(x: np.ndarray, n: int, seed: int) -> tuple[float, float]:
+    rng = np.random.default_rng(seed)
+    means = [x[rng.integers(0, len(x), len(x))].mean() for _ in range(n)]
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def offline_metrics(batch: SessionBatch, meta: SessionMeta, weights: np.ndarray,
+                    spec: RewardSpec, fusion: str, eps: float, bootstrap: int,
+                    seed: int) -> dict[str, float]:
+    """NDCG@k per label, composite reward (with CI) and GAUC per label for one arm."""
+    scores, mask = as_tensor(batch.scores), as_tensor(batch.mask)
+    fused = fuse(fusion, scores, torch.from_numpy(np.ascontiguousarray(weights)), eps)
+    labels = as_tensor(batch.labels)
+    out: dict[str, float] = {}
+    for j, name in enumerate(meta.label_names):
+        gains = labels[..., j].clamp_min(0)
+        out[f"ndcg@{spec.k}/{name}"] = float(ndcg_at_k(fused, gains, mask, spec.k).mean())
+        out[f"gauc/{name}"] = float(gauc(fused.numpy(), (labels[..., j] > 0).numpy(),
+                                         batch.mask))
+    post = ndcg_at_k(fused, spec.post_gain(labels), mask, spec.k).numpy()
+    prior = ndcg_at_k(fused, spec.prior_gain(scores), mask, spec.k).numpy()
+    comp = spec.l1 * post + spec.l2 * prior
+    out["r_post"] = float(post.mean())
+    out["r_prior"] = float(prior.mean())
+    out["composite"] = float(comp.mean())
+    out["composite_ci_low"], out["composite_ci_high"] = _bootstrap_ci(comp, bootstrap, seed)
+    return out
+
+
+@dataclasses.dataclass
+class EvalResult:
+    offline: dict[str, dict[str, float]]
+    online: list[dict] | None
+    headroom: dict[str, float] | None
+    recovery: dict[str, float] | None
+    markdown: str
+
+
+def default_arms(cfg: Config, run_dir: Path, train_path: str, baselines: bool
+                 ) -> tuple[dict[str, WeightFn], dict[str, list[float]]]:
+    """Baseline and policy arms for a run, plus the static weights used."""
+    from grade_ray.data.schema import read_meta
+
+    meta = read_meta(train_path)
+    arms: dict[str, WeightFn] = {}
+    statics: dict[str, list[float]] = {}
+    if baselines:
+        k = meta.num_tasks
+        arms["uniform"] = static_arm(np.full(k, 1.0 / k, np.float32))
+        best = search_best_static(cfg, train_path)
+        statics["best_static"] = best.tolist()
+        arms["best_static"] = static_arm(best)
+        sp = run_dir / CHECKPOINT_DIR / f"{PRETRAIN_CKPT}.pt"
+        if sp.exists():
+            arms["SP"] = policy_arm(sp)
+    if (run_dir / POLICY_FILE).exists():
+        arms["GRADE"] = policy_arm(run_dir / POLICY_FILE)
+    return arms, statics
+
+
+def run_evaluate(cfg: Config, run_dir: str | Path, eval_path: str | None = None,
+                 baselines: bool = True, extra_arms: dict[str, str] | None = None
+                 ) -> EvalResult:
+    """Evaluate a run's policy (and baselines) offline and, on simulator data, online."""
+    from grade_ray.train import prepare_data, simulator_for
+
+    run_dir = Path(run_dir)
+    train_path, default_eval = prepare_data(cfg)
+    eval_path = eval_path or default_eval
+    if not eval_path:
+        raise FileNotFoundError("no held-out data: set data.eval_path or pass --data")
+    arms, statics = default_arms(cfg, run_dir, train_path, baselines)
+    for name, path in (extra_arms or {}).items():
+        arms[name] = policy_arm(path)
+    if not arms:
+        raise FileNotFoundError(f"nothing to evaluate: no {POLICY_FILE} in {run_dir}")
+    batch, meta, report = read_sessions(eval_path, on_error=cfg.data.on_error)
+    spec = RewardSpec.from_config(cfg.reward, meta)
+    offline = {
+        name: offline_metrics(batch, meta, fn(batch, None), spec, cfg.policy.fusion,
+                              cfg.policy.fusion_eps, cfg.eval.bootstrap, cfg.eval.ab_seed)
+        for name, fn in arms.items()
+    }
+    online = headroom = recovery = None
+    sim = simulator_for(cfg)
+    if sim is not None:
+        online, headroom, recovery = _online(cfg, sim, arms, statics)
+    md = _markdown(offline, online, headroom, recovery, report.summary(), spec.k)
+    result = EvalResult(offline, online, headroom, recovery, md)
+    out = run_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(
+        {"offline": offline, "online": online, "headroom": headroom, "recovery": recovery,
+         "static_weights": statics, "eval_data": report.summary()}, indent=2, default=float))
+    (out / "eval.md").write_text(md)
+    return result
+
+
+def _online(cfg: Config, sim, arms: dict[str, WeightFn], statics: dict[str, list[float]]):
+    """Simulated A/B test on fresh users, headroom captured and weight recovery."""
+    e = cfg.eval
+    fusion, eps = cfg.policy.fusion, cfg.policy.fusion_eps
+    static_truth = sim.best_static_weights(fusion, e.static_grid_step, e.search_requests,
+                                           e.ab_seed + 7)
+    oracle = sim.best_weights_per_segment(fusion, e.static_grid_step, e.search_requests,
+                                          e.ab_seed + 7)
+    statics["static_truth"] = static_truth.tolist()
+    all_arms = dict(arms)
+    all_arms["static_truth"] = static_arm(static_truth.astype(np.float32))
+    all_arms["oracle"] = lambda batch, truth: oracle[truth.segment].astype(np.float32)
+    batch, truth = sim.fresh_requests(e.ab_requests, e.ab_seed)
+    sc = as_tensor(batch.scores)
+    weights = {n: fn(batch, truth) for n, fn in all_arms.items()}
+    fused = {n: fuse(fusion, sc, torch.from_numpy(np.ascontiguousarray(w)), eps).numpy()
+             for n, w in weights.items()}
+    control = "best_static" if "best_static" in fused else next(iter(fused))
+    ab = sim.ab_test(batch, truth, fused, control=control, seed=e.ab_seed,
+                     bootstrap=e.bootstrap)
+    rows = ab.to_rows()
+    ns = {r["arm"]: r["value"] for r in rows if r["metric"] == "north_star"}
+    gap = ns["oracle"] - ns["static_truth"]
+    headroom = {n: (v - ns["static_truth"]) / gap if gap > 0 else float("nan")
+                for n, v in ns.items()}
+    recovery = {}
+    for n, w in weights.items():
+        per_seg = np.stack([w[truth.segment == s].mean(0) for s in range(len(sim.segment_names))])
+        recovery[n] = float(np.abs(per_seg - oracle).sum(1).mean() / 2)  # mean TV distance
+    return rows, headroom, recovery
+
+
+def _markdown(offline, online, headroom, recovery, data_summary: str, k: int) -> str:
+    lines = [f"Held-out logs: {data_summary}", "",
+             f"| arm | composite (95% CI) | R_post NDCG@{k} | R_prior NDCG@{k} | GAUC (first label) |",
+             "|---|---|---:|---:|---:|"]
+    for name, m in offline.items():
+        first_gauc = next((v for kk, v in m.items() if kk.startswith("gauc/")), float("nan"))
+        lines.append(f"| {name} | {m['composite']:.4f} [{m['composite_ci_low']:.4f}, "
+                     f"{m['composite_ci_high']:.4f}] | {m['r_post']:.4f} | {m['r_prior']:.4f} | "
+                     f"{first_gauc:.4f} |")
+    if online:
+        metrics = list(dict.fromkeys(r["metric"] for r in online))
+        arms = list(dict.fromkeys(r["arm"] for r in online))
+        by = {(r["arm"], r["metric"]): r for r in online}
+        lines += ["", "Simulated online A/B test on fresh users (lift over best_static, "
+                  "95% paired bootstrap CI; * = CI excludes 0):", "",
+                  "| arm | " + " | ".join(metrics) + " | headroom captured | weight TV to oracle |",
+                  "|---|" + "---:|" * (len(metrics) + 2)]
+        for a in arms:
+            cells = []
+            for m in metrics:
+                r = by[(a, m)]
+                star = "*" if r["significant"] else ""
+                cells.append(f"{r['value']:.4g} ({r['lift']:+.2%}{star} "
+                             f"[{r['ci_low']:+.2%}, {r['ci_high']:+.2%}])")
+            lines.append(f"| {a} | " + " | ".join(cells) +
+                         f" | {headroom.get(a, float('nan')):.2f} | {recovery.get(a, float('nan')):.3f} |")
+    return "\n".join(lines)

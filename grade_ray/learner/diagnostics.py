@@ -1,0 +1,82 @@
+"""Per-round policy diagnostics and detectors for GRADE's known failure signatures.
+
+- weight polarization: many weight vectors with one weight > 0.9;
+- no personalization: weights near-identical across users;
+- training instability: KL or loss spikes against the run's history;
+- reward hacking: the training reward (R_post) rises while a business
+  metric measured outside the reward (held-out north-star / NDCG) falls.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from grade_ray import keys
+
+POLARIZED_MAX_W = 0.9
+POLARIZED_WARN_FRAC = 0.5
+SPREAD_WARN = 0.01
+SPIKE_FACTOR = 5.0
+
+
+def policy_diagnostics(pi: np.ndarray, task_names: tuple[str, ...],
+                       segments: np.ndarray | None = None,
+                       segment_names: tuple[str, ...] | None = None) -> dict[str, float]:
+    """pi: (B, K) policy weights on held-out requests -> flat metric dict.
+
+    weight_entropy = mean_b -sum_k pi log pi; polarized_frac = share with
+    max_k pi > 0.9; user_spread = mean_k std_b pi_k (0 = no personalization).
+    With ground-truth ``segments`` (B,) also the mean weights per segment.
+    """
+    p = np.clip(pi, 1e-12, 1.0)
+    out = {
+        keys.POLICY_ENTROPY: float((-(p * np.log(p)).sum(axis=1)).mean()),
+        keys.POLICY_POLARIZED: float((pi.max(axis=1) > POLARIZED_MAX_W).mean()),
+        keys.POLICY_SPREAD: float(pi.std(axis=0).mean()),
+    }
+    for k, name in enumerate(task_names):
+        out[f"{keys.POLICY_MEAN_W}/{name}"] = float(pi[:, k].mean())
+    if segments is not None and segment_names is not None:
+        for s, sname in enumerate(segment_names):
+            sel = segments == s
+            if sel.any():
+                for k, name in enumerate(task_names):
+                    out[f"{keys.SEGMENT_MEAN_W}/{sname}/w_{name}"] = float(pi[sel, k].mean())
+    return out
+
+
+def failure_warnings(history: list[dict[str, float]], business_key: str | None = None
+                     ) -> list[str]:
+    """Warnings for the latest round given all rounds' metrics so far (oldest first)."""
+    if not history:
+        return []
+    cur = history[-1]
+    warns = []
+    if cur.get(keys.POLICY_POLARIZED, 0.0) > POLARIZED_WARN_FRAC:
+        warns.append(
+            f"weight polarization: {cur[keys.POLICY_POLARIZED]:.0%} of requests put > "
+            f"{POLARIZED_MAX_W} on one task (raise reward.l3 / the format rules or grpo.beta)"
+        )
+    if keys.POLICY_SPREAD in cur and cur[keys.POLICY_SPREAD] < SPREAD_WARN:
+        warns.append(
+            f"no personalization: weights vary by only {cur[keys.POLICY_SPREAD]:.4f} across "
+            "users (context may not reveal preferences, or beta pins the policy to the reference)"
+        )
+    for key in (keys.LEARNER_KL, keys.LEARNER_LOSS):
+        past = [abs(h[key]) for h in history[:-1] if key in h]
+        if len(past) >= 2 and key in cur:
+            base = float(np.median(past))
+            if abs(cur[key]) > SPIKE_FACTOR * max(base, 1e-6):
+                warns.append(f"training instability: {key}={cur[key]:.4g} is > "
+                             f"{SPIKE_FACTOR:g}x its median {base:.4g} (lower grpo.lr)")
+    if business_key and len(history) >= 2:
+        prev = history[-2]
+        if all(business_key in h and keys.ROLLOUT_R_POST in h for h in (prev, cur)):
+            if cur[keys.ROLLOUT_R_POST] > prev[keys.ROLLOUT_R_POST] and \
+                    cur[business_key] < prev[business_key]:
+                warns.append(
+                    f"possible reward hacking: R_post rose ({prev[keys.ROLLOUT_R_POST]:.4f} -> "
+                    f"{cur[keys.ROLLOUT_R_POST]:.4f}) while {business_key} fell "
+                    f"({prev[business_key]:.4f} -> {cur[business_key]:.4f})"
+                )
+    return warns

@@ -1,0 +1,181 @@
+"""Stage 2 learner: critic-free GRPO on rollout batches (plain class, no Ray).
+
+The Ray Train loop and the single-process loop both drive this class. The
+loss lives in one overridable method (:meth:`GRPOLearner.compute_loss`);
+optimizer steps, gradient clipping, finiteness checks, metrics and
+state_dict live around it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import torch
+from torch import nn
+
+from grade_ray import keys
+from grade_ray.algos.exploration import EXPLORATIONS
+from grade_ray.algos.losses import POLICY_LOSSES, kl_k3
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOSettings:
+    """Scalars the learner needs (resolved from GRPOConfig + ExplorationConfig)."""
+
+    lr: float
+    clip_eps: float
+    beta: float
+    kl_estimator: str
+    epochs_per_batch: int
+    minibatch_size: int
+    grad_clip: float
+    exploration: str
+    alpha_floor: float
+    sigma: float
+    loss: str = "grpo"
+
+    @classmethod
+    def from_config(cls, cfg) -> GRPOSettings:
+        g, e = cfg.grpo, cfg.exploration
+        return cls(
+            lr=g.lr, clip_eps=g.clip_eps, beta=g.beta, kl_estimator=g.kl_estimator,
+            epochs_per_batch=g.epochs_per_batch, minibatch_size=g.minibatch_size,
+            grad_clip=g.grad_clip, exploration=e.kind, alpha_floor=e.alpha_floor, sigma=e.sigma,
+        )
+
+
+_TRAIN_COLUMNS = (keys.CONTEXT, keys.WEIGHTS, keys.OLD_LOGP, keys.ADVANTAGES)
+
+
+def check_finite(batch: dict[str, np.ndarray], columns=_TRAIN_COLUMNS) -> None:
+    """Raise a clear error if any training input holds NaN/inf (never corrupt weights)."""
+    for col in columns:
+        a = np.asarray(batch[col])
+        if not np.isfinite(a).all():
+            n_bad = int((~np.isfinite(a)).sum())
+            raise FloatingPointError(
+                f"rollout batch column {col!r} holds {n_bad} non-finite value(s); refusing to "
+                "update the policy (check the logged scores/labels and exploration.alpha_floor)"
+            )
+
+
+def _synced_minibatches(n: int, minibatch_size: int) -> int:
+    """Minibatches per epoch; under torch.distributed the max over ranks (DDP symmetry)."""
+    n_mb = -(-n // minibatch_size)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = torch.tensor([n_mb], dtype=torch.int64)
+        if torch.distributed.get_backend() == "nccl":
+            t = t.cuda()
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        n_mb = int(t.item())
+    return n_mb
+
+
+class GRPOLearner:
+    """GRPO update: -mean min(rho A, clip(rho) A) + beta KL(pi || pi_ref)."""
+
+    def __init__(
+        self, model: nn.Module, settings: GRPOSettings, device: str | torch.device = "cpu"
+    ) -> None:
+        self.model = model  # possibly DDP-wrapped: call it, not .module, in forward
+        self.module = getattr(model, "module", model)
+        self.settings = settings
+        self.device = torch.device(device)
+        self.ref = copy.deepcopy(self.module).eval()
+        for p in self.ref.parameters():
+            p.requires_grad_(False)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=settings.lr)
+        self.explore = EXPLORATIONS.get(settings.exploration)
+        self.policy_loss = POLICY_LOSSES.get(settings.loss)
+        self.version = 0
+
+    def sync_reference(self) -> None:
+        """pi_ref <- pi_theta (start of each training round)."""
+        self.ref.load_state_dict(self.module.state_dict())
+
+    def _pi(self, model: nn.Module, context: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(model(context), dim=-1)
+
+    def compute_loss(
+        self, mb: dict[str, torch.Tensor], alpha_hat: float
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss for one minibatch; override this (and only this) to change the objective."""
+        s = self.settings
+        pi = self._pi(self.model, mb[keys.CONTEXT])
+        logp = self.explore.log_prob(pi, mb[keys.WEIGHTS], alpha_hat, floor=s.alpha_floor,
+                                     sigma=s.sigma)
+        with torch.no_grad():
+            pi_ref = self._pi(self.ref, mb[keys.CONTEXT])
+        if s.kl_estimator == "exact":
+            kl = self.explore.kl(pi, pi_ref, alpha_hat, floor=s.alpha_floor, sigma=s.sigma)
+        else:
+            ref_logp = self.explore.log_prob(pi_ref, mb[keys.WEIGHTS], alpha_hat,
+                                             floor=s.alpha_floor, sigma=s.sigma)
+            kl = kl_k3(logp, ref_logp)
+        return self.policy_loss(logp, mb[keys.OLD_LOGP], mb[keys.ADVANTAGES], kl,
+                                clip_eps=s.clip_eps, beta=s.beta)
+
+    def update(self, batch: dict[str, np.ndarray], generator: torch.Generator | None = None
+               ) -> dict[str, float]:
+        """epochs_per_batch passes of minibatch steps over one rollout batch; returns means."""
+        check_finite(batch)
+        s = self.settings
+        alpha_hat = float(batch[keys.ALPHA_HAT])
+        tensors = {c: torch.as_tensor(np.asarray(batch[c])).to(self.device) for c in _TRAIN_COLUMNS}
+        n = tensors[keys.CONTEXT].shape[0]
+        n_mb = _synced_minibatches(n, s.minibatch_size)
+        self.model.train()
+        totals: dict[str, float] = {}
+        steps = 0
+        for _ in range(s.epochs_per_batch):
+            # every DDP rank runs n_mb minibatches; a rank with fewer rows reuses some
+            order = torch.randperm(n, generator=generator).repeat(-(-n_mb * s.minibatch_size // n))
+            size = -(-n // n_mb) if n_mb else 0
+            for j in range(n_mb):
+                idx = order[j * size:(j + 1) * size].to(self.device)
+                stats = self._step({c: t[idx] for c, t in tensors.items()}, alpha_hat)
+                for k, v in stats.items():
+                    totals[k] = totals.get(k, 0.0) + v
+                steps += 1
+        self.version += 1
+        return {k: v / max(steps, 1) for k, v in totals.items()}
+
+    def _step(self, mb: dict[str, torch.Tensor], alpha_hat: float) -> dict[str, float]:
+        loss, stats = self.compute_loss(mb, alpha_hat)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"GRPO loss is {loss.item()}; weights left unchanged")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
+        if not torch.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError("non-finite gradient norm; weights left unchanged")
+        self.optimizer.step()
+        return {
+            keys.LEARNER_LOSS: float(loss.detach()),
+            keys.LEARNER_PG_LOSS: float(stats["pg_loss"]),
+            keys.LEARNER_KL: float(stats["kl"]),
+            keys.LEARNER_CLIP_FRAC: float(stats["clip_frac"]),
+            keys.LEARNER_RATIO_MEAN: float(stats["ratio_mean"]),
+            keys.LEARNER_GRAD_NORM: float(grad_norm),
+        }
+
+    def policy_state(self) -> dict[str, torch.Tensor]:
+        """CPU copy of the policy weights (what rollout workers load)."""
+        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+
+    def state_dict(self) -> dict:
+        return {
+            "policy": self.module.state_dict(),
+            "ref": self.ref.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "version": self.version,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["policy"])
+        self.ref.load_state_dict(state["ref"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.version = int(state["version"])

@@ -1,0 +1,60 @@
+"""Stage 1 learner: supervised learning-to-rank (LambdaLoss) through the fusion.
+
+Each logged request is ranked by s(pi_theta(x)) = fuse(scores, pi_theta(x));
+LambdaLoss against the graded feedback gains sends gradients through the
+softmax head into theta. The result initialises Stage 2 and its reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from grade_ray import keys
+from grade_ray.algos.fusion import fuse
+from grade_ray.algos.losses import lambda_loss
+from grade_ray.algos.metrics import ndcg_at_k
+from grade_ray.data.schema import SessionBatch
+from grade_ray.spec import RewardSpec, as_tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class SupervisedSettings:
+    """Scalars Stage 1 needs."""
+
+    lr: float
+    temperature: float
+    fusion: str
+    fusion_eps: float
+
+
+class SupervisedLearner:
+    """LambdaLoss on logged feedback; one :meth:`step` per request batch."""
+
+    def __init__(self, model: nn.Module, settings: SupervisedSettings, reward: RewardSpec) -> None:
+        self.model = model
+        self.module = getattr(model, "module", model)
+        self.settings = settings
+        self.reward = reward
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=settings.lr)
+
+    def step(self, batch: SessionBatch) -> dict[str, float]:
+        """One gradient step on a batch; returns loss and the batch's NDCG@k (before the step)."""
+        s = self.settings
+        scores = as_tensor(batch.scores)
+        mask = as_tensor(batch.mask)
+        gains = self.reward.post_gain(as_tensor(batch.labels))
+        self.model.train()
+        pi = torch.softmax(self.model(as_tensor(batch.context)), dim=-1)
+        fused = fuse(s.fusion, scores, pi, s.fusion_eps)
+        loss = lambda_loss(fused, gains, mask, k=self.reward.k, temperature=s.temperature)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"LambdaLoss is {loss.item()}; check the logged scores")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            ndcg = ndcg_at_k(fused.detach(), gains, mask, self.reward.k).mean()
+        return {keys.PRETRAIN_LOSS: float(loss.detach()), keys.PRETRAIN_NDCG: float(ndcg)}

@@ -1,0 +1,106 @@
+"""Rollout: logged requests -> candidate weight groups with rewards and advantages.
+
+:class:`RolloutWorker` is a plain class (tested without Ray); the Ray actor in
+``grade_ray.rollout.actor`` only delegates to it. One call does, for B requests:
+
+1. pi_old = policy(x)                                  (B, K)
+2. w_g ~ explore(pi_old, alpha_hat), g = 1..G          (B, G, K)
+3. re-rank each request with each w_g, reward R        (B, G)
+4. A = group-relative advantage of R                   (B, G)
+5. old_logp = log p(w_g | pi_old, alpha_hat)           (B, G)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from grade_ray import keys
+from grade_ray.algos.advantages import group_advantages
+from grade_ray.algos.exploration import EXPLORATIONS
+from grade_ray.algos.rewards import group_rewards
+from grade_ray.data.schema import SessionBatch
+from grade_ray.models.policy import FusionPolicy
+from grade_ray.spec import RewardSpec, as_tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSpec:
+    """Everything a rollout needs besides weights and data (plain values)."""
+
+    reward: RewardSpec
+    exploration: str
+    group_size: int
+    alpha_floor: float
+    sigma: float
+    advantage: str
+    fusion: str
+    fusion_eps: float
+
+
+class RolloutWorker:
+    """Holds a policy copy; turns request batches into GRPO training batches."""
+
+    def __init__(self, policy: FusionPolicy, spec: RolloutSpec, seed: int = 0) -> None:
+        self.policy = policy.eval()
+        self.spec = spec
+        self.version = -1
+        self.explore = EXPLORATIONS.get(spec.exploration)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def set_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        """Load policy weights tagged with their version."""
+        self.policy.load_state_dict(state_dict)
+        self.version = int(version)
+
+    def reseed(self, seed: int) -> None:
+        """Make the next rollout's samples a function of ``seed`` only."""
+        self.generator.manual_seed(int(seed))
+
+    @torch.no_grad()
+    def rollout(self, batch: SessionBatch, alpha_hat: float) -> dict[str, np.ndarray]:
+        """One batch of requests -> columnar GRPO batch (see ``grade_ray.keys``)."""
+        s = self.spec
+        context = as_tensor(batch.context)
+        scores = as_tensor(batch.scores)
+        mask = as_tensor(batch.mask)
+        pi = self.policy.pi(context)
+        w = self.explore.sample(
+            pi, s.group_size, alpha_hat, floor=s.alpha_floor, sigma=s.sigma,
+            generator=self.generator,
+        )
+        old_logp = self.explore.log_prob(pi, w, alpha_hat, floor=s.alpha_floor, sigma=s.sigma)
+        r = group_rewards(
+            scores, w, s.reward.post_gain(as_tensor(batch.labels)), s.reward.prior_gain(scores),
+            mask, fusion=s.fusion, k=s.reward.k, rules=list(s.reward.rules), l1=s.reward.l1,
+            l2=s.reward.l2, l3=s.reward.l3, tau=s.reward.tau, fusion_eps=s.fusion_eps,
+        )
+        adv, zero_var = group_advantages(r["reward"], s.advantage)
+        return {
+            keys.REQUEST_ID: batch.request_id,
+            keys.CONTEXT: batch.context,
+            keys.WEIGHTS: w.numpy(),
+            keys.OLD_LOGP: old_logp.numpy(),
+            keys.ADVANTAGES: adv.numpy(),
+            keys.REWARD: r["reward"].numpy(),
+            keys.R_POST: r["post"].numpy(),
+            keys.R_PRIOR: r["prior"].numpy(),
+            keys.R_FORMAT: r["format"].numpy(),
+            keys.ZERO_VAR: zero_var.numpy(),
+            keys.POLICY_VERSION: np.int64(self.version),
+            keys.ALPHA_HAT: np.float64(alpha_hat),
+        }
+
+
+def rollout_summary(out: dict[str, np.ndarray]) -> dict[str, float]:
+    """Mean reward components and zero-variance share of one rollout batch."""
+    return {
+        keys.ROLLOUT_REWARD: float(out[keys.REWARD].mean()),
+        keys.ROLLOUT_R_POST: float(out[keys.R_POST].mean()),
+        keys.ROLLOUT_R_PRIOR: float(out[keys.R_PRIOR].mean()),
+        keys.ROLLOUT_R_FORMAT: float(out[keys.R_FORMAT].mean()),
+        keys.ROLLOUT_ZERO_VAR_FRAC: float(out[keys.ZERO_VAR].mean()),
+        keys.ROLLOUT_REQUESTS: float(len(out[keys.REQUEST_ID])),
+    }

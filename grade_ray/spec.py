@@ -1,0 +1,84 @@
+"""Config names resolved against a data file's metadata.
+
+:class:`RewardSpec` turns the reward config's label/task *names* into the
+index tuples the pure math in ``grade_ray.algos`` takes, checking every name
+against the data's :class:`~grade_ray.data.schema.SessionMeta`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from grade_ray.algos.metrics import label_gains, product_gains
+from grade_ray.config import ConfigError, RewardConfig
+from grade_ray.data.schema import SessionMeta
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSpec:
+    """Reward settings with names resolved to indices (plain values; safe to ship to actors)."""
+
+    k: int
+    post_coef: tuple[float, ...]  # (L,) gain per label
+    prior_terms: tuple[tuple[tuple[int, ...], float], ...]  # ((task idx...), coef)
+    rules: tuple[tuple[int, int], ...]  # (a, b): reward w_a >= w_b
+    l1: float
+    l2: float
+    l3: float
+    tau: float
+
+    @classmethod
+    def from_config(cls, cfg: RewardConfig, meta: SessionMeta) -> RewardSpec:
+        coef = [0.0] * meta.num_labels
+        for name, g in cfg.post_gains.items():
+            if name not in meta.label_names:
+                raise ConfigError(
+                    f"reward.post_gains names label {name!r}; labels in this data: "
+                    f"{list(meta.label_names)}"
+                )
+            coef[meta.label_names.index(name)] = float(g)
+        terms = []
+        for term, c in cfg.prior_gains.items():
+            idx = []
+            for name in term.split("*"):
+                name = name.strip()
+                if name not in meta.task_names:
+                    raise ConfigError(
+                        f"reward.prior_gains term {term!r} names task {name!r}; tasks in this "
+                        f"data: {list(meta.task_names)}"
+                    )
+                idx.append(meta.task_names.index(name))
+            terms.append((tuple(idx), float(c)))
+        rules = []
+        for rule in cfg.format_rules:
+            a, b = (r.strip() for r in rule.split(">="))
+            for name in (a, b):
+                if name not in meta.task_names:
+                    raise ConfigError(
+                        f"reward.format_rules entry {rule!r} names task {name!r}; tasks in this "
+                        f"data: {list(meta.task_names)}"
+                    )
+            rules.append((meta.task_names.index(a), meta.task_names.index(b)))
+        return cls(
+            k=cfg.k, post_coef=tuple(coef), prior_terms=tuple(terms), rules=tuple(rules),
+            l1=cfg.l1, l2=cfg.l2, l3=cfg.l3, tau=cfg.tau,
+        )
+
+    def post_gain(self, labels: torch.Tensor) -> torch.Tensor:
+        """labels (B, N, L) -> R_post gains (B, N), clamped at 0 (NDCG needs gains >= 0)."""
+        coef = torch.tensor(self.post_coef, dtype=labels.dtype)
+        return label_gains(labels, coef).clamp_min(0)
+
+    def prior_gain(self, scores: torch.Tensor) -> torch.Tensor:
+        """scores (B, N, K) -> R_prior gains (B, N) >= 0."""
+        return product_gains(scores, list(self.prior_terms)).clamp_min(0)
+
+
+def as_tensor(a: np.ndarray) -> torch.Tensor:
+    """Zero-copy numpy -> torch where possible (read-only arrays are copied)."""
+    if not a.flags.writeable:
+        a = a.copy()
+    return torch.from_numpy(a)

@@ -1,0 +1,41 @@
+"""Shared fixtures: one local Ray per test session, small simulated logs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray (2 CPUs) shared by every test marked ``ray``."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smoke_cfg(tmp_path_factory):
+    """The smoke config with its run_dir in a temp dir."""
+    from pathlib import Path
+
+    from grade_ray.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path_factory.mktemp("smoke")
+    return load_config([root / "configs" / "smoke.yaml"], [f"run_dir={run}"])
+
+
+@pytest.fixture(scope="session")
+def smoke_data(smoke_cfg):
+    """(train_path, eval_path) simulated once per session for the smoke config."""
+    from grade_ray.train import prepare_data
+
+    return prepare_data(smoke_cfg)

@@ -1,0 +1,118 @@
+"""Logged-session schema: round trip, every bad-input kind, reject accounting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from grade_ray.data.schema import (
+    ReadReport,
+    SchemaError,
+    SessionBatch,
+    SessionMeta,
+    ShardWriter,
+    iter_batches,
+    read_meta,
+    read_sessions,
+    to_table,
+)
+
+META = SessionMeta(("ctr", "cvr", "gmv"), ("prob", "prob", "value"), ("click", "order"),
+                   ("a", "b"))
+
+
+def make_batch(b: int = 6, n: int = 5, seed: int = 0) -> SessionBatch:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, n + 1, b)
+    lengths[0] = n
+    mask = np.arange(n)[None] < lengths[:, None]
+    return SessionBatch(
+        request_id=np.arange(b, dtype=np.int64), user_id=rng.integers(0, 3, b),
+        ts=np.arange(b, dtype=np.int64) * 10, context=rng.random((b, 2), dtype=np.float32),
+        item_ids=(rng.integers(1, 100, (b, n)) * mask).astype(np.int64),
+        scores=(rng.random((b, n, 3), dtype=np.float32) * mask[..., None]),
+        labels=(rng.integers(0, 2, (b, n, 2)).astype(np.float32) * mask[..., None]), mask=mask)
+
+
+def write(tmp_path, table: pa.Table, name: str = "s.parquet"):
+    path = tmp_path / name
+    pq.write_table(table, path)
+    return path
+
+
+def test_round_trip_through_shards(tmp_path):
+    batch = make_batch(7)
+    with ShardWriter(tmp_path, META, rows_per_shard=3) as w:
+        w.write(batch)
+    assert len(w.paths) == 3 and w.rows_written == 7
+    back, meta, report = read_sessions(tmp_path)
+    assert meta == META
+    assert (report.rows_read, report.rows_used, report.rows_rejected) == (7, 7, 0)
+    for f in ("request_id", "context", "scores", "labels", "mask", "item_ids"):
+        np.testing.assert_array_equal(getattr(back, f), getattr(batch, f))
+
+
+def test_metadata_required_and_names_checked(tmp_path):
+    table = to_table(make_batch(), META).replace_schema_metadata({})
+    with pytest.raises(SchemaError, match="no grade_ray metadata"):
+        read_meta(write(tmp_path, table))
+    with pytest.raises(SchemaError, match="unknown task 'pctr'"):
+        META.task_index("pctr")
+    with pytest.raises(SchemaError, match="unknown task kind"):
+        SessionMeta(("a",), ("probability",), ("click",), ())
+
+
+def corrupt(column: str, row: int, fn):
+    table = to_table(make_batch(), META)
+    values = table.column(column).to_pylist()
+    values[row] = fn(values[row])
+    arrays = [pa.array(values, table.schema.field(column).type) if c == column
+              else table.column(c) for c in table.column_names]
+    return pa.Table.from_arrays(arrays, schema=table.schema)
+
+
+BAD = {
+    "nan score": ("scores", lambda v: [[float("nan"), *v[0][1:]], *v[1:]], "NaN or inf"),
+    "prob > 1": ("scores", lambda v: [[1.5, *v[0][1:]], *v[1:]], "outside \\[0, 1\\]"),
+    "negative value": ("scores", lambda v: [[v[0][0], v[0][1], -1.0], *v[1:]], "negative"),
+    "wrong task count": ("scores", lambda v: [v[0][:2], *v[1:]], "needs 3 scores"),
+    "labels length": ("labels", lambda v: v[:-1], "different number of items"),
+    "empty list": ("item_ids", lambda v: [], "empty candidate list"),
+    "context length": ("context", lambda v: v[:1], "context length"),
+    "inf context": ("context", lambda v: [float("inf"), v[1]], "NaN or inf in context"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_bad_input_names_file_row_column(tmp_path, kind):
+    column, fn, msg = BAD[kind]
+    path = write(tmp_path, corrupt(column, 2, fn))
+    with pytest.raises(SchemaError, match=msg) as e:
+        list(iter_batches(path))
+    assert str(path) in str(e.value) and "row 2" in str(e.value) and repr(column) in str(e.value)
+
+
+def test_missing_column(tmp_path):
+    path = write(tmp_path, to_table(make_batch(), META).drop_columns(["labels"]))
+    with pytest.raises(SchemaError, match="missing column"):
+        list(iter_batches(path))
+
+
+def test_reject_mode_accounts_for_every_row(tmp_path):
+    table = corrupt("scores", 1, BAD["nan score"][1])
+    values = table.column("item_ids").to_pylist()
+    values[4] = []
+    table = table.set_column(table.schema.get_field_index("item_ids"), "item_ids",
+                             pa.array(values, pa.list_(pa.int64())))
+    path = write(tmp_path, table)
+    report = ReadReport()
+    rejects = tmp_path / "rej.parquet"
+    got = list(iter_batches(path, on_error="reject", rejects_path=rejects, report=report))
+    assert report.rows_read == 6 and report.rows_rejected == 2 and report.rows_used == 4
+    assert sum(len(b) for b in got) == report.rows_used
+    rej = pq.read_table(rejects)
+    assert sorted(rej.column("source_row").to_pylist()) == [1, 4]
+    assert any("NaN" in r for r in rej.column("reject_reason").to_pylist())
+    assert sum(report.reasons.values()) == 2
