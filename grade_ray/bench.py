@@ -1,0 +1,187 @@
+"""``grade-ray bench``: throughput, scaling, weight sync and memory, measured in one run.
+
+Shapes follow the paper's setting: G=20 samples per request, N=100
+candidates, K=4 tasks, NDCG@10, the full composite reward, 1024 requests per
+rollout call. Times are medians over repeats; ratios are measured side by
+side in the same run (the machine is shared and noisy).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from grade_ray.config import Config, load_config
+
+log = logging.getLogger(__name__)
+
+
+def bench_config(run_dir: str, requests: int) -> Config:
+    return load_config([], [
+        f"run_dir={run_dir}", f"simulator.num_requests={requests}",
+        "simulator.num_eval_requests=1000", "simulator.rows_per_shard=8192",
+        "exploration.group_size=20", "reward.k=10", "rollout.batch_size=1024",
+        "rollout.num_cpus_per_worker=1", "learner.num_cpus_per_worker=0.1",
+    ])
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_rollout(cfg: Config, train_path: str, repeats: int) -> dict[str, float]:
+    """Rollout throughput through Ray with 1 and 2 actors, and the weight-sync time."""
+    import ray
+
+    from grade_ray.data.plan import DataPlan
+    from grade_ray.learner.loop import new_policy, rollout_spec
+    from grade_ray.rollout.actor import RayRollout
+
+    plan = DataPlan.build(train_path, rounds=1, batch_size=cfg.rollout.batch_size)
+    tasks = [t for t in plan.rounds[0] if len(t) == cfg.rollout.batch_size]
+    meta = plan.meta
+    policy = new_policy(cfg, meta, train_path)
+    spec = rollout_spec(cfg, meta)
+    state = {k: v.clone() for k, v in policy.state_dict().items()}
+    out: dict[str, float] = {}
+    rates = {}
+    for n in (1, 2):
+        pool = RayRollout(cfg.replace(**{"rollout.num_workers": n}), meta, spec)
+        pool.set_weights(state, 0)
+        work = tasks[: max(n, (len(tasks) // n) * n)]
+        pool.collect(pool.submit(work[:n], 10.0, 0, list(range(n))))  # warm-up (reads, JIT)
+
+        def run(pool=pool, work=work) -> None:
+            pool.collect(pool.submit(work, 10.0, 0, list(range(len(work)))))
+
+        dt = _median_time(run, repeats)
+        rates[n] = sum(len(t) for t in work) / dt
+        if n == 1:
+            def sync(pool=pool) -> None:
+                pool.set_weights(state, pool._version + 1)
+                ray.get(pool.actors[0].run.remote([], pool._weights, pool._version, 10.0, []))
+
+            noop = _median_time(lambda pool=pool: ray.get(pool.actors[0].info.remote()), 5)
+            out["sync.weights_ms"] = 1000 * _median_time(sync, 9)
+            out["sync.actor_roundtrip_ms"] = 1000 * noop
+        pool.close()
+    out["rollout.requests_per_s_per_worker"] = rates[1]
+    out["rollout.requests_per_s_2_workers"] = rates[2]
+    out["rollout.scaling_2_workers"] = rates[2] / rates[1]
+    return out
+
+
+def bench_kernel(cfg: Config, train_path: str, repeats: int) -> dict[str, float]:
+    """In-process rollout math (no Ray) and the learner update, one thread."""
+    from grade_ray.data.plan import DataPlan, TaskReader
+    from grade_ray.learner.grpo import GRPOLearner, GRPOSettings
+    from grade_ray.learner.loop import new_policy, rollout_spec
+    from grade_ray.rollout.worker import RolloutWorker
+
+    torch.set_num_threads(1)
+    plan = DataPlan.build(train_path, rounds=1, batch_size=cfg.rollout.batch_size)
+    batch = TaskReader(plan.meta).load(plan.rounds[0][0])
+    policy = new_policy(cfg, plan.meta, train_path)
+    worker = RolloutWorker(policy, rollout_spec(cfg, plan.meta))
+    worker.set_weights(policy.state_dict(), 0)
+    dt_read = _median_time(lambda: TaskReader(plan.meta).load(plan.rounds[0][0]), repeats)
+    dt = _median_time(lambda: worker.rollout(batch, 10.0), repeats)
+    rb = worker.rollout(batch, 10.0)
+    learner = GRPOLearner(policy, GRPOSettings.from_config(cfg))
+    dt_learn = _median_time(lambda: learner.update(rb), repeats)
+    samples = len(batch) * cfg.exploration.group_size * cfg.grpo.epochs_per_batch
+    return {
+        "kernel.rollout_requests_per_s": len(batch) / dt,
+        "kernel.read_requests_per_s": len(batch) / dt_read,
+        "learner.samples_per_s": samples / dt_learn,
+        "learner.requests_per_s": len(batch) / dt_learn,
+    }
+
+
+def _peak_rss_of_run(run_dir: Path, requests: int) -> float:
+    """Peak RSS (MiB) of a local training run in a fresh process."""
+    code = (
+        "import resource, sys\n"
+        "from grade_ray.bench import bench_config\n"
+        "from grade_ray.train import run_train_local\n"
+        f"cfg = bench_config({str(run_dir)!r}, {requests}).replace(**{{'pretrain.epochs': 1,"
+        " 'grpo.rounds': 1, 'exploration.group_size': 8}})\n"
+        "run_train_local(cfg)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=False)
+    if res.returncode:
+        raise RuntimeError(f"memory benchmark run failed:\n{res.stderr[-2000:]}")
+    return int(res.stdout.strip().splitlines()[-1]) / 1024
+
+
+def bench_memory(root: Path, small: int) -> dict[str, float]:
+    """Peak RSS of training on `small` and 10x `small` requests (streaming: ratio ~1)."""
+    a = _peak_rss_of_run(root / "mem_small", small)
+    b = _peak_rss_of_run(root / "mem_large", 10 * small)
+    return {"memory.peak_rss_mb_small": a, "memory.peak_rss_mb_10x": b,
+            "memory.peak_rss_ratio_10x": b / a, "memory.requests_small": float(small)}
+
+
+def bench_simulator(root: Path, requests: int) -> dict[str, float]:
+    from grade_ray.data.simulator import generation_benchmark
+
+    r = generation_benchmark(requests, root / "simgen")
+    return {f"simulator.{k}": float(v) for k, v in r.items() if isinstance(v, (int, float))}
+
+
+def run_bench(quick: bool = False, out: str | None = None, address: str | None = None
+              ) -> dict[str, Any]:
+    """All benchmarks; writes JSON (and a Markdown table beside it) when ``out`` is given."""
+    from grade_ray.distributed import init_ray
+    from grade_ray.train import prepare_data
+
+    repeats = 3 if quick else 7
+    requests = 8192 if quick else 32768
+    results: dict[str, Any] = {"setup": {
+        "group_size": 20, "candidates": 100, "tasks": 4, "ndcg_k": 10, "batch_requests": 1024,
+        "quick": quick, "torch_threads_per_actor": 1}}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        cfg = bench_config(str(root / "run"), requests)
+        train_path, _ = prepare_data(cfg)
+        results.update(bench_kernel(cfg, train_path, repeats))
+        init_ray(address, num_cpus=None if address else 2)
+        results.update(bench_rollout(cfg, train_path, repeats))
+        results.update(bench_simulator(root, 20_000 if quick else 200_000))
+        results.update(bench_memory(root, 2_000 if quick else 10_000))
+    results["host.max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if out:
+        p = Path(out)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(results, indent=2, default=float))
+        p.with_suffix(".md").write_text(markdown_table(results))
+    return results
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    lines = ["| metric | value |", "|---|---:|"]
+    for k, v in results.items():
+        if isinstance(v, (int, float)):
+            lines.append(f"| `{k}` | {v:,.3f} |" if isinstance(v, float) else f"| `{k}` | {v} |")
+    return "\n".join(lines)
+
+
+__all__ = ["run_bench", "bench_config", "np"]
