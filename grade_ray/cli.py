@@ -79,6 +79,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from grade_ray.compare import run_compare
+
+    cfg = _config(args)
+    result = run_compare(cfg, variants=args.variants, local=not args.ray, address=args.address)
+    print(result.markdown)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from grade_ray.bench import run_bench
 
@@ -129,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="held-out session file/dir (default: the run's eval data)")
     p.add_argument("--no-baselines", action="store_true", help="evaluate the policy only")
     p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("compare", help="train GRADE and its ablations, evaluate all together")
+    _common(p, ray=True)
+    p.add_argument("--variants", nargs="+", help="subset of: GRADE GRADE-gaussian "
+                   "GRADE-no-prior GRADE-no-format (default all)")
+    p.add_argument("--ray", action="store_true", help="train variants on Ray (default local)")
+    p.set_defaults(fn=cmd_compare)
 
     p = sub.add_parser("bench", help="throughput, scaling and memory benchmarks")
     p.add_argument("--quick", action="store_true", help="a run under ~2 minutes")

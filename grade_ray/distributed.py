@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +167,10 @@ def run_train_ray(cfg: Config, resume: bool = False, address: str | None = None,
         },
         scaling_config=ScalingConfig(num_workers=lr.num_workers, use_gpu=lr.use_gpu,
                                      resources_per_worker={"CPU": lr.num_cpus_per_worker}),
-        run_config=RunConfig(name="train", storage_path=str(run_dir / "ray_train"),
+        # A fresh Train run name per invocation: resuming is explicit (--resume reads
+        # RUN_DIR/checkpoints); FailureConfig restarts within this run use Train's checkpoint.
+        run_config=RunConfig(name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+                             storage_path=str(run_dir / "ray_train"),
                              failure_config=FailureConfig(max_failures=lr.max_failures)),
     )
     trainer.fit()
