@@ -85,7 +85,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     meta = plan.meta
     policy, _, _ = load_policy(config["init_policy"])
     model = ray.train.torch.prepare_model(policy.train())
-    learner = GRPOLearner(model, GRPOSettings.from_config(cfg), ray.train.torch.get_device())
+    learner = GRPOLearner(model, GRPOSettings.from_config(cfg), ray.train.torch.get_device(),
+                          seed=cfg.seed + rank)
     per_rank = max(1, cfg.rollout.num_workers // world)
     backend = RayRollout(cfg, meta, rollout_spec(cfg, meta), num_workers=per_rank)
     logger = MetricsLogger(cfg.run_dir) if rank == 0 else None

@@ -116,7 +116,7 @@ def run_train_local(cfg: Config, resume: bool = False) -> Path:
     plan = build_plan(cfg, train_path)
     log.info("training data: %s", plan.report.summary())
     policy = initial_policy(cfg, meta, train_path, logger)
-    learner = GRPOLearner(policy, GRPOSettings.from_config(cfg))
+    learner = GRPOLearner(policy, GRPOSettings.from_config(cfg), seed=cfg.seed)
     backend = LocalRollout(load_policy_copy(policy), rollout_spec(cfg, meta), meta)
     probe = Probe(cfg, meta, eval_path, simulator_for(cfg))
     trainer = GRPOTrainer(cfg, plan, learner, backend, logger, run_dir, probe)

@@ -77,7 +77,8 @@ class GRPOLearner:
     """GRPO update: -mean min(rho A, clip(rho) A) + beta KL(pi || pi_ref)."""
 
     def __init__(
-        self, model: nn.Module, settings: GRPOSettings, device: str | torch.device = "cpu"
+        self, model: nn.Module, settings: GRPOSettings, device: str | torch.device = "cpu",
+        seed: int = 0,
     ) -> None:
         self.model = model  # possibly DDP-wrapped: call it, not .module, in forward
         self.module = getattr(model, "module", model)
@@ -90,6 +91,7 @@ class GRPOLearner:
         self.explore = EXPLORATIONS.get(settings.exploration)
         self.policy_loss = POLICY_LOSSES.get(settings.loss)
         self.version = 0
+        self.generator = torch.Generator().manual_seed(seed)  # minibatch order
 
     def sync_reference(self) -> None:
         """pi_ref <- pi_theta (start of each training round)."""
@@ -117,8 +119,7 @@ class GRPOLearner:
         return self.policy_loss(logp, mb[keys.OLD_LOGP], mb[keys.ADVANTAGES], kl,
                                 clip_eps=s.clip_eps, beta=s.beta)
 
-    def update(self, batch: dict[str, np.ndarray], generator: torch.Generator | None = None
-               ) -> dict[str, float]:
+    def update(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
         """epochs_per_batch passes of minibatch steps over one rollout batch; returns means."""
         check_finite(batch)
         s = self.settings
@@ -131,7 +132,7 @@ class GRPOLearner:
         steps = 0
         for _ in range(s.epochs_per_batch):
             # every DDP rank runs n_mb minibatches; a rank with fewer rows reuses some
-            order = torch.randperm(n, generator=generator).repeat(-(-n_mb * s.minibatch_size // n))
+            order = torch.randperm(n, generator=self.generator).repeat(-(-n_mb * s.minibatch_size // n))
             size = -(-n // n_mb) if n_mb else 0
             for j in range(n_mb):
                 idx = order[j * size:(j + 1) * size].to(self.device)
@@ -172,6 +173,7 @@ class GRPOLearner:
             "ref": self.ref.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "version": self.version,
+            "generator": self.generator.get_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -179,3 +181,4 @@ class GRPOLearner:
         self.ref.load_state_dict(state["ref"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.version = int(state["version"])
+        self.generator.set_state(state["generator"])
