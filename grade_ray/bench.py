@@ -28,12 +28,20 @@ log = logging.getLogger(__name__)
 
 
 def bench_config(run_dir: str, requests: int) -> Config:
-    return load_config([], [
-        f"run_dir={run_dir}", f"simulator.num_requests={requests}",
-        "simulator.num_eval_requests=1000", "simulator.rows_per_shard=8192",
-        "exploration.group_size=20", "reward.k=10", "rollout.batch_size=1024",
-        "rollout.num_cpus_per_worker=1", "learner.num_cpus_per_worker=0.1",
-    ])
+    return load_config(
+        [],
+        [
+            f"run_dir={run_dir}",
+            f"simulator.num_requests={requests}",
+            "simulator.num_eval_requests=1000",
+            "simulator.rows_per_shard=8192",
+            "exploration.group_size=20",
+            "reward.k=10",
+            "rollout.batch_size=1024",
+            "rollout.num_cpus_per_worker=1",
+            "learner.num_cpus_per_worker=0.1",
+        ],
+    )
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -73,6 +81,7 @@ def bench_rollout(cfg: Config, train_path: str, repeats: int) -> dict[str, float
         dt = _median_time(run, repeats)
         rates[n] = sum(len(t) for t in work) / dt
         if n == 1:
+
             def sync(pool=pool) -> None:
                 pool.set_weights(state, pool._version + 1)
                 ray.get(pool.actors[0].run.remote([], pool._weights, pool._version, 10.0, []))
@@ -125,8 +134,7 @@ def _peak_rss_of_run(run_dir: Path, requests: int) -> float:
         "run_train_local(cfg)\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=False)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     if res.returncode:
         raise RuntimeError(f"memory benchmark run failed:\n{res.stderr[-2000:]}")
     return int(res.stdout.strip().splitlines()[-1]) / 1024
@@ -136,8 +144,12 @@ def bench_memory(root: Path, small: int) -> dict[str, float]:
     """Peak RSS of training on `small` and 10x `small` requests (streaming: ratio ~1)."""
     a = _peak_rss_of_run(root / "mem_small", small)
     b = _peak_rss_of_run(root / "mem_large", 10 * small)
-    return {"memory.peak_rss_mb_small": a, "memory.peak_rss_mb_10x": b,
-            "memory.peak_rss_ratio_10x": b / a, "memory.requests_small": float(small)}
+    return {
+        "memory.peak_rss_mb_small": a,
+        "memory.peak_rss_mb_10x": b,
+        "memory.peak_rss_ratio_10x": b / a,
+        "memory.requests_small": float(small),
+    }
 
 
 def bench_simulator(root: Path, requests: int) -> dict[str, float]:
@@ -147,17 +159,26 @@ def bench_simulator(root: Path, requests: int) -> dict[str, float]:
     return {f"simulator.{k}": float(v) for k, v in r.items() if isinstance(v, (int, float))}
 
 
-def run_bench(quick: bool = False, out: str | None = None, address: str | None = None
-              ) -> dict[str, Any]:
+def run_bench(
+    quick: bool = False, out: str | None = None, address: str | None = None
+) -> dict[str, Any]:
     """All benchmarks; writes JSON (and a Markdown table beside it) when ``out`` is given."""
     from grade_ray.distributed import init_ray
     from grade_ray.train import prepare_data
 
     repeats = 3 if quick else 7
     requests = 8192 if quick else 32768
-    results: dict[str, Any] = {"setup": {
-        "group_size": 20, "candidates": 100, "tasks": 4, "ndcg_k": 10, "batch_requests": 1024,
-        "quick": quick, "torch_threads_per_actor": 1}}
+    results: dict[str, Any] = {
+        "setup": {
+            "group_size": 20,
+            "candidates": 100,
+            "tasks": 4,
+            "ndcg_k": 10,
+            "batch_requests": 1024,
+            "quick": quick,
+            "torch_threads_per_actor": 1,
+        }
+    }
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         cfg = bench_config(str(root / "run"), requests)

@@ -32,13 +32,19 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = _config(args)
     sim = MarketplaceSimulator(cfg.simulator)
     out = Path(args.out or Path(cfg.run_dir) / "data")
-    for split, n in (("train", cfg.simulator.num_requests),
-                     ("eval", cfg.simulator.num_eval_requests)):
+    for split, n in (
+        ("train", cfg.simulator.num_requests),
+        ("eval", cfg.simulator.num_eval_requests),
+    ):
         paths = sim.generate(out / split, n, split=split)
         print(f"{split}: {n} requests in {len(paths)} shard(s) under {out / split}")
     if args.headroom:
-        h = sim.headroom(cfg.policy.fusion, cfg.eval.static_grid_step,
-                         n_requests=cfg.eval.search_requests, seed=cfg.eval.ab_seed)
+        h = sim.headroom(
+            cfg.policy.fusion,
+            cfg.eval.static_grid_step,
+            n_requests=cfg.eval.search_requests,
+            seed=cfg.eval.ab_seed,
+        )
         print(json.dumps(h, indent=2, default=float))
     return 0
 
@@ -97,27 +103,42 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser, ray: bool = False) -> None:
-    p.add_argument("--config", action="append", metavar="FILE",
-                   help="config YAML (repeatable; later files override earlier ones)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override any config key, e.g. --set exploration.group_size=10")
+    p.add_argument(
+        "--config",
+        action="append",
+        metavar="FILE",
+        help="config YAML (repeatable; later files override earlier ones)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set exploration.group_size=10",
+    )
     p.add_argument("--run-dir", help="shortcut for --set run_dir=DIR")
     if ray:
-        p.add_argument("--address", default=None,
-                       help="Ray cluster address (default: RAY_ADDRESS or an embedded local Ray)")
+        p.add_argument(
+            "--address",
+            default=None,
+            help="Ray cluster address (default: RAY_ADDRESS or an embedded local Ray)",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="grade-ray", description="GRADE personalized multi-task fusion on Ray")
+        prog="grade-ray", description="GRADE personalized multi-task fusion on Ray"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("simulate", help="generate logged sessions with the marketplace simulator")
     _common(p)
     p.add_argument("--out", help="output directory (default RUN_DIR/data)")
-    p.add_argument("--headroom", action="store_true",
-                   help="also measure per-segment oracle vs best static weights")
+    p.add_argument(
+        "--headroom",
+        action="store_true",
+        help="also measure per-segment oracle vs best static weights",
+    )
     p.set_defaults(fn=cmd_simulate)
 
     p = sub.add_parser("pretrain", help="Stage 1: supervised LambdaLoss (single process)")
@@ -141,8 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="train GRADE and its ablations, evaluate all together")
     _common(p, ray=True)
-    p.add_argument("--variants", nargs="+", help="subset of: GRADE GRADE-gaussian "
-                   "GRADE-no-prior GRADE-no-format (default all)")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        help="subset of: GRADE GRADE-gaussian GRADE-no-prior GRADE-no-format (default all)",
+    )
     p.add_argument("--ray", action="store_true", help="train variants on Ray (default local)")
     p.set_defaults(fn=cmd_compare)
 
@@ -159,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
     )
     try:
         return args.fn(args)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from grade_ray.config import Config
 from grade_ray.evaluate import EvalResult, run_evaluate
-from grade_ray.learner.loop import PRETRAIN_CKPT, POLICY_FILE
+from grade_ray.learner.loop import POLICY_FILE, PRETRAIN_CKPT
 from grade_ray.runlog import CHECKPOINT_DIR
 
 log = logging.getLogger(__name__)
@@ -27,8 +27,9 @@ VARIANTS: dict[str, dict[str, object]] = {
 }
 
 
-def run_compare(cfg: Config, variants: list[str] | None = None, local: bool = True,
-                address: str | None = None) -> EvalResult:
+def run_compare(
+    cfg: Config, variants: list[str] | None = None, local: bool = True, address: str | None = None
+) -> EvalResult:
     """Train each variant under RUN_DIR/variants/NAME, then evaluate all together."""
     from grade_ray.train import run_pretrain, run_train_local
 

@@ -9,6 +9,7 @@ section's ``__post_init__`` and say how to fix the value.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -51,16 +52,16 @@ class SimulatorConfig:
     """Observed context features per request (reveal the user's segment only partly)."""
     segment_names: tuple[str, ...] = ("browser", "buyer", "premium", "bargain")
     """Latent user segments."""
-    segment_mix: tuple[float, ...] = (0.4, 0.3, 0.15, 0.15)
+    segment_mix: tuple[float, ...] = (0.3, 0.3, 0.2, 0.2)
     """Probability of each segment in the user population (sums to 1)."""
     context_signal: float = 1.5
-    """How strongly context features reveal the segment (0 = not at all)."""
+    """How strongly context features reveal segment and intent (0 = not at all)."""
     prediction_noise: float = 0.25
-    """Base noise (log scale) of the upstream model's predictions."""
+    """Base noise (log scale) of the upstream model's predictions (times a segment/task factor)."""
     miscalibration: float = 1.0
-    """Scale of segment- and task-specific miscalibration of the upstream model."""
-    logging_weights: tuple[float, ...] = (0.3, 0.3, 0.2, 0.2)
-    """Static production fusion weights of the logging policy (pctr, pcvr, pgmv, pprofit)."""
+    """Scale of segment- and task-specific miscalibration of the upstream model (0 = calibrated)."""
+    logging_weights: tuple[float, ...] = (0.5, 0.3, 0.1, 0.1)
+    """Static production log-product weights of the logging policy (pctr, pcvr, pgmv, pprofit)."""
     logging_noise: float = 0.05
     """Std of the per-request noise added to the logging weights before renormalising."""
     num_days: int = 7
@@ -74,20 +75,39 @@ class SimulatorConfig:
 
     def __post_init__(self) -> None:
         _check(self.num_requests > 0, "simulator.num_requests must be > 0")
-        _check(self.num_users > 0 and self.num_items > 0, "simulator.num_users/num_items must be > 0")
+        _check(
+            self.num_users > 0 and self.num_items > 0, "simulator.num_users/num_items must be > 0"
+        )
         _check(
             1 <= self.min_candidates <= self.num_candidates,
             f"simulator.min_candidates={self.min_candidates} must be in "
             f"[1, num_candidates={self.num_candidates}]",
         )
-        _check(self.num_items >= self.num_candidates,
-               "simulator.num_items must be >= num_candidates")
-        _check(len(self.segment_mix) == len(self.segment_names),
-               f"simulator.segment_mix needs one probability per segment {self.segment_names}")
-        _check(abs(sum(self.segment_mix) - 1.0) < 1e-6 and min(self.segment_mix) >= 0,
-               f"simulator.segment_mix={self.segment_mix} must be >= 0 and sum to 1")
-        _check(len(self.logging_weights) == 4 and min(self.logging_weights) >= 0,
-               "simulator.logging_weights needs 4 non-negative weights (pctr, pcvr, pgmv, pprofit)")
+        _check(
+            self.num_items >= self.num_candidates, "simulator.num_items must be >= num_candidates"
+        )
+        _check(
+            len(self.segment_mix) == len(self.segment_names),
+            f"simulator.segment_mix needs one probability per segment {self.segment_names}",
+        )
+        _check(
+            abs(sum(self.segment_mix) - 1.0) < 1e-6 and min(self.segment_mix) >= 0,
+            f"simulator.segment_mix={self.segment_mix} must be >= 0 and sum to 1",
+        )
+        _check(
+            len(self.logging_weights) == 4
+            and min(self.logging_weights) >= 0
+            and sum(self.logging_weights) > 0,
+            "simulator.logging_weights needs 4 non-negative weights (pctr, pcvr, pgmv, pprofit), "
+            "not all zero",
+        )
+        _check(self.context_dim >= 1, "simulator.context_dim must be >= 1")
+        _check(
+            min(self.context_signal, self.prediction_noise, self.miscalibration, self.logging_noise)
+            >= 0,
+            "simulator.context_signal/prediction_noise/miscalibration/logging_noise must be >= 0",
+        )
+        _check(bool(self.north_star), "simulator.north_star is empty: give gains over labels")
         _check(self.rows_per_shard > 0, "simulator.rows_per_shard must be > 0")
         _check(self.num_days >= 1, "simulator.num_days must be >= 1")
 
@@ -106,8 +126,10 @@ class DataConfig:
     """Rows per read batch."""
 
     def __post_init__(self) -> None:
-        _check(self.on_error in ("raise", "reject"),
-               f"data.on_error={self.on_error!r}: use 'raise' or 'reject'")
+        _check(
+            self.on_error in ("raise", "reject"),
+            f"data.on_error={self.on_error!r}: use 'raise' or 'reject'",
+        )
         _check(self.batch_size > 0, "data.batch_size must be > 0")
 
 
@@ -140,13 +162,19 @@ class RewardConfig:
         _check(self.k >= 1, "reward.k must be >= 1")
         _check(min(self.l1, self.l2, self.l3) >= 0, "reward.l1/l2/l3 must be >= 0")
         _check(self.l1 + self.l2 > 0, "reward.l1 + reward.l2 must be > 0 (no ranking signal)")
-        _check(bool(self.post_gains) or self.l1 == 0,
-               "reward.post_gains is empty: give label gains or set reward.l1=0")
-        _check(bool(self.prior_gains) or self.l2 == 0,
-               "reward.prior_gains is empty: give task gains or set reward.l2=0")
+        _check(
+            bool(self.post_gains) or self.l1 == 0,
+            "reward.post_gains is empty: give label gains or set reward.l1=0",
+        )
+        _check(
+            bool(self.prior_gains) or self.l2 == 0,
+            "reward.prior_gains is empty: give task gains or set reward.l2=0",
+        )
         for rule in self.format_rules:
-            _check(len(rule.split(">=")) == 2 and all(rule.split(">=")),
-                   f"reward.format_rules entry {rule!r} must look like 'cvr>=ctr'")
+            _check(
+                len(rule.split(">=")) == 2 and all(rule.split(">=")),
+                f"reward.format_rules entry {rule!r} must look like 'cvr>=ctr'",
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,8 +193,10 @@ class PolicyConfig:
     """Dropout in experts."""
 
     def __post_init__(self) -> None:
-        _check(self.num_experts >= 1 and self.expert_hidden >= 1,
-               "policy.num_experts and policy.expert_hidden must be >= 1")
+        _check(
+            self.num_experts >= 1 and self.expert_hidden >= 1,
+            "policy.num_experts and policy.expert_hidden must be >= 1",
+        )
         _check(0 <= self.dropout < 1, "policy.dropout must be in [0, 1)")
 
 
@@ -190,7 +220,9 @@ class ExplorationConfig:
     """Std of the logit noise for 'gaussian' exploration."""
 
     def __post_init__(self) -> None:
-        _check(self.group_size >= 2, "exploration.group_size must be >= 2 (advantages need a group)")
+        _check(
+            self.group_size >= 2, "exploration.group_size must be >= 2 (advantages need a group)"
+        )
         _check(self.alpha_start > 0 and self.alpha_end > 0, "exploration.alpha_* must be > 0")
         _check(self.alpha_floor > 0, "exploration.alpha_floor must be > 0")
         _check(self.sigma > 0, "exploration.sigma must be > 0")
@@ -239,16 +271,20 @@ class GRPOConfig:
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "grpo.rounds must be >= 1")
-        _check(self.data_passes >= 1 and self.rounds % self.data_passes == 0,
-               f"grpo.rounds={self.rounds} must be a multiple of grpo.data_passes="
-               f"{self.data_passes}")
+        _check(
+            self.data_passes >= 1 and self.rounds % self.data_passes == 0,
+            f"grpo.rounds={self.rounds} must be a multiple of grpo.data_passes={self.data_passes}",
+        )
         _check(0 < self.clip_eps < 1, "grpo.clip_eps must be in (0, 1)")
         _check(self.beta >= 0, "grpo.beta must be >= 0")
         _check(self.kl_estimator in ("exact", "k3"), "grpo.kl_estimator: use 'exact' or 'k3'")
-        _check(self.advantage in ("std", "mean", "none"),
-               "grpo.advantage: use 'std', 'mean' or 'none'")
-        _check(self.epochs_per_batch >= 1 and self.minibatch_size >= 1,
-               "grpo.epochs_per_batch and grpo.minibatch_size must be >= 1")
+        _check(
+            self.advantage in ("std", "mean", "none"), "grpo.advantage: use 'std', 'mean' or 'none'"
+        )
+        _check(
+            self.epochs_per_batch >= 1 and self.minibatch_size >= 1,
+            "grpo.epochs_per_batch and grpo.minibatch_size must be >= 1",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -385,10 +421,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads '3e-4' as a string
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
         return float(value)
@@ -419,8 +453,11 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) \
-            and k not in _LEAF_DICTS else v
+        out[k] = (
+            _merge(out[k], v)
+            if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in _LEAF_DICTS
+            else v
+        )
     return out
 
 
@@ -462,7 +499,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw)
 
 
-def load_config(paths: list[str | Path] | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(
+    paths: list[str | Path] | None = None, overrides: list[str] | None = None
+) -> Config:
     """Defaults <- each YAML file in order <- ``section.key=value`` overrides."""
     d = to_dict(Config())
     for p in paths or []:

@@ -57,12 +57,14 @@ def check_resources(cfg: Config, resources: dict[str, float] | None = None) -> N
             f"+ learner {lr.num_workers} x {lr.num_cpus_per_worker:g} + {DATA_CPU_RESERVE:g} "
             f"kept free for data tasks) but the cluster has {cpus:g}; lower rollout.num_workers "
             "or rollout.num_cpus_per_worker (fractions are fine), lower learner.num_workers / "
-            "learner.num_cpus_per_worker, or add nodes")
+            "learner.num_cpus_per_worker, or add nodes"
+        )
     if lr.use_gpu and gpus < lr.num_workers:
         raise ResourceError(
             f"learner.use_gpu=true with learner.num_workers={lr.num_workers} needs "
             f"{lr.num_workers} GPU(s) but the cluster has {gpus:g}; set learner.use_gpu=false "
-            "or add GPU nodes")
+            "or add GPU nodes"
+        )
 
 
 def _train_loop(config: dict[str, Any]) -> None:
@@ -85,8 +87,9 @@ def _train_loop(config: dict[str, Any]) -> None:
     meta = plan.meta
     policy, _, _ = load_policy(config["init_policy"])
     model = ray.train.torch.prepare_model(policy.train())
-    learner = GRPOLearner(model, GRPOSettings.from_config(cfg), ray.train.torch.get_device(),
-                          seed=cfg.seed + rank)
+    learner = GRPOLearner(
+        model, GRPOSettings.from_config(cfg), ray.train.torch.get_device(), seed=cfg.seed + rank
+    )
     per_rank = max(1, cfg.rollout.num_workers // world)
     backend = RayRollout(cfg, meta, rollout_spec(cfg, meta), num_workers=per_rank)
     logger = MetricsLogger(cfg.run_dir) if rank == 0 else None
@@ -98,18 +101,32 @@ def _train_loop(config: dict[str, Any]) -> None:
             ray.train.report(clean)
             return
         with tempfile.TemporaryDirectory() as d:
-            os.link(ckpt_path, Path(d) / "state.pt") if _same_fs(ckpt_path, d) else \
-                Path(d, "state.pt").write_bytes(Path(ckpt_path).read_bytes())
+            os.link(ckpt_path, Path(d) / "state.pt") if _same_fs(ckpt_path, d) else Path(
+                d, "state.pt"
+            ).write_bytes(Path(ckpt_path).read_bytes())
             ray.train.report(clean, checkpoint=ray.train.Checkpoint.from_directory(d))
 
-    trainer = GRPOTrainer(cfg, plan, learner, backend, logger, cfg.run_dir, probe, rank=rank,
-                          world=world, report_fn=report)
+    trainer = GRPOTrainer(
+        cfg,
+        plan,
+        learner,
+        backend,
+        logger,
+        cfg.run_dir,
+        probe,
+        rank=rank,
+        world=world,
+        report_fn=report,
+    )
     train_ckpt = ray.train.get_checkpoint()
     if train_ckpt is not None:  # restarted by FailureConfig
         with train_ckpt.as_directory() as d:
             trainer.load_state_dict(load_checkpoint(Path(d) / "state.pt"))
-        log.info("rank %d restarted from the last reported checkpoint (round %d)", rank,
-                 trainer.position.next_round)
+        log.info(
+            "rank %d restarted from the last reported checkpoint (round %d)",
+            rank,
+            trainer.position.next_round,
+        )
     elif config["resume"] and latest_checkpoint(cfg.run_dir) is not None:
         trainer.resume_from(latest_checkpoint(cfg.run_dir))
     fail_at = config.get("fail_at_round")
@@ -120,11 +137,17 @@ def _train_loop(config: dict[str, Any]) -> None:
         from grade_ray.learner.loop import POLICY_FILE, save_policy
         from grade_ray.train import write_summary
 
-        save_policy(Path(cfg.run_dir) / POLICY_FILE, learner.module.cpu(), cfg, meta,
-                    {"stage": 2, "ts_range": list(plan.ts_range)})
+        save_policy(
+            Path(cfg.run_dir) / POLICY_FILE,
+            learner.module.cpu(),
+            cfg,
+            meta,
+            {"stage": 2, "ts_range": list(plan.ts_range)},
+        )
         write_summary(Path(cfg.run_dir), plan, trainer.history)
         (Path(cfg.run_dir) / "rollout_actors.json").write_text(
-            __import__("json").dumps(backend.infos()))
+            __import__("json").dumps(backend.infos())
+        )
         logger.close()
     backend.close()
 
@@ -136,8 +159,9 @@ def _same_fs(a: Path, b: str) -> bool:
         return False
 
 
-def run_train_ray(cfg: Config, resume: bool = False, address: str | None = None,
-                  fail_at_round: int | None = None) -> Path:
+def run_train_ray(
+    cfg: Config, resume: bool = False, address: str | None = None, fail_at_round: int | None = None
+) -> Path:
     """Stage 1 in the driver, then Stage 2 on Ray Train + rollout actors. Returns policy.pt."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -162,17 +186,25 @@ def run_train_ray(cfg: Config, resume: bool = False, address: str | None = None,
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={
-            "cfg": cfg.to_dict(), "train_path": str(Path(train_path).resolve()),
+            "cfg": cfg.to_dict(),
+            "train_path": str(Path(train_path).resolve()),
             "eval_path": str(Path(eval_path).resolve()) if eval_path else "",
-            "init_policy": str(init), "resume": resume, "fail_at_round": fail_at_round,
+            "init_policy": str(init),
+            "resume": resume,
+            "fail_at_round": fail_at_round,
         },
-        scaling_config=ScalingConfig(num_workers=lr.num_workers, use_gpu=lr.use_gpu,
-                                     resources_per_worker={"CPU": lr.num_cpus_per_worker}),
+        scaling_config=ScalingConfig(
+            num_workers=lr.num_workers,
+            use_gpu=lr.use_gpu,
+            resources_per_worker={"CPU": lr.num_cpus_per_worker},
+        ),
         # A fresh Train run name per invocation: resuming is explicit (--resume reads
         # RUN_DIR/checkpoints); FailureConfig restarts within this run use Train's checkpoint.
-        run_config=RunConfig(name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
-                             storage_path=str(run_dir / "ray_train"),
-                             failure_config=FailureConfig(max_failures=lr.max_failures)),
+        run_config=RunConfig(
+            name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+            storage_path=str(run_dir / "ray_train"),
+            failure_config=FailureConfig(max_failures=lr.max_failures),
+        ),
     )
     trainer.fit()
     return run_dir / POLICY_FILE

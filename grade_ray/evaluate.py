@@ -45,8 +45,14 @@ log = logging.getLogger(__name__)
 WeightFn = Callable[[SessionBatch, object], np.ndarray]
 
 
-def ranking_reward(batch: SessionBatch, weights: np.ndarray, spec: RewardSpec, fusion: str,
-                   eps: float, chunk: int = 256) -> np.ndarray:
+def ranking_reward(
+    batch: SessionBatch,
+    weights: np.ndarray,
+    spec: RewardSpec,
+    fusion: str,
+    eps: float,
+    chunk: int = 256,
+) -> np.ndarray:
     """(B, P) l1*R_post + l2*R_prior of each request under each weight vector (P, K)."""
     out = []
     w = torch.from_numpy(np.asarray(weights, dtype=np.float32))
@@ -54,24 +60,38 @@ def ranking_reward(batch: SessionBatch, weights: np.ndarray, spec: RewardSpec, f
         b = batch.slice(s, min(s + chunk, len(batch)))
         scores = as_tensor(b.scores)
         r = group_rewards(
-            scores, w.expand(len(b), *w.shape), spec.post_gain(as_tensor(b.labels)),
-            spec.prior_gain(scores), as_tensor(b.mask), fusion=fusion, k=spec.k,
-            rules=list(spec.rules), l1=spec.l1, l2=spec.l2, l3=0.0, tau=spec.tau,
-            fusion_eps=eps)
+            scores,
+            w.expand(len(b), *w.shape),
+            spec.post_gain(as_tensor(b.labels)),
+            spec.prior_gain(scores),
+            as_tensor(b.mask),
+            fusion=fusion,
+            k=spec.k,
+            rules=list(spec.rules),
+            l1=spec.l1,
+            l2=spec.l2,
+            l3=0.0,
+            tau=spec.tau,
+            fusion_eps=eps,
+        )
         out.append(r["reward"].numpy())
     return np.concatenate(out)
 
 
 def search_best_static(cfg: Config, train_path: str) -> np.ndarray:
     """(K,) grid weights maximising the mean ranking reward on training logs."""
-    batch, meta, _ = read_sessions(train_path, on_error=cfg.data.on_error,
-                                   max_rows=cfg.eval.search_requests)
+    batch, meta, _ = read_sessions(
+        train_path, on_error=cfg.data.on_error, max_rows=cfg.eval.search_requests
+    )
     spec = RewardSpec.from_config(cfg.reward, meta)
     grid = simplex_grid(meta.num_tasks, cfg.eval.static_grid_step)
     reward = ranking_reward(batch, grid, spec, cfg.policy.fusion, cfg.policy.fusion_eps)
     best = grid[reward.mean(0).argmax()]
-    log.info("best static weights on %d training requests: %s", len(batch),
-             dict(zip(meta.task_names, best.round(3).tolist())))
+    log.info(
+        "best static weights on %d training requests: %s",
+        len(batch),
+        dict(zip(meta.task_names, best.round(3).tolist())),
+    )
     return best
 
 
@@ -96,9 +116,16 @@ def _bootstrap_ci(x: np.ndarray, n: int, seed: int) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def offline_metrics(batch: SessionBatch, meta: SessionMeta, weights: np.ndarray,
-                    spec: RewardSpec, fusion: str, eps: float, bootstrap: int,
-                    seed: int) -> dict[str, float]:
+def offline_metrics(
+    batch: SessionBatch,
+    meta: SessionMeta,
+    weights: np.ndarray,
+    spec: RewardSpec,
+    fusion: str,
+    eps: float,
+    bootstrap: int,
+    seed: int,
+) -> dict[str, float]:
     """NDCG@k per label, composite reward (with CI) and GAUC per label for one arm."""
     scores, mask = as_tensor(batch.scores), as_tensor(batch.mask)
     fused = fuse(fusion, scores, torch.from_numpy(np.ascontiguousarray(weights)), eps)
@@ -107,8 +134,7 @@ def offline_metrics(batch: SessionBatch, meta: SessionMeta, weights: np.ndarray,
     for j, name in enumerate(meta.label_names):
         gains = labels[..., j].clamp_min(0)
         out[f"ndcg@{spec.k}/{name}"] = float(ndcg_at_k(fused, gains, mask, spec.k).mean())
-        out[f"gauc/{name}"] = float(gauc(fused.numpy(), (labels[..., j] > 0).numpy(),
-                                         batch.mask))
+        out[f"gauc/{name}"] = float(gauc(fused.numpy(), (labels[..., j] > 0).numpy(), batch.mask))
     post = ndcg_at_k(fused, spec.post_gain(labels), mask, spec.k).numpy()
     prior = ndcg_at_k(fused, spec.prior_gain(scores), mask, spec.k).numpy()
     comp = spec.l1 * post + spec.l2 * prior
@@ -128,8 +154,9 @@ class EvalResult:
     markdown: str
 
 
-def default_arms(cfg: Config, run_dir: Path, train_path: str, baselines: bool
-                 ) -> tuple[dict[str, WeightFn], dict[str, list[float]]]:
+def default_arms(
+    cfg: Config, run_dir: Path, train_path: str, baselines: bool
+) -> tuple[dict[str, WeightFn], dict[str, list[float]]]:
     """Baseline and policy arms for a run, plus the static weights used."""
     from grade_ray.data.schema import read_meta
 
@@ -150,9 +177,13 @@ def default_arms(cfg: Config, run_dir: Path, train_path: str, baselines: bool
     return arms, statics
 
 
-def run_evaluate(cfg: Config, run_dir: str | Path, eval_path: str | None = None,
-                 baselines: bool = True, extra_arms: dict[str, str] | None = None
-                 ) -> EvalResult:
+def run_evaluate(
+    cfg: Config,
+    run_dir: str | Path,
+    eval_path: str | None = None,
+    baselines: bool = True,
+    extra_arms: dict[str, str] | None = None,
+) -> EvalResult:
     """Evaluate a run's policy (and baselines) offline and, on simulator data, online."""
     from grade_ray.train import prepare_data, simulator_for
 
@@ -169,8 +200,16 @@ def run_evaluate(cfg: Config, run_dir: str | Path, eval_path: str | None = None,
     batch, meta, report = read_sessions(eval_path, on_error=cfg.data.on_error)
     spec = RewardSpec.from_config(cfg.reward, meta)
     offline = {
-        name: offline_metrics(batch, meta, fn(batch, None), spec, cfg.policy.fusion,
-                              cfg.policy.fusion_eps, cfg.eval.bootstrap, cfg.eval.ab_seed)
+        name: offline_metrics(
+            batch,
+            meta,
+            fn(batch, None),
+            spec,
+            cfg.policy.fusion,
+            cfg.policy.fusion_eps,
+            cfg.eval.bootstrap,
+            cfg.eval.ab_seed,
+        )
         for name, fn in arms.items()
     }
     online = headroom = recovery = None
@@ -181,9 +220,20 @@ def run_evaluate(cfg: Config, run_dir: str | Path, eval_path: str | None = None,
     result = EvalResult(offline, online, headroom, recovery, md)
     out = run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(
-        {"offline": offline, "online": online, "headroom": headroom, "recovery": recovery,
-         "static_weights": statics, "eval_data": report.summary()}, indent=2, default=float))
+    (out / "eval.json").write_text(
+        json.dumps(
+            {
+                "offline": offline,
+                "online": online,
+                "headroom": headroom,
+                "recovery": recovery,
+                "static_weights": statics,
+                "eval_data": report.summary(),
+            },
+            indent=2,
+            default=float,
+        )
+    )
     (out / "eval.md").write_text(md)
     return result
 
@@ -192,10 +242,12 @@ def _online(cfg: Config, sim, arms: dict[str, WeightFn], statics: dict[str, list
     """Simulated A/B test on fresh users, headroom captured and weight recovery."""
     e = cfg.eval
     fusion, eps = cfg.policy.fusion, cfg.policy.fusion_eps
-    static_truth = sim.best_static_weights(fusion, e.static_grid_step, e.search_requests,
-                                           e.ab_seed + 7)
-    oracle = sim.best_weights_per_segment(fusion, e.static_grid_step, e.search_requests,
-                                          e.ab_seed + 7)
+    static_truth = sim.best_static_weights(
+        fusion, e.static_grid_step, e.search_requests, e.ab_seed + 7
+    )
+    oracle = sim.best_weights_per_segment(
+        fusion, e.static_grid_step, e.search_requests, e.ab_seed + 7
+    )
     statics["static_truth"] = static_truth.tolist()
     all_arms = dict(arms)
     all_arms["static_truth"] = static_arm(static_truth.astype(np.float32))
@@ -203,16 +255,18 @@ def _online(cfg: Config, sim, arms: dict[str, WeightFn], statics: dict[str, list
     batch, truth = sim.fresh_requests(e.ab_requests, e.ab_seed)
     sc = as_tensor(batch.scores)
     weights = {n: fn(batch, truth) for n, fn in all_arms.items()}
-    fused = {n: fuse(fusion, sc, torch.from_numpy(np.ascontiguousarray(w)), eps).numpy()
-             for n, w in weights.items()}
+    fused = {
+        n: fuse(fusion, sc, torch.from_numpy(np.ascontiguousarray(w)), eps).numpy()
+        for n, w in weights.items()
+    }
     control = "best_static" if "best_static" in fused else next(iter(fused))
-    ab = sim.ab_test(batch, truth, fused, control=control, seed=e.ab_seed,
-                     bootstrap=e.bootstrap)
+    ab = sim.ab_test(batch, truth, fused, control=control, seed=e.ab_seed, bootstrap=e.bootstrap)
     rows = ab.to_rows()
     ns = {r["arm"]: r["value"] for r in rows if r["metric"] == "north_star"}
     gap = ns["oracle"] - ns["static_truth"]
-    headroom = {n: (v - ns["static_truth"]) / gap if gap > 0 else float("nan")
-                for n, v in ns.items()}
+    headroom = {
+        n: (v - ns["static_truth"]) / gap if gap > 0 else float("nan") for n, v in ns.items()
+    }
     recovery = {}
     for n, w in weights.items():
         per_seg = np.stack([w[truth.segment == s].mean(0) for s in range(len(sim.segment_names))])
@@ -221,29 +275,43 @@ def _online(cfg: Config, sim, arms: dict[str, WeightFn], statics: dict[str, list
 
 
 def _markdown(offline, online, headroom, recovery, data_summary: str, k: int) -> str:
-    lines = [f"Held-out logs: {data_summary}", "",
-             f"| arm | composite (95% CI) | R_post NDCG@{k} | R_prior NDCG@{k} | GAUC (first label) |",
-             "|---|---|---:|---:|---:|"]
+    lines = [
+        f"Held-out logs: {data_summary}",
+        "",
+        f"| arm | composite (95% CI) | R_post NDCG@{k} | R_prior NDCG@{k} | GAUC (first label) |",
+        "|---|---|---:|---:|---:|",
+    ]
     for name, m in offline.items():
         first_gauc = next((v for kk, v in m.items() if kk.startswith("gauc/")), float("nan"))
-        lines.append(f"| {name} | {m['composite']:.4f} [{m['composite_ci_low']:.4f}, "
-                     f"{m['composite_ci_high']:.4f}] | {m['r_post']:.4f} | {m['r_prior']:.4f} | "
-                     f"{first_gauc:.4f} |")
+        lines.append(
+            f"| {name} | {m['composite']:.4f} [{m['composite_ci_low']:.4f}, "
+            f"{m['composite_ci_high']:.4f}] | {m['r_post']:.4f} | {m['r_prior']:.4f} | "
+            f"{first_gauc:.4f} |"
+        )
     if online:
         metrics = list(dict.fromkeys(r["metric"] for r in online))
         arms = list(dict.fromkeys(r["arm"] for r in online))
         by = {(r["arm"], r["metric"]): r for r in online}
-        lines += ["", "Simulated online A/B test on fresh users (lift over best_static, "
-                  "95% paired bootstrap CI; * = CI excludes 0):", "",
-                  "| arm | " + " | ".join(metrics) + " | headroom captured | weight TV to oracle |",
-                  "|---|" + "---:|" * (len(metrics) + 2)]
+        lines += [
+            "",
+            "Simulated online A/B test on fresh users (lift over best_static, "
+            "95% paired bootstrap CI; * = CI excludes 0):",
+            "",
+            "| arm | " + " | ".join(metrics) + " | headroom captured | weight TV to oracle |",
+            "|---|" + "---:|" * (len(metrics) + 2),
+        ]
         for a in arms:
             cells = []
             for m in metrics:
                 r = by[(a, m)]
                 star = "*" if r["significant"] else ""
-                cells.append(f"{r['value']:.4g} ({r['lift']:+.2%}{star} "
-                             f"[{r['ci_low']:+.2%}, {r['ci_high']:+.2%}])")
-            lines.append(f"| {a} | " + " | ".join(cells) +
-                         f" | {headroom.get(a, float('nan')):.2f} | {recovery.get(a, float('nan')):.3f} |")
+                cells.append(
+                    f"{r['value']:.4g} ({r['lift']:+.2%}{star} "
+                    f"[{r['ci_low']:+.2%}, {r['ci_high']:+.2%}])"
+                )
+            lines.append(
+                f"| {a} | "
+                + " | ".join(cells)
+                + f" | {headroom.get(a, float('nan')):.2f} | {recovery.get(a, float('nan')):.3f} |"
+            )
     return "\n".join(lines)

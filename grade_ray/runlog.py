@@ -78,9 +78,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 def _plain(d: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for k, v in d.items():
-        if isinstance(v, (np.generic,)):
-            v = v.item()
-        elif isinstance(v, torch.Tensor):
+        if isinstance(v, (np.generic,)) or isinstance(v, torch.Tensor):
             v = v.item()
         out[k] = v
     return out
@@ -111,12 +109,16 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 def rng_state(np_rng: np.random.Generator, torch_gen: torch.Generator) -> dict[str, Any]:
     """RNG states as plain values + tensors (checkpointable with weights_only)."""
-    return {"numpy": json.dumps(np_rng.bit_generator.state), "torch": torch_gen.get_state(),
-            "torch_global": torch.get_rng_state()}
+    return {
+        "numpy": json.dumps(np_rng.bit_generator.state),
+        "torch": torch_gen.get_state(),
+        "torch_global": torch.get_rng_state(),
+    }
 
 
-def restore_rng(state: dict[str, Any], np_rng: np.random.Generator,
-                torch_gen: torch.Generator) -> None:
+def restore_rng(
+    state: dict[str, Any], np_rng: np.random.Generator, torch_gen: torch.Generator
+) -> None:
     np_rng.bit_generator.state = json.loads(state["numpy"])
     torch_gen.set_state(state["torch"])
     torch.set_rng_state(state["torch_global"])
@@ -137,5 +139,13 @@ class Progress:
             self._last = now
             rate = self.done / max(now - self.t0, 1e-9)
             eta = (self.total - self.done) / max(rate, 1e-9)
-            log.info("%s: %d/%d (%.0f%%) %.0f/s eta %.0fs %s", self.what, self.done, self.total,
-                     100 * self.done / self.total, rate, eta, extra)
+            log.info(
+                "%s: %d/%d (%.0f%%) %.0f/s eta %.0fs %s",
+                self.what,
+                self.done,
+                self.total,
+                100 * self.done / self.total,
+                rate,
+                eta,
+                extra,
+            )

@@ -63,8 +63,14 @@ class RewardSpec:
                     )
             rules.append((meta.task_names.index(a), meta.task_names.index(b)))
         return cls(
-            k=cfg.k, post_coef=tuple(coef), prior_terms=tuple(terms), rules=tuple(rules),
-            l1=cfg.l1, l2=cfg.l2, l3=cfg.l3, tau=cfg.tau,
+            k=cfg.k,
+            post_coef=tuple(coef),
+            prior_terms=tuple(terms),
+            rules=tuple(rules),
+            l1=cfg.l1,
+            l2=cfg.l2,
+            l3=cfg.l3,
+            tau=cfg.tau,
         )
 
     def post_gain(self, labels: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,8 @@ from grade_ray.data.plan import DataPlan
 from grade_ray.data.schema import read_meta
 from grade_ray.learner.grpo import GRPOLearner, GRPOSettings
 from grade_ray.learner.loop import (
-    PRETRAIN_CKPT,
     POLICY_FILE,
+    PRETRAIN_CKPT,
     GRPOTrainer,
     Probe,
     load_policy,
@@ -47,8 +47,10 @@ def prepare_data(cfg: Config) -> tuple[str, str]:
     sim = simulator_for(cfg)
     root = Path(cfg.run_dir) / "data"
     paths = []
-    for split, n in (("train", cfg.simulator.num_requests),
-                     ("eval", cfg.simulator.num_eval_requests)):
+    for split, n in (
+        ("train", cfg.simulator.num_requests),
+        ("eval", cfg.simulator.num_eval_requests),
+    ):
         d = root / split
         stamp = d / "_SIMULATED.json"
         want = {"simulator": cfg.to_dict()["simulator"], "requests": n}
@@ -88,8 +90,10 @@ def initial_policy(cfg: Config, meta, train_path: str, logger: MetricsLogger | N
     if ckpt.exists():
         policy, saved_meta, _ = load_policy(ckpt)
         if saved_meta.task_names != meta.task_names:
-            raise ValueError(f"{ckpt} was trained on tasks {saved_meta.task_names}, data has "
-                             f"{meta.task_names}; delete it or use another run_dir")
+            raise ValueError(
+                f"{ckpt} was trained on tasks {saved_meta.task_names}, data has "
+                f"{meta.task_names}; delete it or use another run_dir"
+            )
         log.info("Stage 1 policy loaded from %s", ckpt)
         return policy.train()
     policy = new_policy(cfg, meta, train_path)
@@ -102,9 +106,13 @@ def initial_policy(cfg: Config, meta, train_path: str, logger: MetricsLogger | N
 def build_plan(cfg: Config, train_path: str) -> DataPlan:
     g = cfg.grpo
     return DataPlan.build(
-        train_path, rounds=g.rounds, batch_size=cfg.rollout.batch_size,
-        data_passes=g.data_passes, requests_per_round=g.requests_per_round,
-        on_error=cfg.data.on_error, rejects_path=Path(cfg.run_dir) / "rejects.parquet",
+        train_path,
+        rounds=g.rounds,
+        batch_size=cfg.rollout.batch_size,
+        data_passes=g.data_passes,
+        requests_per_round=g.requests_per_round,
+        on_error=cfg.data.on_error,
+        rejects_path=Path(cfg.run_dir) / "rejects.parquet",
     )
 
 
@@ -127,8 +135,13 @@ def run_train_local(cfg: Config, resume: bool = False) -> Path:
         else:
             trainer.resume_from(ckpt)
     trainer.fit()
-    out = save_policy(run_dir / POLICY_FILE, learner.module, cfg, meta,
-                      {"stage": 2, "ts_range": list(plan.ts_range)})
+    out = save_policy(
+        run_dir / POLICY_FILE,
+        learner.module,
+        cfg,
+        meta,
+        {"stage": 2, "ts_range": list(plan.ts_range)},
+    )
     write_summary(run_dir, plan, trainer.history)
     logger.close()
     return out
@@ -143,8 +156,12 @@ def load_policy_copy(policy):
 
 def write_summary(run_dir: Path, plan: DataPlan, history: list[dict]) -> None:
     summary = {
-        "data": {"rows_read": plan.report.rows_read, "rows_used": plan.report.rows_used,
-                 "rows_rejected": plan.report.rows_rejected, "reasons": plan.report.reasons},
+        "data": {
+            "rows_read": plan.report.rows_read,
+            "rows_used": plan.report.rows_used,
+            "rows_rejected": plan.report.rows_rejected,
+            "reasons": plan.report.reasons,
+        },
         "rounds": len(history),
         "final": history[-1] if history else {},
     }

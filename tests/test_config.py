@@ -25,8 +25,10 @@ def test_every_config_file_loads(path):
 
 
 def test_overrides_and_round_trip(tmp_path):
-    cfg = load_config([ROOT / "configs" / "smoke.yaml"],
-                      ["exploration.group_size=10", "grpo.lr=3e-4", "reward.format_rules=[]"])
+    cfg = load_config(
+        [ROOT / "configs" / "smoke.yaml"],
+        ["exploration.group_size=10", "grpo.lr=3e-4", "reward.format_rules=[]"],
+    )
     assert cfg.exploration.group_size == 10 and cfg.grpo.lr == pytest.approx(3e-4)
     assert cfg.reward.format_rules == () and cfg.simulator.num_requests == 2000
     save_config(cfg, tmp_path / "c.yaml")

@@ -64,9 +64,16 @@ class DataPlan:
 
     @classmethod
     def build(
-        cls, path: str | Path, *, rounds: int, batch_size: int, data_passes: int = 1,
-        requests_per_round: int = 0, on_error: str = "raise",
-        rejects_path: str | Path | None = None, read_batch: int = 8192,
+        cls,
+        path: str | Path,
+        *,
+        rounds: int,
+        batch_size: int,
+        data_passes: int = 1,
+        requests_per_round: int = 0,
+        on_error: str = "raise",
+        rejects_path: str | Path | None = None,
+        read_batch: int = 8192,
     ) -> DataPlan:
         """Validate every row once and cut time-ordered good rows into rounds and tasks.
 
@@ -121,8 +128,14 @@ class DataPlan:
         return cls(files, meta, report, plan_rounds, (int(ts.min()), int(ts.max())))
 
 
-def _tasks(round_: int, window: np.ndarray, fidx: np.ndarray, ridx: np.ndarray,
-           files: list[str], batch_size: int) -> list[Task]:
+def _tasks(
+    round_: int,
+    window: np.ndarray,
+    fidx: np.ndarray,
+    ridx: np.ndarray,
+    files: list[str],
+    batch_size: int,
+) -> list[Task]:
     """Cut one round's rows (time order) into per-file tasks of <= batch_size rows."""
     tasks: list[Task] = []
     # Keep time order across tasks but group consecutive rows of the same file.
@@ -132,7 +145,7 @@ def _tasks(round_: int, window: np.ndarray, fidx: np.ndarray, ridx: np.ndarray,
         if len(run) == 0:
             continue
         for start in range(0, len(run), batch_size):
-            part = run[start:start + batch_size]
+            part = run[start : start + batch_size]
             rows = np.sort(ridx[part])
             tasks.append(Task(round_, len(tasks), files[int(fidx[part[0]])], rows))
     return tasks

@@ -182,7 +182,9 @@ class SessionBatch:
 
     def take(self, idx: np.ndarray) -> SessionBatch:
         """Rows at ``idx`` (any order)."""
-        return SessionBatch(**{f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self)})
+        return SessionBatch(
+            **{f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self)}
+        )
 
     @staticmethod
     def concat(batches: Sequence[SessionBatch]) -> SessionBatch:
@@ -289,7 +291,10 @@ class ShardWriter:
     """
 
     def __init__(
-        self, out_dir: str | Path, meta: SessionMeta, rows_per_shard: int = 100_000,
+        self,
+        out_dir: str | Path,
+        meta: SessionMeta,
+        rows_per_shard: int = 100_000,
         prefix: str = "part",
     ) -> None:
         if rows_per_shard <= 0:
@@ -374,8 +379,14 @@ def _row_problems(table: pa.Table, meta: SessionMeta) -> tuple[np.ndarray, list[
             reasons[r] = (column, message)
         bad[:] |= mask
 
-    for col in REQUIRED_COLUMNS + ((LOGGED_POSITION,) if LOGGED_POSITION in table.column_names else ()):
-        flag(np.asarray(table.column(col).is_null().to_numpy(zero_copy_only=False)), col, "null value")
+    for col in REQUIRED_COLUMNS + (
+        (LOGGED_POSITION,) if LOGGED_POSITION in table.column_names else ()
+    ):
+        flag(
+            np.asarray(table.column(col).is_null().to_numpy(zero_copy_only=False)),
+            col,
+            "null value",
+        )
 
     n_items = _list_len(table.column(ITEM_IDS))
     flag(n_items == 0, ITEM_IDS, "empty candidate list")
@@ -386,24 +397,34 @@ def _row_problems(table: pa.Table, meta: SessionMeta) -> tuple[np.ndarray, list[
 
     cols = [(SCORES, meta.num_tasks), (LABELS, meta.num_labels)]
     if LOGGED_POSITION in table.column_names:
-        flag(_list_len(table.column(LOGGED_POSITION)) != n_items, LOGGED_POSITION,
-             "logged_position length != item_ids length")
+        flag(
+            _list_len(table.column(LOGGED_POSITION)) != n_items,
+            LOGGED_POSITION,
+            "logged_position length != item_ids length",
+        )
     for col, width in cols:
         outer = _list_len(table.column(col))
         flag(outer != n_items, col, f"{col} has a different number of items than item_ids")
         inner_col = pc.list_flatten(table.column(col))
         inner_len = _list_len(inner_col)
         per_row_bad_width = _any_per_row(inner_len != width, outer)
-        flag(per_row_bad_width, col, f"each item needs {width} {col} values "
-             f"({', '.join(meta.task_names if col == SCORES else meta.label_names)})")
+        flag(
+            per_row_bad_width,
+            col,
+            f"each item needs {width} {col} values "
+            f"({', '.join(meta.task_names if col == SCORES else meta.label_names)})",
+        )
         if bad.all():
             continue
         vals = _flat_values(inner_col)
         if (inner_len == width).all():
             per_item = vals.reshape(-1, width)
             items_per_row = outer
-            flag(_any_per_row(~np.isfinite(per_item).all(axis=1), items_per_row), col,
-                 f"NaN or inf in {col}")
+            flag(
+                _any_per_row(~np.isfinite(per_item).all(axis=1), items_per_row),
+                col,
+                f"NaN or inf in {col}",
+            )
             if col == SCORES:
                 for k, kind in enumerate(meta.task_kinds):
                     v = per_item[:, k]
@@ -418,8 +439,9 @@ def _row_problems(table: pa.Table, meta: SessionMeta) -> tuple[np.ndarray, list[
 
 
 def _list_len(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    return np.asarray(pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False),
-                      dtype=np.int64)
+    return np.asarray(
+        pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False), dtype=np.int64
+    )
 
 
 def _flat_values(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -438,7 +460,9 @@ def _any_per_row(flags: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 def _check_columns(table: pa.Table, file: str) -> None:
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
-        raise SchemaError(f"{file}: missing column(s) {missing}; required: {list(REQUIRED_COLUMNS)}")
+        raise SchemaError(
+            f"{file}: missing column(s) {missing}; required: {list(REQUIRED_COLUMNS)}"
+        )
     for c in table.column_names:
         if c in SCHEMA.names:
             want = SCHEMA.field(c).type
@@ -474,7 +498,10 @@ def normalize_table(table: pa.Table) -> pa.Table:
 
 
 def validate_table(
-    table: pa.Table, meta: SessionMeta, file: str = "<table>", row_offset: int = 0,
+    table: pa.Table,
+    meta: SessionMeta,
+    file: str = "<table>",
+    row_offset: int = 0,
     on_error: str = "raise",
 ) -> tuple[pa.Table, pa.Table | None, ReadReport]:
     """Check every row. Returns (good rows, rejected rows with a ``reason`` column, report).
@@ -498,10 +525,11 @@ def validate_table(
             f"{file}: row {row_offset + int(idx[0])}, column {col!r}: {msg} "
             f"({len(idx)} bad row(s) in this chunk; pass on_error='reject' to set them aside)"
         )
-    rejected = table.take(pa.array(idx)).append_column(
-        "reject_reason", pa.array([f"{c}: {m}" for c, m in reasons])
-    ).append_column("source_file", pa.array([file] * len(idx))).append_column(
-        "source_row", pa.array((idx + row_offset).astype(np.int64))
+    rejected = (
+        table.take(pa.array(idx))
+        .append_column("reject_reason", pa.array([f"{c}: {m}" for c, m in reasons]))
+        .append_column("source_file", pa.array([file] * len(idx)))
+        .append_column("source_row", pa.array((idx + row_offset).astype(np.int64)))
     )
     good = table.filter(pa.array(~bad))
     report.rows_used = good.num_rows
@@ -526,8 +554,12 @@ def table_to_batch(table: pa.Table, meta: SessionMeta) -> SessionBatch:
         out[mask] = flat if width is None else flat.reshape(-1, width)
         return out
 
-    scores = np.asarray(pc.list_flatten(pc.list_flatten(table.column(SCORES))).to_numpy(), np.float32)
-    labels = np.asarray(pc.list_flatten(pc.list_flatten(table.column(LABELS))).to_numpy(), np.float32)
+    scores = np.asarray(
+        pc.list_flatten(pc.list_flatten(table.column(SCORES))).to_numpy(), np.float32
+    )
+    labels = np.asarray(
+        pc.list_flatten(pc.list_flatten(table.column(LABELS))).to_numpy(), np.float32
+    )
     items = np.asarray(pc.list_flatten(table.column(ITEM_IDS)).to_numpy(), np.int64)
     ctx = np.asarray(pc.list_flatten(table.column(CONTEXT)).to_numpy(), np.float32).reshape(b, d)
     return SessionBatch(
@@ -566,8 +598,11 @@ class RejectsWriter:
 
 
 def iter_batches(
-    path: str | Path, batch_size: int = 4096, on_error: str = "raise",
-    rejects_path: str | Path | None = None, report: ReadReport | None = None,
+    path: str | Path,
+    batch_size: int = 4096,
+    on_error: str = "raise",
+    rejects_path: str | Path | None = None,
+    report: ReadReport | None = None,
     files: Sequence[Path] | None = None,
 ) -> Iterator[SessionBatch]:
     """Stream validated :class:`SessionBatch` es of at most ``batch_size`` rows.
@@ -609,7 +644,9 @@ def iter_batches(
 
 
 def read_sessions(
-    path: str | Path, on_error: str = "raise", rejects_path: str | Path | None = None,
+    path: str | Path,
+    on_error: str = "raise",
+    rejects_path: str | Path | None = None,
     max_rows: int | None = None,
 ) -> tuple[SessionBatch, SessionMeta, ReadReport]:
     """Read everything at ``path`` into one padded batch (for data that fits in memory)."""

@@ -19,9 +19,12 @@ SPREAD_WARN = 0.01
 SPIKE_FACTOR = 5.0
 
 
-def policy_diagnostics(pi: np.ndarray, task_names: tuple[str, ...],
-                       segments: np.ndarray | None = None,
-                       segment_names: tuple[str, ...] | None = None) -> dict[str, float]:
+def policy_diagnostics(
+    pi: np.ndarray,
+    task_names: tuple[str, ...],
+    segments: np.ndarray | None = None,
+    segment_names: tuple[str, ...] | None = None,
+) -> dict[str, float]:
     """pi: (B, K) policy weights on held-out requests -> flat metric dict.
 
     weight_entropy = mean_b -sum_k pi log pi; polarized_frac = share with
@@ -45,8 +48,7 @@ def policy_diagnostics(pi: np.ndarray, task_names: tuple[str, ...],
     return out
 
 
-def failure_warnings(history: list[dict[str, float]], business_key: str | None = None
-                     ) -> list[str]:
+def failure_warnings(history: list[dict[str, float]], business_key: str | None = None) -> list[str]:
     """Warnings for the latest round given all rounds' metrics so far (oldest first)."""
     if not history:
         return []
@@ -67,13 +69,17 @@ def failure_warnings(history: list[dict[str, float]], business_key: str | None =
         if len(past) >= 2 and key in cur:
             base = float(np.median(past))
             if abs(cur[key]) > SPIKE_FACTOR * max(base, 1e-6):
-                warns.append(f"training instability: {key}={cur[key]:.4g} is > "
-                             f"{SPIKE_FACTOR:g}x its median {base:.4g} (lower grpo.lr)")
+                warns.append(
+                    f"training instability: {key}={cur[key]:.4g} is > "
+                    f"{SPIKE_FACTOR:g}x its median {base:.4g} (lower grpo.lr)"
+                )
     if business_key and len(history) >= 2:
         prev = history[-2]
         if all(business_key in h and keys.ROLLOUT_R_POST in h for h in (prev, cur)):
-            if cur[keys.ROLLOUT_R_POST] > prev[keys.ROLLOUT_R_POST] and \
-                    cur[business_key] < prev[business_key]:
+            if (
+                cur[keys.ROLLOUT_R_POST] > prev[keys.ROLLOUT_R_POST]
+                and cur[business_key] < prev[business_key]
+            ):
                 warns.append(
                     f"possible reward hacking: R_post rose ({prev[keys.ROLLOUT_R_POST]:.4f} -> "
                     f"{cur[keys.ROLLOUT_R_POST]:.4f}) while {business_key} fell "

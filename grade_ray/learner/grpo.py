@@ -40,9 +40,16 @@ class GRPOSettings:
     def from_config(cls, cfg) -> GRPOSettings:
         g, e = cfg.grpo, cfg.exploration
         return cls(
-            lr=g.lr, clip_eps=g.clip_eps, beta=g.beta, kl_estimator=g.kl_estimator,
-            epochs_per_batch=g.epochs_per_batch, minibatch_size=g.minibatch_size,
-            grad_clip=g.grad_clip, exploration=e.kind, alpha_floor=e.alpha_floor, sigma=e.sigma,
+            lr=g.lr,
+            clip_eps=g.clip_eps,
+            beta=g.beta,
+            kl_estimator=g.kl_estimator,
+            epochs_per_batch=g.epochs_per_batch,
+            minibatch_size=g.minibatch_size,
+            grad_clip=g.grad_clip,
+            exploration=e.kind,
+            alpha_floor=e.alpha_floor,
+            sigma=e.sigma,
         )
 
 
@@ -77,7 +84,10 @@ class GRPOLearner:
     """GRPO update: -mean min(rho A, clip(rho) A) + beta KL(pi || pi_ref)."""
 
     def __init__(
-        self, model: nn.Module, settings: GRPOSettings, device: str | torch.device = "cpu",
+        self,
+        model: nn.Module,
+        settings: GRPOSettings,
+        device: str | torch.device = "cpu",
         seed: int = 0,
     ) -> None:
         self.model = model  # possibly DDP-wrapped: call it, not .module, in forward
@@ -106,18 +116,21 @@ class GRPOLearner:
         """Loss for one minibatch; override this (and only this) to change the objective."""
         s = self.settings
         pi = self._pi(self.model, mb[keys.CONTEXT])
-        logp = self.explore.log_prob(pi, mb[keys.WEIGHTS], alpha_hat, floor=s.alpha_floor,
-                                     sigma=s.sigma)
+        logp = self.explore.log_prob(
+            pi, mb[keys.WEIGHTS], alpha_hat, floor=s.alpha_floor, sigma=s.sigma
+        )
         with torch.no_grad():
             pi_ref = self._pi(self.ref, mb[keys.CONTEXT])
         if s.kl_estimator == "exact":
             kl = self.explore.kl(pi, pi_ref, alpha_hat, floor=s.alpha_floor, sigma=s.sigma)
         else:
-            ref_logp = self.explore.log_prob(pi_ref, mb[keys.WEIGHTS], alpha_hat,
-                                             floor=s.alpha_floor, sigma=s.sigma)
+            ref_logp = self.explore.log_prob(
+                pi_ref, mb[keys.WEIGHTS], alpha_hat, floor=s.alpha_floor, sigma=s.sigma
+            )
             kl = kl_k3(logp, ref_logp)
-        return self.policy_loss(logp, mb[keys.OLD_LOGP], mb[keys.ADVANTAGES], kl,
-                                clip_eps=s.clip_eps, beta=s.beta)
+        return self.policy_loss(
+            logp, mb[keys.OLD_LOGP], mb[keys.ADVANTAGES], kl, clip_eps=s.clip_eps, beta=s.beta
+        )
 
     def update(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
         """epochs_per_batch passes of minibatch steps over one rollout batch; returns means."""
@@ -132,10 +145,12 @@ class GRPOLearner:
         steps = 0
         for _ in range(s.epochs_per_batch):
             # every DDP rank runs n_mb minibatches; a rank with fewer rows reuses some
-            order = torch.randperm(n, generator=self.generator).repeat(-(-n_mb * s.minibatch_size // n))
+            order = torch.randperm(n, generator=self.generator).repeat(
+                -(-n_mb * s.minibatch_size // n)
+            )
             size = -(-n // n_mb) if n_mb else 0
             for j in range(n_mb):
-                idx = order[j * size:(j + 1) * size].to(self.device)
+                idx = order[j * size : (j + 1) * size].to(self.device)
                 stats = self._step({c: t[idx] for c, t in tensors.items()}, alpha_hat)
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + v

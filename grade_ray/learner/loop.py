@@ -31,7 +31,7 @@ from grade_ray.config import Config
 from grade_ray.data.plan import DataPlan
 from grade_ray.data.schema import SessionBatch, SessionMeta, iter_batches, read_sessions
 from grade_ray.learner.diagnostics import failure_warnings, policy_diagnostics
-from grade_ray.learner.grpo import GRPOLearner, GRPOSettings
+from grade_ray.learner.grpo import GRPOLearner
 from grade_ray.learner.supervised import SupervisedLearner, SupervisedSettings
 from grade_ray.models.policy import FusionPolicy, build_policy
 from grade_ray.rollout.backend import task_seed
@@ -49,14 +49,20 @@ def rollout_spec(cfg: Config, meta: SessionMeta) -> RolloutSpec:
     """Plain rollout settings from the config, names checked against the data."""
     e = cfg.exploration
     return RolloutSpec(
-        reward=RewardSpec.from_config(cfg.reward, meta), exploration=e.kind,
-        group_size=e.group_size, alpha_floor=e.alpha_floor, sigma=e.sigma,
-        advantage=cfg.grpo.advantage, fusion=cfg.policy.fusion, fusion_eps=cfg.policy.fusion_eps,
+        reward=RewardSpec.from_config(cfg.reward, meta),
+        exploration=e.kind,
+        group_size=e.group_size,
+        alpha_floor=e.alpha_floor,
+        sigma=e.sigma,
+        advantage=cfg.grpo.advantage,
+        fusion=cfg.policy.fusion,
+        fusion_eps=cfg.policy.fusion_eps,
     )
 
 
-def new_policy(cfg: Config, meta: SessionMeta, train_path: str | Path,
-               max_rows: int = 50_000) -> FusionPolicy:
+def new_policy(
+    cfg: Config, meta: SessionMeta, train_path: str | Path, max_rows: int = 50_000
+) -> FusionPolicy:
     """Policy with context standardisation fitted on (the start of) the training logs."""
     torch.manual_seed(cfg.seed)
     policy = build_policy(cfg.policy, meta.context_dim, meta.num_tasks)
@@ -72,13 +78,21 @@ def new_policy(cfg: Config, meta: SessionMeta, train_path: str | Path,
     return policy
 
 
-def save_policy(path: str | Path, policy: FusionPolicy, cfg: Config, meta: SessionMeta,
-                extra: dict[str, Any] | None = None) -> Path:
+def save_policy(
+    path: str | Path,
+    policy: FusionPolicy,
+    cfg: Config,
+    meta: SessionMeta,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Policy weights + what is needed to rebuild and interpret it (safe to load)."""
     state = {
         "state_dict": getattr(policy, "module", policy).state_dict(),
-        "context_dim": meta.context_dim, "num_tasks": meta.num_tasks,
-        "meta": meta.to_json(), "config": cfg.to_dict(), "config_hash": cfg.hash(),
+        "context_dim": meta.context_dim,
+        "num_tasks": meta.num_tasks,
+        "meta": meta.to_json(),
+        "config": cfg.to_dict(),
+        "config_hash": cfg.hash(),
         **(extra or {}),
     }
     path = Path(path)
@@ -107,27 +121,42 @@ def load_policy(path: str | Path) -> tuple[FusionPolicy, SessionMeta, dict[str, 
 # Stage 1
 
 
-def pretrain(cfg: Config, policy: FusionPolicy, meta: SessionMeta, train_path: str | Path,
-             logger: MetricsLogger | None = None) -> dict[str, float]:
+def pretrain(
+    cfg: Config,
+    policy: FusionPolicy,
+    meta: SessionMeta,
+    train_path: str | Path,
+    logger: MetricsLogger | None = None,
+) -> dict[str, float]:
     """Stage 1 (SP): LambdaLoss epochs over the training logs."""
     spec = RewardSpec.from_config(cfg.reward, meta)
     learner = SupervisedLearner(
-        policy, SupervisedSettings(cfg.pretrain.lr, cfg.pretrain.temperature, cfg.policy.fusion,
-                                   cfg.policy.fusion_eps), spec)
+        policy,
+        SupervisedSettings(
+            cfg.pretrain.lr, cfg.pretrain.temperature, cfg.policy.fusion, cfg.policy.fusion_eps
+        ),
+        spec,
+    )
     last: dict[str, float] = {}
     for epoch in range(cfg.pretrain.epochs):
         sums: dict[str, float] = collections.defaultdict(float)
         steps = 0
         t0 = time.perf_counter()
-        for batch in iter_batches(train_path, batch_size=cfg.pretrain.batch_size,
-                                  on_error=cfg.data.on_error):
+        for batch in iter_batches(
+            train_path, batch_size=cfg.pretrain.batch_size, on_error=cfg.data.on_error
+        ):
             for k, v in learner.step(batch).items():
                 sums[k] += v
             steps += 1
         last = {k: v / max(steps, 1) for k, v in sums.items()}
-        log.info("pretrain epoch %d/%d: loss %.4f ndcg %.4f (%.1fs)", epoch + 1,
-                 cfg.pretrain.epochs, last.get(keys.PRETRAIN_LOSS, float("nan")),
-                 last.get(keys.PRETRAIN_NDCG, float("nan")), time.perf_counter() - t0)
+        log.info(
+            "pretrain epoch %d/%d: loss %.4f ndcg %.4f (%.1fs)",
+            epoch + 1,
+            cfg.pretrain.epochs,
+            last.get(keys.PRETRAIN_LOSS, float("nan")),
+            last.get(keys.PRETRAIN_NDCG, float("nan")),
+            time.perf_counter() - t0,
+        )
         if logger:
             logger.log(epoch, {"stage": 1, "epoch": epoch, **last})
     return last
@@ -145,8 +174,14 @@ class Probe:
     composite NDCG on held-out logs.
     """
 
-    def __init__(self, cfg: Config, meta: SessionMeta, eval_path: str | Path | None,
-                 simulator=None, n: int = 2000) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        meta: SessionMeta,
+        eval_path: str | Path | None,
+        simulator=None,
+        n: int = 2000,
+    ) -> None:
         self.cfg, self.meta, self.simulator = cfg, meta, simulator
         self.spec = RewardSpec.from_config(cfg.reward, meta)
         self.truth = None
@@ -166,7 +201,8 @@ class Probe:
         scores = as_tensor(b.scores)
         fused = fuse(self.cfg.policy.fusion, scores, pi, self.cfg.policy.fusion_eps)
         out = policy_diagnostics(
-            pi.numpy(), self.meta.task_names,
+            pi.numpy(),
+            self.meta.task_names,
             None if self.truth is None else self.truth.segment,
             None if self.simulator is None else self.simulator.segment_names,
         )
@@ -203,11 +239,15 @@ def _split_for_ranks(tasks: list, world: int) -> list:
         i = max(range(len(tasks)), key=lambda j: len(tasks[j]))
         t = tasks[i]
         if len(t) < 2:
-            raise ValueError(f"a step has fewer requests than learner workers ({world}); "
-                             "lower learner.num_workers or raise rollout.batch_size")
+            raise ValueError(
+                f"a step has fewer requests than learner workers ({world}); "
+                "lower learner.num_workers or raise rollout.batch_size"
+            )
         h = len(t) // 2
-        tasks[i:i + 1] = [dataclasses.replace(t, rows=t.rows[:h]),
-                          dataclasses.replace(t, index=t.index + 100_000, rows=t.rows[h:])]
+        tasks[i : i + 1] = [
+            dataclasses.replace(t, rows=t.rows[:h]),
+            dataclasses.replace(t, index=t.index + 100_000, rows=t.rows[h:]),
+        ]
     return tasks
 
 
@@ -221,9 +261,19 @@ def _concat(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 class GRPOTrainer:
     """Runs Stage 2 rounds over a :class:`DataPlan` with a rollout backend."""
 
-    def __init__(self, cfg: Config, plan: DataPlan, learner: GRPOLearner, backend,
-                 logger: MetricsLogger | None, run_dir: str | Path, probe: Probe | None = None,
-                 rank: int = 0, world: int = 1, report_fn=None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        plan: DataPlan,
+        learner: GRPOLearner,
+        backend,
+        logger: MetricsLogger | None,
+        run_dir: str | Path,
+        probe: Probe | None = None,
+        rank: int = 0,
+        world: int = 1,
+        report_fn=None,
+    ) -> None:
         self.cfg, self.plan, self.learner, self.backend = cfg, plan, learner, backend
         self.logger, self.run_dir, self.probe = logger, Path(run_dir), probe
         self.rank, self.world, self.report_fn = rank, world, report_fn
@@ -238,8 +288,8 @@ class GRPOTrainer:
         """Round r's tasks grouped into steps: each step = rollout.num_workers tasks per rank."""
         per_step = self.cfg.rollout.num_workers * self.world
         tasks = self.plan.rounds[r]
-        steps = [tasks[i:i + per_step] for i in range(0, len(tasks), per_step)]
-        return [_split_for_ranks(s, self.world)[self.rank::self.world] for s in steps]
+        steps = [tasks[i : i + per_step] for i in range(0, len(tasks), per_step)]
+        return [_split_for_ranks(s, self.world)[self.rank :: self.world] for s in steps]
 
     def _num_steps(self, r: int) -> int:
         per_step = self.cfg.rollout.num_workers * self.world
@@ -252,9 +302,14 @@ class GRPOTrainer:
 
     # -- state --------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"learner": self.learner.state_dict(), "next_round": self.position.next_round,
-                "steps_done": self.steps_done, "history": [dict(h) for h in self.history],
-                "config": self.cfg.to_dict(), "torch_rng": torch.get_rng_state()}
+        return {
+            "learner": self.learner.state_dict(),
+            "next_round": self.position.next_round,
+            "steps_done": self.steps_done,
+            "history": [dict(h) for h in self.history],
+            "config": self.cfg.to_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.learner.load_state_dict(state["learner"])
@@ -265,8 +320,9 @@ class GRPOTrainer:
 
     def resume_from(self, path: str | Path) -> None:
         self.load_state_dict(load_checkpoint(path))
-        log.info("resumed from %s at round %d/%d", path, self.position.next_round,
-                 len(self.plan.rounds))
+        log.info(
+            "resumed from %s at round %d/%d", path, self.position.next_round, len(self.plan.rounds)
+        )
 
     # -- the loop -------------------------------------------------------------
     def fit(self) -> list[dict[str, float]]:
@@ -285,8 +341,9 @@ class GRPOTrainer:
         steps = self._step_tasks(r)
         sums: dict[str, float] = collections.defaultdict(float)
         seen: list[np.ndarray] = []
-        progress = Progress(f"round {r + 1}/{len(self.plan.rounds)}",
-                            sum(len(t) for s in steps for t in s))
+        progress = Progress(
+            f"round {r + 1}/{len(self.plan.rounds)}", sum(len(t) for s in steps for t in s)
+        )
         t0 = time.perf_counter()
         pending: collections.deque = collections.deque()
         next_step = 0
@@ -306,8 +363,9 @@ class GRPOTrainer:
             batch = _concat(self.backend.collect(handle))  # sample + score + advantage
             lag = self.learner.version - int(batch[keys.POLICY_VERSION])
             if lag > self.cfg.rollout.max_staleness:
-                raise RuntimeError(f"rollout is {lag} versions stale; bound is "
-                                   f"{self.cfg.rollout.max_staleness}")
+                raise RuntimeError(
+                    f"rollout is {lag} versions stale; bound is {self.cfg.rollout.max_staleness}"
+                )
             stats = self.learner.update(batch)  # GRPO update
             self.backend.set_weights(self.learner.policy_state(), self.learner.version)  # sync
             self.steps_done += 1
@@ -319,8 +377,10 @@ class GRPOTrainer:
             sums[keys.ROLLOUT_ALPHA_HAT] += alpha
             sums["_n"] += 1
             seen.append(batch[keys.REQUEST_ID])
-            progress.update(len(batch[keys.REQUEST_ID]),
-                            f"reward {roll[keys.ROLLOUT_REWARD]:.4f} kl {stats[keys.LEARNER_KL]:.4f}")
+            progress.update(
+                len(batch[keys.REQUEST_ID]),
+                f"reward {roll[keys.ROLLOUT_REWARD]:.4f} kl {stats[keys.LEARNER_KL]:.4f}",
+            )
         n = max(sums.pop("_n"), 1)
         metrics = {k: v / n for k, v in sums.items()}
         ids = np.concatenate(seen) if seen else np.zeros(0, np.int64)
@@ -341,12 +401,19 @@ class GRPOTrainer:
             log.warning("round %d: %s", r, w)
         log.info(
             "round %d/%d: reward %.4f (post %.4f prior %.4f format %.4f) kl %.4f clip %.3f "
-            "zero-var %.3f alpha %.1f %.0f req/s", r + 1, len(self.plan.rounds),
-            metrics.get(keys.ROLLOUT_REWARD, 0), metrics.get(keys.ROLLOUT_R_POST, 0),
-            metrics.get(keys.ROLLOUT_R_PRIOR, 0), metrics.get(keys.ROLLOUT_R_FORMAT, 0),
-            metrics.get(keys.LEARNER_KL, 0), metrics.get(keys.LEARNER_CLIP_FRAC, 0),
-            metrics.get(keys.ROLLOUT_ZERO_VAR_FRAC, 0), metrics.get(keys.ROLLOUT_ALPHA_HAT, 0),
-            metrics.get(keys.PERF_REQUESTS_PER_S, 0))
+            "zero-var %.3f alpha %.1f %.0f req/s",
+            r + 1,
+            len(self.plan.rounds),
+            metrics.get(keys.ROLLOUT_REWARD, 0),
+            metrics.get(keys.ROLLOUT_R_POST, 0),
+            metrics.get(keys.ROLLOUT_R_PRIOR, 0),
+            metrics.get(keys.ROLLOUT_R_FORMAT, 0),
+            metrics.get(keys.LEARNER_KL, 0),
+            metrics.get(keys.LEARNER_CLIP_FRAC, 0),
+            metrics.get(keys.ROLLOUT_ZERO_VAR_FRAC, 0),
+            metrics.get(keys.ROLLOUT_ALPHA_HAT, 0),
+            metrics.get(keys.PERF_REQUESTS_PER_S, 0),
+        )
         ckpt = None
         if self.rank == 0:
             if self.logger:

@@ -19,8 +19,13 @@ class FusionPolicy(nn.Module):
     """
 
     def __init__(
-        self, context_dim: int, num_tasks: int, *, num_experts: int = 4,
-        expert_hidden: int = 64, dropout: float = 0.0,
+        self,
+        context_dim: int,
+        num_tasks: int,
+        *,
+        num_experts: int = 4,
+        expert_hidden: int = 64,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.context_dim = context_dim
@@ -29,8 +34,11 @@ class FusionPolicy(nn.Module):
         self.register_buffer("x_std", torch.ones(context_dim))
         self.experts = nn.ModuleList(
             nn.Sequential(
-                nn.Linear(context_dim, expert_hidden), nn.ReLU(), nn.Dropout(dropout),
-                nn.Linear(expert_hidden, expert_hidden), nn.ReLU(),
+                nn.Linear(context_dim, expert_hidden),
+                nn.ReLU(),
+                nn.Dropout(dropout),
+                nn.Linear(expert_hidden, expert_hidden),
+                nn.ReLU(),
             )
             for _ in range(num_experts)
         )
@@ -63,6 +71,9 @@ class FusionPolicy(nn.Module):
 def build_policy(policy_cfg, context_dim: int, num_tasks: int) -> FusionPolicy:
     """Policy from a :class:`grade_ray.config.PolicyConfig`."""
     return FusionPolicy(
-        context_dim, num_tasks, num_experts=policy_cfg.num_experts,
-        expert_hidden=policy_cfg.expert_hidden, dropout=policy_cfg.dropout,
+        context_dim,
+        num_tasks,
+        num_experts=policy_cfg.num_experts,
+        expert_hidden=policy_cfg.expert_hidden,
+        dropout=policy_cfg.dropout,
     )

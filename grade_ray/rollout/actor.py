@@ -37,8 +37,14 @@ class RolloutActor:
         self.worker = RolloutWorker(policy, spec)
         self.reader = TaskReader(meta)
 
-    def run(self, tasks: list[Task], weights: list[ray.ObjectRef], version: int,
-            alpha_hat: float, seeds: list[int]) -> list[dict[str, np.ndarray]]:
+    def run(
+        self,
+        tasks: list[Task],
+        weights: list[ray.ObjectRef],
+        version: int,
+        alpha_hat: float,
+        seeds: list[int],
+    ) -> list[dict[str, np.ndarray]]:
         if version != self.worker.version:
             self.worker.set_weights(ray.get(weights[0]), version)
         out = []
@@ -54,11 +60,15 @@ class RolloutActor:
 class RayRollout:
     """Backend with ``num_workers`` rollout actors; step tasks go round-robin to them."""
 
-    def __init__(self, cfg, meta: SessionMeta, spec: RolloutSpec, num_workers: int | None = None
-                 ) -> None:
+    def __init__(
+        self, cfg, meta: SessionMeta, spec: RolloutSpec, num_workers: int | None = None
+    ) -> None:
         n = num_workers or cfg.rollout.num_workers
-        options: dict[str, Any] = {"num_cpus": cfg.rollout.num_cpus_per_worker,
-                                   "max_restarts": 2, "max_task_retries": 2}
+        options: dict[str, Any] = {
+            "num_cpus": cfg.rollout.num_cpus_per_worker,
+            "max_restarts": 2,
+            "max_task_retries": 2,
+        }
         if cfg.rollout.resource and ray.cluster_resources().get(cfg.rollout.resource, 0) > 0:
             options["resources"] = {cfg.rollout.resource: 1}
         remote = ray.remote(RolloutActor).options(**options)
@@ -71,16 +81,20 @@ class RayRollout:
         self._weights = [ray.put(state)]
         self._version = int(version)
 
-    def submit(self, tasks: list[Task], alpha_hat: float, version: int,
-               seeds: list[int]) -> list[ray.ObjectRef]:
+    def submit(
+        self, tasks: list[Task], alpha_hat: float, version: int, seeds: list[int]
+    ) -> list[ray.ObjectRef]:
         if version != self._version:
             raise RuntimeError(f"weights version {self._version} was put, asked {version}")
         refs = []
         for i, actor in enumerate(self.actors):
-            mine = tasks[i::len(self.actors)]
+            mine = tasks[i :: len(self.actors)]
             if mine:
-                refs.append(actor.run.remote(mine, self._weights, version, alpha_hat,
-                                             seeds[i::len(self.actors)]))
+                refs.append(
+                    actor.run.remote(
+                        mine, self._weights, version, alpha_hat, seeds[i :: len(self.actors)]
+                    )
+                )
         # remember how to restore task order from the round-robin split
         return [refs, len(tasks)]
 
@@ -89,7 +103,7 @@ class RayRollout:
         parts = ray.get(refs)
         out: list[Any] = [None] * n
         for i, part in enumerate(parts):
-            out[i::len(self.actors)] = part
+            out[i :: len(self.actors)] = part
         return out
 
     def infos(self) -> list[dict[str, Any]]:

@@ -41,8 +41,7 @@ class LocalRollout:
     def set_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
         self.worker.set_weights(state, version)
 
-    def submit(self, tasks: list[Task], alpha_hat: float, version: int,
-               seeds: list[int]) -> Any:
+    def submit(self, tasks: list[Task], alpha_hat: float, version: int, seeds: list[int]) -> Any:
         if version != self.worker.version:
             raise RuntimeError(f"local worker holds version {self.worker.version}, asked {version}")
         return (tasks, alpha_hat, seeds)

@@ -68,14 +68,28 @@ class RolloutWorker:
         mask = as_tensor(batch.mask)
         pi = self.policy.pi(context)
         w = self.explore.sample(
-            pi, s.group_size, alpha_hat, floor=s.alpha_floor, sigma=s.sigma,
+            pi,
+            s.group_size,
+            alpha_hat,
+            floor=s.alpha_floor,
+            sigma=s.sigma,
             generator=self.generator,
         )
         old_logp = self.explore.log_prob(pi, w, alpha_hat, floor=s.alpha_floor, sigma=s.sigma)
         r = group_rewards(
-            scores, w, s.reward.post_gain(as_tensor(batch.labels)), s.reward.prior_gain(scores),
-            mask, fusion=s.fusion, k=s.reward.k, rules=list(s.reward.rules), l1=s.reward.l1,
-            l2=s.reward.l2, l3=s.reward.l3, tau=s.reward.tau, fusion_eps=s.fusion_eps,
+            scores,
+            w,
+            s.reward.post_gain(as_tensor(batch.labels)),
+            s.reward.prior_gain(scores),
+            mask,
+            fusion=s.fusion,
+            k=s.reward.k,
+            rules=list(s.reward.rules),
+            l1=s.reward.l1,
+            l2=s.reward.l2,
+            l3=s.reward.l3,
+            tau=s.reward.tau,
+            fusion_eps=s.fusion_eps,
         )
         adv, zero_var = group_advantages(r["reward"], s.advantage)
         return {

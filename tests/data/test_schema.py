@@ -19,8 +19,7 @@ from grade_ray.data.schema import (
     to_table,
 )
 
-META = SessionMeta(("ctr", "cvr", "gmv"), ("prob", "prob", "value"), ("click", "order"),
-                   ("a", "b"))
+META = SessionMeta(("ctr", "cvr", "gmv"), ("prob", "prob", "value"), ("click", "order"), ("a", "b"))
 
 
 def make_batch(b: int = 6, n: int = 5, seed: int = 0) -> SessionBatch:
@@ -29,11 +28,15 @@ def make_batch(b: int = 6, n: int = 5, seed: int = 0) -> SessionBatch:
     lengths[0] = n
     mask = np.arange(n)[None] < lengths[:, None]
     return SessionBatch(
-        request_id=np.arange(b, dtype=np.int64), user_id=rng.integers(0, 3, b),
-        ts=np.arange(b, dtype=np.int64) * 10, context=rng.random((b, 2), dtype=np.float32),
+        request_id=np.arange(b, dtype=np.int64),
+        user_id=rng.integers(0, 3, b),
+        ts=np.arange(b, dtype=np.int64) * 10,
+        context=rng.random((b, 2), dtype=np.float32),
         item_ids=(rng.integers(1, 100, (b, n)) * mask).astype(np.int64),
         scores=(rng.random((b, n, 3), dtype=np.float32) * mask[..., None]),
-        labels=(rng.integers(0, 2, (b, n, 2)).astype(np.float32) * mask[..., None]), mask=mask)
+        labels=(rng.integers(0, 2, (b, n, 2)).astype(np.float32) * mask[..., None]),
+        mask=mask,
+    )
 
 
 def write(tmp_path, table: pa.Table, name: str = "s.parquet"):
@@ -68,8 +71,10 @@ def corrupt(column: str, row: int, fn):
     table = to_table(make_batch(), META)
     values = table.column(column).to_pylist()
     values[row] = fn(values[row])
-    arrays = [pa.array(values, table.schema.field(column).type) if c == column
-              else table.column(c) for c in table.column_names]
+    arrays = [
+        pa.array(values, table.schema.field(column).type) if c == column else table.column(c)
+        for c in table.column_names
+    ]
     return pa.Table.from_arrays(arrays, schema=table.schema)
 
 
@@ -104,8 +109,9 @@ def test_reject_mode_accounts_for_every_row(tmp_path):
     table = corrupt("scores", 1, BAD["nan score"][1])
     values = table.column("item_ids").to_pylist()
     values[4] = []
-    table = table.set_column(table.schema.get_field_index("item_ids"), "item_ids",
-                             pa.array(values, pa.list_(pa.int64())))
+    table = table.set_column(
+        table.schema.get_field_index("item_ids"), "item_ids", pa.array(values, pa.list_(pa.int64()))
+    )
     path = write(tmp_path, table)
     report = ReadReport()
     rejects = tmp_path / "rej.parquet"

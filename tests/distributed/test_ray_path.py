@@ -47,9 +47,17 @@ def test_killed_actor_task_is_redone_exactly_once(ray_session, smoke_cfg, smoke_
         out = pool.collect(handle)
         assert pool.infos()[0]["pid"] != pid  # a fresh process redid the work
         ids = np.concatenate([o[keys.REQUEST_ID] for o in out])
-        want = np.concatenate([
-            np.asarray(__import__("pyarrow.parquet").parquet.read_table(
-                t.file, columns=["request_id"]).column(0).to_numpy())[t.rows] for t in tasks])
+        want = np.concatenate(
+            [
+                np.asarray(
+                    __import__("pyarrow.parquet")
+                    .parquet.read_table(t.file, columns=["request_id"])
+                    .column(0)
+                    .to_numpy()
+                )[t.rows]
+                for t in tasks
+            ]
+        )
         assert len(ids) == len(np.unique(ids)) == len(want)
         np.testing.assert_array_equal(np.sort(ids), np.sort(want))
         # the restarted actor reloaded the weights: same seed, same samples
@@ -61,8 +69,7 @@ def test_killed_actor_task_is_redone_exactly_once(ray_session, smoke_cfg, smoke_
 def test_two_actor_ray_run_matches_local(ray_session, smoke_cfg, smoke_data, tmp_path):
     from grade_ray.train import run_train_local
 
-    base = smoke_cfg.replace(**{"data.train_path": smoke_data[0],
-                                "data.eval_path": smoke_data[1]})
+    base = smoke_cfg.replace(**{"data.train_path": smoke_data[0], "data.eval_path": smoke_data[1]})
     local = base.replace(run_dir=str(tmp_path / "local"))
     remote = base.replace(run_dir=str(tmp_path / "ray"))
     run_train_local(local)
@@ -78,11 +85,18 @@ def test_two_actor_ray_run_matches_local(ray_session, smoke_cfg, smoke_data, tmp
     assert len({a["pid"] for a in actors}) == 2
 
 
-def test_learner_failure_restarts_from_checkpoint_and_resume(ray_session, smoke_cfg,
-                                                             smoke_data, tmp_path):
-    cfg = smoke_cfg.replace(**{"data.train_path": smoke_data[0], "data.eval_path": smoke_data[1],
-                               "run_dir": str(tmp_path / "ft"), "grpo.rounds": 2,
-                               "learner.max_failures": 1})
+def test_learner_failure_restarts_from_checkpoint_and_resume(
+    ray_session, smoke_cfg, smoke_data, tmp_path
+):
+    cfg = smoke_cfg.replace(
+        **{
+            "data.train_path": smoke_data[0],
+            "data.eval_path": smoke_data[1],
+            "run_dir": str(tmp_path / "ft"),
+            "grpo.rounds": 2,
+            "learner.max_failures": 1,
+        }
+    )
     run_train_ray(cfg, fail_at_round=0)
     rounds = [r[keys.ROUND] for r in stage2_rows(cfg.run_dir)]
     assert rounds == [0, 1]  # round 0 not redone after the restart, round 1 done once
