@@ -152,24 +152,24 @@ def _tasks(
 
 
 class TaskReader:
-    """Loads tasks' rows; keeps the last few files' tables in memory (bounded)."""
+    """Loads tasks' rows. Keeps the last few files decoded as padded arrays (bounded
+    memory: ``max_files`` session files), so a task is a numpy gather."""
 
     def __init__(self, meta: SessionMeta, max_files: int = 1) -> None:
         self.meta = meta
         self.max_files = max_files
-        self._cache: OrderedDict[str, pa.Table] = OrderedDict()
+        self._cache: OrderedDict[str, SessionBatch] = OrderedDict()
 
-    def _table(self, file: str) -> pa.Table:
+    def _file(self, file: str) -> SessionBatch:
         if file in self._cache:
             self._cache.move_to_end(file)
             return self._cache[file]
-        table = pq.read_table(file)
-        self._cache[file] = table
+        batch = table_to_batch(normalize_table(pq.read_table(file)), self.meta)
+        self._cache[file] = batch
         while len(self._cache) > self.max_files:
             self._cache.popitem(last=False)
-        return table
+        return batch
 
     def load(self, task: Task) -> SessionBatch:
         """The task's rows as a padded batch (rows were validated when the plan was built)."""
-        table = self._table(task.file).take(pa.array(task.rows))
-        return table_to_batch(normalize_table(table), self.meta)
+        return self._file(task.file).take(task.rows).trim()

@@ -180,6 +180,13 @@ class SessionBatch:
             mask=self.mask[start:stop, :n],
         )
 
+    def trim(self) -> SessionBatch:
+        """Drop padding columns beyond the longest list in this batch."""
+        n = max(int(self.mask.sum(axis=1).max(initial=1)), 1)
+        if n == self.mask.shape[1]:
+            return self
+        return self.slice(0, len(self))
+
     def take(self, idx: np.ndarray) -> SessionBatch:
         """Rows at ``idx`` (any order)."""
         return SessionBatch(

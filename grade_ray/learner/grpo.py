@@ -18,6 +18,7 @@ from torch import nn
 from grade_ray import keys
 from grade_ray.algos.exploration import EXPLORATIONS
 from grade_ray.algos.losses import POLICY_LOSSES, kl_k3
+from grade_ray.spec import as_tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +138,7 @@ class GRPOLearner:
         check_finite(batch)
         s = self.settings
         alpha_hat = float(batch[keys.ALPHA_HAT])
-        tensors = {c: torch.as_tensor(np.asarray(batch[c])).to(self.device) for c in _TRAIN_COLUMNS}
+        tensors = {c: as_tensor(np.asarray(batch[c])).to(self.device) for c in _TRAIN_COLUMNS}
         n = tensors[keys.CONTEXT].shape[0]
         n_mb = _synced_minibatches(n, s.minibatch_size)
         self.model.train()
