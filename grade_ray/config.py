@@ -147,7 +147,7 @@ class RewardConfig:
         default_factory=lambda: {"ctr": 1.0, "ctr*cvr": 10.0}
     )
     """R_prior gain: products of predicted tasks ('ctr*cvr') -> coefficient."""
-    format_rules: tuple[str, ...] = ("cvr>=ctr",)
+    format_rules: tuple[str, ...] = ("ctr>=gmv", "ctr>=profit")
     """Weight-hierarchy rules 'a>=b' over task names; R_format = share satisfied."""
     l1: float = 1.0
     """Weight of R_post."""

@@ -1,0 +1,899 @@
+"""The marketplace simulator: the project's embedded data source, with ground truth.
+
+Modelled on an e-commerce feed (GRADE's Kuaishou marketplace). One request =
+one user opening the feed; ``N_q`` retrieved candidates are ranked by fusing
+the upstream multi-task predictions and *all* of them are shown, item ``i`` at
+rank ``r`` being examined with probability ``exam(r) = (1 + r / 5) ** -1``.
+
+World::
+
+    users    segment s ~ Categorical(segment_mix) (browser, buyer, premium, bargain)
+             intent  z = mu_s + sigma_s * eps, 4 dims: click_bias, buy_bias,
+                     price_slope, quality_slope; category affinity a (C,)
+             context x = context_signal * (P_seg[s] + P_int z_std) + N(0, 1)
+                     (D dims, the last quarter pure noise): reveals s only partly
+    items    category, price (log-normal per category), margin, quality,
+             attractiveness (click-bait: more clicks, fewer orders)
+    truth    ctr  = sigmoid(-2.1 + z_click + 0.8 attract + 0.4 a[cat] + 0.1 quality)
+             cvr  = sigmoid(-3.5 + z_buy + z_price * lp + z_quality * quality
+                                - 1.0 attract + 0.3 a[cat])          (lp: centred log price)
+             gmv  = price;   profit = price * margin                 (value of one order)
+             P(click at rank r) = exam(r) * ctr;  P(order | click) = cvr
+
+Upstream predictions (tasks ``ctr, cvr, gmv, profit``; kinds ``prob, prob,
+value, value``; ``gmv``/``profit`` are the predicted value of an order) are the
+truth seen through a segment-specific lens: for each segment and task a
+calibration slope on the logit scale (``1 + miscalibration * (slope_s - 1)``,
+and an offset), log-scale noise ``prediction_noise * noise_s``, and for pCVR
+the share ``rho_s`` of the user's own price/quality taste the model misses (it
+was fit mostly on majority segments, so it predicts bargain hunters' and
+premium buyers' conversion with the population's price response).
+
+**Where the personalization headroom comes from.** The north-star defaults to
+``click + 10 * order`` (summed over a request's feed), the same gains as the
+default R_post reward. (a) Segments sit on different parts of that objective: a
+browser's value is almost all clicks (pCVR ranking is noise to them), about half
+of a buyer's is orders, a premium buyer converts on expensive quality items and
+a bargain hunter on cheap ones. (b) The upstream model is worse for some segments and
+tasks: browsers' pCVR is noisy and over-confident (few positives), bargain
+hunters' and premium buyers' pCVR misses their price response. So the best
+log-product weights differ by segment; :meth:`MarketplaceSimulator.headroom`
+measures how much per-segment oracle weights beat the best single static
+weight vector on fresh requests (about 7% with the defaults; sorting each
+request by its true item values would give about 15%).
+
+Generation streams shards through :class:`~grade_ray.data.schema.ShardWriter`
+in chunks of :data:`CHUNK` requests (memory bounded by one chunk and one
+shard's buffer; the user and item tables are the only full-size state). Each
+chunk has its own seed derived from ``(seed, split, chunk index)``: the same
+seed gives identical files, and train (days ``0..num_days``) and eval (the days
+after) use disjoint random streams over the same user population.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from grade_ray.algos.fusion import fuse
+from grade_ray.config import SimulatorConfig
+from grade_ray.data.schema import SessionBatch, SessionMeta, ShardWriter
+
+log = logging.getLogger(__name__)
+
+TASK_NAMES = ("ctr", "cvr", "gmv", "profit")
+TASK_KINDS = ("prob", "prob", "value", "value")
+LABEL_NAMES = ("click", "order", "gmv", "profit")
+INTENT_NAMES = ("click_bias", "buy_bias", "price_slope", "quality_slope")
+OUTCOME_KEYS = ("impressions", "clicks", "orders", "gmv", "profit", "north_star")
+AB_METRICS = ("ctr", "cvr", "opm", "gpm", "profit_pm", "orders", "north_star")
+
+CHUNK = 4096
+"""Requests generated per step (the unit of seeding and of memory)."""
+START_TS = 1_767_225_600
+"""2026-01-01T00:00:00Z: ``ts`` of the first training request."""
+NUM_CATEGORIES = 16
+EXAM_SCALE = 5.0
+"""exam(r) = 1 / (1 + r / EXAM_SCALE): probability that rank r (0-based) is examined."""
+_SPLIT_STREAMS = {"train": 1, "eval": 2}
+_FRESH_STREAM = 3
+_REQUEST_ID_BASE = {"train": 0, "eval": 1 << 40, "fresh": 2 << 40}
+
+# Response-model coefficients (see the module docstring).
+_CTR0, _CTR_ATTRACT, _CTR_AFFINITY, _CTR_QUALITY = -2.1, 0.8, 0.4, 0.1
+_CVR0, _CVR_ATTRACT, _CVR_AFFINITY = -3.5, -1.0, 0.3
+_ATTRACT_SD = 0.8
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentProfile:
+    """A latent user segment: intent distribution and how well the upstream model serves it."""
+
+    intent_mean: tuple[float, float, float, float]
+    """Mean of (click_bias, buy_bias, price_slope, quality_slope)."""
+    intent_std: tuple[float, float, float, float]
+    """Individual spread of the intent around the mean."""
+    noise: tuple[float, float, float, float]
+    """Prediction noise per task (ctr, cvr, gmv, profit), in units of ``prediction_noise``."""
+    slope: tuple[float, float]
+    """Calibration slope of logit(pCTR), logit(pCVR) at ``miscalibration = 1`` (1 = calibrated)."""
+    offset: tuple[float, float]
+    """Calibration offset of logit(pCTR), logit(pCVR) at ``miscalibration = 1``."""
+    rho: float
+    """Share of the user's own price/quality taste (vs the population's) that pCVR misses."""
+
+
+SEGMENTS: dict[str, SegmentProfile] = {
+    # Clicks a lot, rarely buys; pCVR has few positives: noisy, over-confident, over-predicted.
+    "browser": SegmentProfile(
+        intent_mean=(0.3, -2.6, -0.2, 0.2),
+        intent_std=(0.3, 0.4, 0.2, 0.2),
+        noise=(1.0, 3.0, 0.3, 0.5),
+        slope=(1.0, 2.5),
+        offset=(0.0, 1.0),
+        rho=0.2,
+    ),
+    # The majority buyer: what the upstream model is fit to.
+    "buyer": SegmentProfile(
+        intent_mean=(0.0, 0.7, -0.4, 0.4),
+        intent_std=(0.3, 0.4, 0.2, 0.2),
+        noise=(1.0, 1.0, 0.3, 0.5),
+        slope=(1.0, 1.0),
+        offset=(0.0, 0.0),
+        rho=0.0,
+    ),
+    # Converts on expensive, high-quality items; pCVR misses most of that taste.
+    "premium": SegmentProfile(
+        intent_mean=(-0.2, 0.0, 1.0, 0.8),
+        intent_std=(0.3, 0.4, 0.2, 0.2),
+        noise=(1.2, 1.5, 0.3, 0.5),
+        slope=(1.0, 0.8),
+        offset=(0.0, -0.3),
+        rho=0.8,
+    ),
+    # Converts on cheap items, indifferent to quality; pCVR compressed, noisy, misses part of it.
+    "bargain": SegmentProfile(
+        intent_mean=(0.1, 0.2, -1.6, 0.0),
+        intent_std=(0.3, 0.4, 0.2, 0.2),
+        noise=(1.0, 2.0, 0.3, 0.5),
+        slope=(1.0, 0.6),
+        offset=(0.0, 0.3),
+        rho=0.4,
+    ),
+}
+
+
+def exam_prob(n: int) -> np.ndarray:
+    """(n,) float64: probability that rank r = 0..n-1 is examined (position bias)."""
+    return 1.0 / (1.0 + np.arange(n) / EXAM_SCALE)
+
+
+def simplex_grid(k: int, step: float) -> np.ndarray:
+    """(P, k) float64: every weight vector on the simplex with entries in multiples of ``step``.
+
+    P = C(m + k - 1, k - 1) with m = round(1 / step) (286 for k = 4, step = 0.1).
+    """
+    m = round(1.0 / step)
+    if m < 1 or abs(m * step - 1.0) > 1e-6:
+        raise ValueError(f"grid step {step} must divide 1 (e.g. 0.1, 0.2, 0.25)")
+    pts = []
+    for bars in itertools.combinations(range(m + k - 1), k - 1):
+        edges = (-1, *bars, m + k - 1)
+        pts.append([edges[j + 1] - edges[j] - 1 for j in range(k)])
+    return np.asarray(pts, dtype=np.float64) / m
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+# ---------------------------------------------------------------------------
+# Ground truth, outcomes, A/B report
+
+
+@dataclasses.dataclass
+class Truth:
+    """Ground truth for a :class:`SessionBatch`, aligned with its candidate order.
+
+    segment: (B,) int64 index into ``segment_names``; intent: (B, 4) float32
+    (click_bias, buy_bias, price_slope, quality_slope); ctr: (B, N) true click
+    probability at rank 0 (position-debiased); cvr: (B, N) true P(order | click);
+    gmv, profit: (B, N) value of one order. All (B, N) arrays are 0 where padded.
+    """
+
+    segment: np.ndarray
+    intent: np.ndarray
+    ctr: np.ndarray
+    cvr: np.ndarray
+    gmv: np.ndarray
+    profit: np.ndarray
+
+    def item_value(self, gains: dict[str, float]) -> np.ndarray:
+        """(B, N) expected north-star of each candidate if shown at rank 0: sum_l g_l E[label_l]."""
+        per_label = {
+            "click": self.ctr,
+            "order": self.ctr * self.cvr,
+            "gmv": self.ctr * self.cvr * self.gmv,
+            "profit": self.ctr * self.cvr * self.profit,
+        }
+        return sum(g * per_label[name].astype(np.float64) for name, g in gains.items())
+
+
+def rank_positions(fused: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(B, N) int64 rank of each candidate when sorting ``fused`` (B, N) descending.
+
+    Padded candidates (``mask`` False) go last; ties keep index order.
+    """
+    key = np.where(mask, -np.asarray(fused, dtype=np.float64), np.inf)
+    order = np.argsort(key, axis=1, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(order.shape[1])[None, :], axis=1)
+    return ranks
+
+
+@dataclasses.dataclass
+class ABReport:
+    """A paired A/B test. Arrays are (A, M): arms x :data:`AB_METRICS`.
+
+    ``value`` and the lifts use *expected* outcomes given the shown requests
+    (Rao-Blackwellised: no click/order sampling noise); ``ci_low``/``ci_high``
+    are a 95% paired bootstrap over requests of the relative lift over the
+    control. ``sampled_value``/``sampled_lift`` use sampled feedback with common
+    random numbers across arms, as a realism check. Metrics: ctr =
+    clicks/impressions, cvr = orders/clicks, opm/gpm/profit_pm per 1000
+    impressions, orders and north_star per request.
+    """
+
+    arms: tuple[str, ...]
+    control: str
+    value: np.ndarray
+    lift: np.ndarray
+    ci_low: np.ndarray
+    ci_high: np.ndarray
+    sampled_value: np.ndarray
+    sampled_lift: np.ndarray
+    num_requests: int
+    bootstrap: int
+    metrics: tuple[str, ...] = AB_METRICS
+
+    def row(self, arm: str, metric: str) -> dict:
+        """One arm's result on one metric."""
+        a, m = self.arms.index(arm), self.metrics.index(metric)
+        return {
+            "arm": arm,
+            "metric": metric,
+            "value": float(self.value[a, m]),
+            "lift": float(self.lift[a, m]),
+            "ci_low": float(self.ci_low[a, m]),
+            "ci_high": float(self.ci_high[a, m]),
+            "significant": bool(self.ci_low[a, m] > 0 or self.ci_high[a, m] < 0),
+            "sampled_value": float(self.sampled_value[a, m]),
+            "sampled_lift": float(self.sampled_lift[a, m]),
+        }
+
+    def to_rows(self) -> list[dict]:
+        return [self.row(a, m) for a in self.arms for m in self.metrics]
+
+    def to_markdown(self) -> str:
+        lines = [
+            f"A/B test: {self.num_requests} requests, control `{self.control}`, "
+            f"95% paired bootstrap CI ({self.bootstrap} resamples) on expected outcomes",
+            "",
+            "| arm | metric | value | lift | 95% CI | sampled value |",
+            "|---|---|---:|---:|---|---:|",
+        ]
+        for r in self.to_rows():
+            ci = "" if r["arm"] == self.control else f"[{r['ci_low']:+.2%}, {r['ci_high']:+.2%}]"
+            star = "*" if r["significant"] else ""
+            lines.append(
+                f"| {r['arm']} | {r['metric']} | {r['value']:.5g} | {r['lift']:+.2%}{star} | "
+                f"{ci} | {r['sampled_value']:.5g} |"
+            )
+        return "\n".join(lines)
+
+
+def _metrics(sums: np.ndarray, n: int | np.ndarray) -> np.ndarray:
+    """sums (..., 6) over :data:`OUTCOME_KEYS` -> (..., 7) :data:`AB_METRICS`."""
+    imp, clicks, orders, gmv, profit, ns = np.moveaxis(sums, -1, 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = [
+            clicks / imp,
+            orders / clicks,
+            1000 * orders / imp,
+            1000 * gmv / imp,
+            1000 * profit / imp,
+            orders / n,
+            ns / n,
+        ]
+    return np.stack(out, axis=-1)
+
+
+# ---------------------------------------------------------------------------
+# The world: item catalogue and user population (the only full-size state)
+
+
+@dataclasses.dataclass
+class Catalogue:
+    """Items, sorted by category. Arrays are (num_items,); category tables (C,)."""
+
+    category: np.ndarray
+    logprice: np.ndarray
+    """Centred log price (lp); price = 30 * exp(lp)."""
+    price: np.ndarray
+    quality: np.ndarray
+    attract: np.ndarray
+    """Click-bait: raises CTR, lowers CVR."""
+    margin: np.ndarray
+    cat_start: np.ndarray
+    cat_size: np.ndarray
+    cat_share: np.ndarray
+    """Popularity of each category (sums to 1)."""
+
+    @classmethod
+    def build(cls, n: int, rng: np.random.Generator) -> Catalogue:
+        c = min(NUM_CATEGORIES, n)
+        share = 1.0 / np.arange(1, c + 1) ** 0.8
+        share /= share.sum()
+        size = np.maximum(1, np.floor(share * n).astype(np.int64))
+        size[0] += n - size.sum()
+        cat = np.repeat(np.arange(c), size)
+        lp = rng.normal(0.0, 0.6, c)[cat] + rng.normal(0.0, 0.7, n)
+        lp = (lp - lp.mean()).astype(np.float32)
+        margin = 0.18 * np.exp(-0.2 * lp + rng.normal(0, 0.3, n))
+        return cls(
+            category=cat.astype(np.int64),
+            logprice=lp,
+            price=(30.0 * np.exp(lp)).astype(np.float32),
+            quality=(0.4 * lp + 0.9 * rng.normal(0, 1, n)).astype(np.float32),
+            attract=rng.normal(0.0, _ATTRACT_SD, n).astype(np.float32),
+            margin=np.clip(margin, 0.02, 0.6).astype(np.float32),
+            cat_start=np.concatenate([[0], np.cumsum(size)[:-1]]),
+            cat_size=size,
+            cat_share=share,
+        )
+
+
+@dataclasses.dataclass
+class Population:
+    """Users: (num_users,) segment, (num_users, 4) intent and its standardised noise,
+    (num_users, C) category affinity, request-activity CDF; context projections."""
+
+    segment: np.ndarray
+    intent: np.ndarray
+    intent_noise: np.ndarray
+    affinity: np.ndarray
+    activity_cdf: np.ndarray
+    mean_intent: np.ndarray
+    """(4,) population mean intent (what a model fit to everyone learns)."""
+    ctx_segment: np.ndarray
+    """(S, D) context direction of each segment (last quarter of D is pure noise)."""
+    ctx_intent: np.ndarray
+    """(4, D) context direction of each standardised intent dimension."""
+
+    @classmethod
+    def build(
+        cls,
+        cfg: SimulatorConfig,
+        profiles: list[SegmentProfile],
+        n_categories: int,
+        rng: np.random.Generator,
+    ) -> Population:
+        n, s, d = cfg.num_users, len(profiles), cfg.context_dim
+        mix = np.asarray(cfg.segment_mix)
+        segment = rng.choice(s, size=n, p=mix)
+        mu = np.array([p.intent_mean for p in profiles])
+        sd = np.array([p.intent_std for p in profiles])
+        noise = rng.normal(0.0, 1.0, (n, 4)).astype(np.float32)
+        activity = rng.lognormal(0.0, 1.0, n)
+        informative = max(1, math.ceil(0.75 * d))
+        ctx_seg, ctx_int = np.zeros((s, d)), np.zeros((4, d))
+        ctx_seg[:, :informative] = rng.normal(0, 1 / math.sqrt(informative), (s, informative))
+        ctx_int[:, :informative] = rng.normal(0, 0.5 / math.sqrt(informative), (4, informative))
+        return cls(
+            segment=segment,
+            intent=(mu[segment] + sd[segment] * noise).astype(np.float32),
+            intent_noise=noise,
+            affinity=rng.normal(0.0, 1.0, (n, n_categories)).astype(np.float32),
+            activity_cdf=np.cumsum(activity) / activity.sum(),
+            mean_intent=(mix @ mu).astype(np.float32),
+            ctx_segment=ctx_seg,
+            ctx_intent=ctx_int,
+        )
+
+
+# ---------------------------------------------------------------------------
+# The simulator
+
+
+class MarketplaceSimulator:
+    """Seeded marketplace with users, items, an upstream model and a logging policy.
+
+    The user and item tables are built once in ``__init__`` (O(num_users +
+    num_items)); requests are generated chunk by chunk.
+    """
+
+    def __init__(self, cfg: SimulatorConfig) -> None:
+        unknown = [s for s in cfg.segment_names if s not in SEGMENTS]
+        if unknown:
+            raise ValueError(f"unknown simulator segment(s) {unknown}; valid: {list(SEGMENTS)}")
+        bad = [k for k in cfg.north_star if k not in LABEL_NAMES]
+        if bad:
+            raise ValueError(
+                f"simulator.north_star has unknown label(s) {bad}; labels: {list(LABEL_NAMES)}"
+            )
+        self.cfg = cfg
+        self.segment_names: tuple[str, ...] = tuple(cfg.segment_names)
+        self._profiles = [SEGMENTS[s] for s in self.segment_names]
+        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0]))
+        self.items = Catalogue.build(cfg.num_items, rng)
+        self.users = Population.build(cfg, self._profiles, len(self.items.cat_size), rng)
+        self._meta = SessionMeta(
+            task_names=TASK_NAMES,
+            task_kinds=TASK_KINDS,
+            label_names=LABEL_NAMES,
+            context_names=tuple(f"ctx_{j:02d}" for j in range(cfg.context_dim)),
+            source={
+                "generator": "grade_ray.data.simulator.MarketplaceSimulator",
+                "simulator": dataclasses.asdict(cfg),
+            },
+        )
+
+    @property
+    def meta(self) -> SessionMeta:
+        """Metadata of every file this simulator writes (tasks, labels, context names)."""
+        return self._meta
+
+    # -- one chunk of requests --------------------------------------------
+
+    def _candidates(self, rng: np.random.Generator, users: np.ndarray, n: int) -> np.ndarray:
+        """(B, n) distinct item indices per request: half by user affinity, half by popularity."""
+        b = len(users)
+        aff = np.exp(self.users.affinity[users].astype(np.float64))
+        p_cat = 0.5 * aff / aff.sum(1, keepdims=True) + 0.5 * self.items.cat_share[None, :]
+        cdf = np.cumsum(p_cat, axis=1)
+        cat = (rng.random((b, n, 1)) * cdf[:, None, -1:] > cdf[:, None, :]).sum(-1)
+        cat = np.minimum(cat, len(self.items.cat_size) - 1)
+        items = self.items.cat_start[cat] + (rng.random((b, n)) * self.items.cat_size[cat]).astype(
+            np.int64
+        )
+        for _ in range(20):  # replace duplicates by uniform draws until a list is distinct
+            order = np.argsort(items, axis=1)
+            srt = np.take_along_axis(items, order, 1)
+            dup = np.zeros_like(items, dtype=bool)
+            np.put_along_axis(dup, order[:, 1:], srt[:, 1:] == srt[:, :-1], 1)
+            if not dup.any() or n > self.cfg.num_items:
+                break
+            items[dup] = rng.integers(0, self.cfg.num_items, int(dup.sum()))
+        return items
+
+    def _truth(self, users: np.ndarray, items: np.ndarray) -> Truth:
+        """True response of ``users`` (B,) to ``items`` (B, N) (no padding yet)."""
+        z = self.users.intent[users].astype(np.float64)
+        cat = self.items.category[items]
+        aff = np.take_along_axis(self.users.affinity[users], cat, 1).astype(np.float64)
+        lp, q = self.items.logprice[items], self.items.quality[items]
+        attract = self.items.attract[items]
+        ctr_logit = (
+            _CTR0 + z[:, :1] + _CTR_ATTRACT * attract + _CTR_AFFINITY * aff + _CTR_QUALITY * q
+        )
+        cvr_logit = (
+            _CVR0
+            + z[:, 1:2]
+            + z[:, 2:3] * lp
+            + z[:, 3:4] * q
+            + _CVR_ATTRACT * attract
+            + _CVR_AFFINITY * aff
+        )
+        price = self.items.price[items].astype(np.float64)
+        return Truth(
+            segment=self.users.segment[users].astype(np.int64),
+            intent=self.users.intent[users],
+            ctr=_sigmoid(ctr_logit),
+            cvr=_sigmoid(cvr_logit),
+            gmv=price,
+            profit=price * self.items.margin[items],
+        )
+
+    def _predict(self, rng: np.random.Generator, items: np.ndarray, truth: Truth) -> np.ndarray:
+        """(B, N, 4) upstream predictions (pctr, pcvr, pgmv, pprofit) with segment-specific errors."""
+        cfg, seg = self.cfg, truth.segment
+        noise = np.array([p.noise for p in self._profiles])[seg] * cfg.prediction_noise  # (B, 4)
+        slope = 1.0 + cfg.miscalibration * (np.array([p.slope for p in self._profiles])[seg] - 1)
+        offset = cfg.miscalibration * np.array([p.offset for p in self._profiles])[seg]
+        rho = np.array([p.rho for p in self._profiles])[seg][:, None]
+        eps = rng.normal(0.0, 1.0, (*items.shape, 4))
+        z_dev = truth.intent[:, 2:4].astype(np.float64) - self.users.mean_intent[2:4]
+        missed = rho * (
+            z_dev[:, :1] * self.items.logprice[items] + z_dev[:, 1:] * self.items.quality[items]
+        )
+        logits = (_logit(truth.ctr), _logit(truth.cvr) - missed)
+        centres = (_CTR0, _CVR0)
+        out = np.empty((*items.shape, 4), dtype=np.float32)
+        for k in range(2):
+            lg = centres[k] + offset[:, k : k + 1] + slope[:, k : k + 1] * (logits[k] - centres[k])
+            out[..., k] = _sigmoid(lg + noise[:, k : k + 1] * eps[..., k])
+        for k, value in ((2, truth.gmv), (3, truth.profit)):
+            sd = noise[:, k : k + 1]
+            out[..., k] = value * np.exp(sd * eps[..., k] - 0.5 * sd**2)
+        return out
+
+    def _context(self, rng: np.random.Generator, users: np.ndarray) -> np.ndarray:
+        """(B, D) float32 observed context: noisy projections of segment and intent."""
+        pop = self.users
+        signal = pop.ctx_segment[pop.segment[users]] + pop.intent_noise[users] @ pop.ctx_intent
+        return (
+            self.cfg.context_signal * signal
+            + rng.normal(0.0, 1.0, (len(users), self.cfg.context_dim))
+        ).astype(np.float32)
+
+    def _chunk(self, seed_key: list[int], b: int, logged: bool) -> tuple[SessionBatch, Truth]:
+        """``b`` requests from the stream ``seed_key``; logged = ranked + labelled by the logger."""
+        cfg, n = self.cfg, self.cfg.num_candidates
+        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, *seed_key]))
+        users = np.minimum(
+            np.searchsorted(self.users.activity_cdf, rng.random(b)), cfg.num_users - 1
+        )
+        lengths = rng.integers(cfg.min_candidates, n + 1, b)
+        mask = np.arange(n)[None, :] < lengths[:, None]
+        items = self._candidates(rng, users, n)
+        truth = self._truth(users, items)
+        scores = self._predict(rng, items, truth)
+        context = self._context(rng, users)
+        if logged:  # put candidates in the logging policy's order
+            order = self._logging_order(rng, scores, mask)
+            items = np.take_along_axis(items, order, 1)
+            scores = np.take_along_axis(scores, order[..., None], 1)
+            truth = _take_truth(truth, order)
+        for f in ("ctr", "cvr", "gmv", "profit"):
+            setattr(truth, f, np.where(mask, getattr(truth, f), 0.0))
+        labels = np.zeros((b, n, 4), np.float32)
+        if logged:  # candidate j is shown at rank j
+            ranks = np.broadcast_to(np.arange(n), (b, n))
+            labels = _labels_from_uniforms(rng.random((2, b, n)), truth, ranks, mask)
+        batch = SessionBatch(
+            request_id=np.zeros(b, np.int64),
+            user_id=users.astype(np.int64),
+            ts=np.zeros(b, np.int64),
+            context=context,
+            item_ids=np.where(mask, items + 1, 0).astype(np.int64),
+            scores=np.where(mask[..., None], scores, 0).astype(np.float32),
+            labels=labels,
+            mask=mask,
+        )
+        return batch, truth
+
+    def _logging_order(
+        self, rng: np.random.Generator, scores: np.ndarray, mask: np.ndarray
+    ) -> np.ndarray:
+        """(B, N) candidate order of the logging policy: log-product fusion with the
+        production weights plus per-request noise N(0, logging_noise), renormalised."""
+        cfg, b = self.cfg, scores.shape[0]
+        w = np.asarray(cfg.logging_weights, dtype=np.float64)
+        w = np.clip(w / w.sum() + rng.normal(0, cfg.logging_noise, (b, 4)), 0, None)
+        w = np.where(w.sum(1, keepdims=True) > 0, w, 1.0)
+        w /= w.sum(1, keepdims=True)
+        fused = fuse("log_product", torch.from_numpy(scores), torch.from_numpy(w)).numpy()
+        return np.argsort(np.where(mask, -fused, np.inf), axis=1, kind="stable")
+
+    # -- generation ---------------------------------------------------------
+
+    def generate(
+        self,
+        out_dir: str | Path,
+        num_requests: int,
+        split: str = "train",
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Path]:
+        """Write ``num_requests`` logged requests as ``{split}-NNNNN.parquet`` shards in ``out_dir``.
+
+        ``split`` is ``train`` (ts over days [0, num_days)) or ``eval`` (the following
+        days, a disjoint random stream, same users). Stale ``{split}-*.parquet``
+        files in ``out_dir`` are removed first. ``progress(k)`` is called after each
+        chunk with the number of requests it added. Returns the shard paths.
+        """
+        if split not in _SPLIT_STREAMS:
+            raise ValueError(f"unknown split {split!r}; valid: {list(_SPLIT_STREAMS)}")
+        if num_requests <= 0:
+            raise ValueError(f"num_requests must be > 0, got {num_requests}")
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in sorted(out.glob(f"{split}-*.parquet")):
+            log.warning("removing stale shard %s", stale)
+            stale.unlink()
+        t_start, span = self._time_window(split, num_requests)
+        meta = dataclasses.replace(self._meta, source={**self._meta.source, "split": split})
+        t0 = time.perf_counter()
+        with ShardWriter(out, meta, self.cfg.rows_per_shard, prefix=split) as writer:
+            for c, start in enumerate(range(0, num_requests, CHUNK)):
+                b = min(CHUNK, num_requests - start)
+                batch, _ = self._chunk([_SPLIT_STREAMS[split], c], b, logged=True)
+                idx = np.arange(start, start + b, dtype=np.int64)
+                batch.request_id = _REQUEST_ID_BASE[split] + idx
+                batch.ts = t_start + (idx * span) // num_requests
+                writer.write(batch)
+                if progress is not None:
+                    progress(b)
+        log.info(
+            "simulated %d %s requests into %d shard(s) in %s (%.0f req/s)",
+            num_requests,
+            split,
+            len(writer.paths),
+            out,
+            num_requests / (time.perf_counter() - t0),
+        )
+        return writer.paths
+
+    def _time_window(self, split: str, num_requests: int) -> tuple[int, int]:
+        """(first ts, span in seconds) of a split: train = num_days, eval = the days after."""
+        day, cfg = 86_400, self.cfg
+        if split == "train":
+            return START_TS, cfg.num_days * day
+        eval_days = max(1, round(cfg.num_days * cfg.num_eval_requests / cfg.num_requests))
+        return START_TS + cfg.num_days * day, eval_days * day
+
+    def fresh_requests(self, n: int, seed: int) -> tuple[SessionBatch, Truth]:
+        """``n`` unlogged requests (retrieval order, labels zero) with their ground truth.
+
+        Same user population, a random stream of its own per ``seed``.
+        """
+        if n <= 0:
+            raise ValueError(f"fresh_requests needs n > 0, got {n}")
+        parts = [
+            self._chunk([_FRESH_STREAM, seed, c], min(CHUNK, n - s), logged=False)
+            for c, s in enumerate(range(0, n, CHUNK))
+        ]
+        # every chunk is padded to num_candidates, so fields stack directly
+        batch = SessionBatch(
+            **{
+                f.name: np.concatenate([getattr(p[0], f.name) for p in parts])
+                for f in dataclasses.fields(SessionBatch)
+            }
+        )
+        batch.request_id = _REQUEST_ID_BASE["fresh"] + np.arange(n, dtype=np.int64)
+        batch.ts[:] = START_TS + (self.cfg.num_days + 1) * 86_400
+        truth = Truth(
+            **{
+                f.name: np.concatenate([getattr(p[1], f.name) for p in parts])
+                for f in dataclasses.fields(Truth)
+            }
+        )
+        return batch, truth
+
+    # -- outcomes and A/B tests ---------------------------------------------
+
+    def expected_outcomes(
+        self, batch: SessionBatch, truth: Truth, fused: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """Expected feedback per request (B,) when ranking by ``fused`` (B, N) descending.
+
+        Keys :data:`OUTCOME_KEYS`; every real candidate is one impression, rank r
+        is examined with :func:`exam_prob`; north_star = sum over ``cfg.north_star``
+        of gain * expected label.
+        """
+        exam = exam_prob(batch.mask.shape[1])[rank_positions(fused, batch.mask)] * batch.mask
+        clicks = exam * truth.ctr
+        orders = clicks * truth.cvr
+        out = {
+            "impressions": batch.mask.sum(1).astype(np.float64),
+            "clicks": clicks.sum(1),
+            "orders": orders.sum(1),
+            "gmv": (orders * truth.gmv).sum(1),
+            "profit": (orders * truth.profit).sum(1),
+        }
+        return self._with_north_star(out)
+
+    def sample_outcomes(
+        self, batch: SessionBatch, truth: Truth, fused: np.ndarray, seed: int
+    ) -> dict[str, np.ndarray]:
+        """Sampled feedback per request (B,), same keys as :meth:`expected_outcomes`.
+
+        Random numbers are drawn per (request, candidate), not per rank, so
+        different rankings with the same ``seed`` share them (common random numbers).
+        """
+        rng = np.random.default_rng(np.random.SeedSequence([self.cfg.seed, 4, seed]))
+        u = rng.random((2, *batch.mask.shape))
+        labels = _labels_from_uniforms(u, truth, rank_positions(fused, batch.mask), batch.mask)
+        out = {"impressions": batch.mask.sum(1).astype(np.float64)}
+        for j, key in enumerate(("clicks", "orders", "gmv", "profit")):
+            out[key] = labels[..., j].sum(1, dtype=np.float64)
+        return self._with_north_star(out)
+
+    def _with_north_star(self, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        key = {"click": "clicks", "order": "orders", "gmv": "gmv", "profit": "profit"}
+        out["north_star"] = sum(g * out[key[lab]] for lab, g in self.cfg.north_star.items())
+        return out
+
+    def ab_test(
+        self,
+        batch: SessionBatch,
+        truth: Truth,
+        arms: dict[str, np.ndarray],
+        control: str,
+        seed: int,
+        bootstrap: int = 200,
+    ) -> ABReport:
+        """Paired A/B test of arms (name -> fused scores (B, N)) on the same requests.
+
+        Point estimates and CIs use expected outcomes; the bootstrap resamples
+        requests (the same resample for every arm).
+        """
+        if control not in arms:
+            raise ValueError(f"control {control!r} is not an arm; arms: {list(arms)}")
+        names = tuple(arms)
+        exp = np.stack(
+            [_outcome_matrix(self.expected_outcomes(batch, truth, arms[a])) for a in names]
+        )  # (A, B, 6)
+        smp = np.stack(
+            [_outcome_matrix(self.sample_outcomes(batch, truth, arms[a], seed)) for a in names]
+        )
+        b, c = len(batch), names.index(control)
+        value = _metrics(exp.sum(1), b)
+        sampled = _metrics(smp.sum(1), b)
+        rng = np.random.default_rng(np.random.SeedSequence([self.cfg.seed, 5, seed]))
+        counts = np.stack(
+            [np.bincount(rng.integers(0, b, b), minlength=b) for _ in range(bootstrap)]
+        )
+        boot = _metrics(np.einsum("rb,abq->raq", counts.astype(np.float64), exp), b)  # (R, A, M)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            boot_lift = boot / boot[:, c : c + 1] - 1
+            lift, s_lift = value / value[c] - 1, sampled / sampled[c] - 1
+        lo, hi = np.nanpercentile(boot_lift, [2.5, 97.5], axis=0)
+        return ABReport(
+            arms=names,
+            control=control,
+            value=value,
+            lift=lift,
+            ci_low=lo,
+            ci_high=hi,
+            sampled_value=sampled,
+            sampled_lift=s_lift,
+            num_requests=b,
+            bootstrap=bootstrap,
+        )
+
+    # -- oracle weights and headroom -----------------------------------------
+
+    def grid_north_star(
+        self, batch: SessionBatch, truth: Truth, fusion: str, weights: np.ndarray, chunk: int = 128
+    ) -> np.ndarray:
+        """(B, P) expected north-star of each request under each weight vector (P, K).
+
+        Vectorised over requests x grid points (fusion by :func:`fuse`, then one
+        SIMD argsort per chunk). Exact ties between real candidates (probability
+        zero with continuous scores) may break in any order here.
+        """
+        value = torch.from_numpy(truth.item_value(self.cfg.north_star).astype(np.float32))
+        exam = torch.from_numpy(exam_prob(batch.mask.shape[1]).astype(np.float32))
+        w = torch.from_numpy(np.asarray(weights, dtype=np.float32))
+        out = []
+        for s in range(0, len(batch), chunk):
+            sc = torch.from_numpy(batch.scores[s : s + chunk])
+            fused = fuse(fusion, sc, w.expand(sc.shape[0], *w.shape)).numpy()  # (b, P, N)
+            key = np.where(batch.mask[s : s + chunk, None, :], -fused, np.inf)
+            order = torch.from_numpy(np.argsort(key, axis=-1))
+            v = torch.gather(value[s : s + chunk, None, :].expand(order.shape), -1, order)
+            out.append((v @ exam).numpy())
+        return np.concatenate(out).astype(np.float64)
+
+    def _search(
+        self, fusion: str, grid_step: float, n_requests: int, seed: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(grid (P, K), mean north-star per segment (S, P), overall (P,)) on fresh requests."""
+        grid = simplex_grid(len(TASK_NAMES), grid_step)
+        batch, truth = self.fresh_requests(n_requests, seed)
+        ns = self.grid_north_star(batch, truth, fusion, grid)
+        per_seg = np.stack(
+            [
+                ns[truth.segment == s].mean(0) if (truth.segment == s).any() else ns.mean(0)
+                for s in range(len(self.segment_names))
+            ]
+        )
+        return grid, per_seg, ns.mean(0)
+
+    def best_weights_per_segment(
+        self, fusion: str, grid_step: float, n_requests: int, seed: int
+    ) -> np.ndarray:
+        """(S, K) oracle weights: per segment, the grid point maximising expected north-star."""
+        grid, per_seg, _ = self._search(fusion, grid_step, n_requests, seed)
+        return grid[per_seg.argmax(1)]
+
+    def best_static_weights(
+        self, fusion: str, grid_step: float, n_requests: int, seed: int
+    ) -> np.ndarray:
+        """(K,) the single grid point maximising mean expected north-star over all users."""
+        grid, _, overall = self._search(fusion, grid_step, n_requests, seed)
+        return grid[overall.argmax()]
+
+    def headroom(
+        self,
+        fusion: str = "log_product",
+        grid_step: float = 0.1,
+        n_requests: int = 5_000,
+        seed: int = 0,
+    ) -> dict:
+        """Best static vs per-segment oracle weights, searched on fresh requests (``seed``)
+        and measured on other fresh requests (``seed + 1``).
+
+        Returns static/oracle/logging north-star per request, the relative gain
+        of the oracle over static, the weights, and (upper bound) the north-star
+        of sorting each request by its true item value.
+        """
+        grid, per_seg, overall = self._search(fusion, grid_step, n_requests, seed)
+        static, oracle = grid[overall.argmax()], grid[per_seg.argmax(1)]
+        batch, truth = self.fresh_requests(n_requests, seed + 1)
+        w_log = np.asarray(self.cfg.logging_weights) / sum(self.cfg.logging_weights)
+        sc = torch.from_numpy(batch.scores)
+
+        def ns(w: np.ndarray) -> float:
+            w = np.ascontiguousarray(w, dtype=np.float32)
+            fused = fuse(fusion, sc, torch.from_numpy(w)).numpy()
+            return float(self.expected_outcomes(batch, truth, fused)["north_star"].mean())
+
+        value = truth.item_value(self.cfg.north_star)
+        result = {
+            "fusion": fusion,
+            "grid_step": grid_step,
+            "search_requests": n_requests,
+            "eval_requests": n_requests,
+            "static_weights": static.tolist(),
+            "oracle_weights": {s: oracle[i].tolist() for i, s in enumerate(self.segment_names)},
+            "logging_north_star": ns(np.broadcast_to(w_log, (len(batch), 4))),
+            "static_north_star": ns(np.broadcast_to(static, (len(batch), 4))),
+            "oracle_north_star": ns(oracle[truth.segment]),
+            "true_value_north_star": float(
+                self.expected_outcomes(batch, truth, value)["north_star"].mean()
+            ),
+        }
+        result["relative_gain"] = result["oracle_north_star"] / result["static_north_star"] - 1
+        return result
+
+
+# ---------------------------------------------------------------------------
+# helpers
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    return np.log(p) - np.log1p(-p)
+
+
+def _take_truth(truth: Truth, order: np.ndarray) -> Truth:
+    return dataclasses.replace(
+        truth,
+        **{
+            f: np.take_along_axis(getattr(truth, f), order, 1)
+            for f in ("ctr", "cvr", "gmv", "profit")
+        },
+    )
+
+
+def _labels_from_uniforms(
+    u: np.ndarray, truth: Truth, ranks: np.ndarray, mask: np.ndarray
+) -> np.ndarray:
+    """u (2, B, N) uniforms -> (B, N, 4) float32 labels for items shown at ``ranks`` (B, N)."""
+    click = (u[0] < exam_prob(ranks.shape[1])[ranks] * truth.ctr) & mask
+    order = click & (u[1] < truth.cvr)
+    return np.stack([click, order, order * truth.gmv, order * truth.profit], -1).astype(np.float32)
+
+
+def _outcome_matrix(out: dict[str, np.ndarray]) -> np.ndarray:
+    """Outcome dict -> (B, 6) in :data:`OUTCOME_KEYS` order."""
+    return np.stack([out[k] for k in OUTCOME_KEYS], -1)
+
+
+def generation_benchmark(
+    n_requests: int, out_dir: str | Path, cfg: SimulatorConfig | None = None
+) -> dict:
+    """Generate ``n_requests`` train requests with the default (or given) config; report speed.
+
+    Returns requests, seconds, requests_per_s, shards, bytes written,
+    rss_before_mb and peak_rss_mb (the process's peak resident set before and
+    after generating, ``getrusage`` maxrss: it includes what the process held
+    before, e.g. ~270 MB for torch + pyarrow).
+    """
+    cfg = cfg or SimulatorConfig()
+    t0 = time.perf_counter()
+    sim = MarketplaceSimulator(cfg)
+    t_tables = time.perf_counter() - t0
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    paths = sim.generate(out_dir, n_requests, split="train")
+    dt = time.perf_counter() - t0
+    return {
+        "requests": n_requests,
+        "seconds": dt,
+        "requests_per_s": n_requests / dt,
+        "table_build_s": t_tables,
+        "shards": len(paths),
+        "bytes": sum(p.stat().st_size for p in paths),
+        "rss_before_mb": rss_before,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
