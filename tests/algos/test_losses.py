@@ -1,0 +1,155 @@
+"""GRPO loss, k3 KL estimator and LambdaLoss: hand values, invariances, reference loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from grade_ray.algos.losses import POLICY_LOSSES, grpo_loss, kl_k3, lambda_loss
+from grade_ray.algos.metrics import ndcg_at_k
+
+# ---------------------------------------------------------------- k3 and GRPO
+
+
+def test_kl_k3_by_hand_and_unbiased():
+    logp = torch.tensor([[0.0, -1.0]])
+    ref = torch.tensor([[math.log(0.5), -1.0]])
+    got = kl_k3(logp, ref)
+    assert got[0].tolist() == pytest.approx([0.5 - 1 + math.log(2), 0.0])
+    # samples from N(0, 1), ref N(1, 1): KL = 0.5
+    x = torch.randn(200_000, generator=torch.Generator().manual_seed(0))
+    p, q = torch.distributions.Normal(0.0, 1.0), torch.distributions.Normal(1.0, 1.0)
+    est = kl_k3(p.log_prob(x), q.log_prob(x))
+    assert bool((est >= 0).all()) and est.mean().item() == pytest.approx(0.5, abs=0.02)
+
+
+def test_grpo_loss_by_hand():
+    rho = torch.tensor([[1.5, 0.5], [1.0, 1.1]])
+    adv = torch.tensor([[1.0, -1.0], [2.0, -1.0]])
+    old = torch.full((2, 2), -2.0)
+    logp = (old + rho.log()).requires_grad_(True)
+    kl = torch.tensor([0.1, 0.3])
+    loss, stats = grpo_loss(logp, old, adv, kl, clip_eps=0.2, beta=0.5)
+    # min terms: 1.2 (clipped), -0.8 (clipped), 2.0, -1.1 -> mean 0.325
+    assert stats["pg_loss"] == pytest.approx(-0.325, abs=1e-6)
+    assert loss.item() == pytest.approx(-0.325 + 0.5 * 0.2, abs=1e-6)
+    assert stats["kl"] == pytest.approx(0.2)
+    assert stats["clip_frac"] == pytest.approx(0.5)
+    assert stats["ratio_mean"] == pytest.approx(1.025, abs=1e-6)
+    loss.backward()
+    # clipped samples carry no gradient; the others d/dlogp = -rho * A / n
+    expected = torch.tensor([[0.0, 0.0], [-1.0 * 2.0 / 4, 1.1 * 1.0 / 4]])
+    torch.testing.assert_close(logp.grad, expected)
+
+
+def test_grpo_clip_frac_ignores_inactive_clip():
+    # rho outside the range but the unclipped term is the smaller one: not counted
+    logp = torch.tensor([[math.log(1.5), math.log(0.5)]])
+    _, stats = grpo_loss(
+        logp, torch.zeros(1, 2), torch.tensor([[-1.0, 1.0]]), torch.zeros(1), clip_eps=0.2, beta=0
+    )
+    assert stats["clip_frac"] == 0.0
+    assert stats["pg_loss"] == pytest.approx(-(-1.5 + 0.5) / 2)
+
+
+def test_policy_loss_registry():
+    assert POLICY_LOSSES.get("grpo") is grpo_loss
+    with pytest.raises(ValueError, match=r"\['grpo'\]"):
+        POLICY_LOSSES.get("ppo_kl")
+
+
+# ---------------------------------------------------------------- LambdaLoss
+
+
+def ref_lambda_loss(fused, gains, mask, k=None, temperature=1.0) -> float:
+    """Per-pair Python loop of the documented LambdaRank-weighted loss."""
+    total, count = 0.0, 0
+    for b in range(fused.shape[0]):
+        real = [i for i in range(fused.shape[1]) if mask[b, i]]
+        s = {i: fused[b, i].item() for i in real}
+        g = {i: gains[b, i].item() for i in real}
+        kk = len(fused[b]) if k is None else k
+        order = sorted(real, key=lambda i: (-s[i], i))
+        disc = {i: (1 / math.log2(r + 2) if r < kk else 0.0) for r, i in enumerate(order)}
+        ideal = sorted(g.values(), reverse=True)[:kk]
+        idcg = sum(x / math.log2(r + 2) for r, x in enumerate(ideal))
+        if idcg <= 0:
+            continue
+        count += 1
+        for i in real:
+            for j in real:
+                if g[i] > g[j]:
+                    w = (g[i] - g[j]) / idcg * abs(disc[i] - disc[j])
+                    total += w * math.log2(1 + math.exp(-(s[i] - s[j]) / temperature))
+    return total / count if count else 0.0
+
+
+def test_lambda_loss_two_items_by_hand():
+    fused = torch.tensor([[0.5, 1.0]], requires_grad=True)
+    gains = torch.tensor([[1.0, 0.0]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    # item 1 ranks first; swapping changes NDCG by |1/log2(3) - 1|, IDCG = 1
+    w = 1 - 1 / math.log2(3)
+    loss = lambda_loss(fused, gains, mask)
+    assert loss.item() == pytest.approx(w * math.log2(1 + math.exp(0.5)), rel=1e-6)
+    loss.backward()
+    sig = 1 / (1 + math.exp(-0.5))  # d/ds_0 of log2(1 + exp(-(s0 - s1))) = -sigmoid(s1 - s0)/ln2
+    assert fused.grad[0].tolist() == pytest.approx([-w * sig / math.log(2), w * sig / math.log(2)])
+    # temperature and cutoff k = 1 (only rank 0 counts: weight 1)
+    t2 = lambda_loss(fused, gains, mask, temperature=2.0)
+    assert t2.item() == pytest.approx(w * math.log2(1 + math.exp(0.25)), rel=1e-6)
+    k1 = lambda_loss(fused, gains, mask, k=1)
+    assert k1.item() == pytest.approx(math.log2(1 + math.exp(0.5)), rel=1e-6)
+
+
+def test_lambda_loss_mean_over_requests_with_positive_gain():
+    fused = torch.tensor([[0.5, 1.0], [0.3, 0.1]])
+    gains = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    both = lambda_loss(fused, gains, mask)
+    assert both.item() == pytest.approx(lambda_loss(fused[:1], gains[:1], mask[:1]).item())
+    none = lambda_loss(fused[1:].clone().requires_grad_(True), gains[1:], mask[1:])
+    assert none.item() == 0.0
+    none.backward()  # still a graph
+
+
+def test_lambda_loss_padding_and_ties_produce_no_nan():
+    fused = torch.tensor([[2.0, 2.0, 2.0, math.inf, math.nan]], requires_grad=True)
+    gains = torch.tensor([[1.0, 0.0, 2.0, 5.0, 5.0]])
+    mask = torch.tensor([[True, True, True, False, False]])
+    loss = lambda_loss(fused, gains, mask)
+    loss.backward()
+    assert math.isfinite(loss.item())
+    assert bool(torch.isfinite(fused.grad).all()) and fused.grad[0, 3:].tolist() == [0.0, 0.0]
+    plain = torch.tensor([[2.0, 2.0, 2.0]], requires_grad=True)
+    ref = lambda_loss(plain, gains[:, :3], mask[:, :3])
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item())
+    torch.testing.assert_close(fused.grad[:, :3], plain.grad)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lambda_loss_matches_reference_loop(seed):
+    g = torch.Generator().manual_seed(seed)
+    fused = torch.randn(5, 6, generator=g)
+    gains = torch.randint(0, 3, (5, 6), generator=g).float()
+    mask = torch.rand(5, 6, generator=g) < 0.8
+    for k, temp in ((None, 1.0), (3, 0.5)):
+        got = lambda_loss(fused, gains, mask, k=k, temperature=temp).item()
+        assert got == pytest.approx(ref_lambda_loss(fused, gains, mask, k, temp), rel=1e-5)
+
+
+def test_lambda_loss_descent_raises_ndcg():
+    g = torch.Generator().manual_seed(3)
+    gains = torch.randint(0, 3, (16, 10), generator=g).float()
+    mask = torch.ones(16, 10, dtype=torch.bool)
+    fused = torch.randn(16, 10, generator=g, requires_grad=True)
+    before = ndcg_at_k(fused.detach(), gains, mask, 5).mean()
+    opt = torch.optim.SGD([fused], lr=1.0)
+    for _ in range(30):
+        opt.zero_grad()
+        lambda_loss(fused, gains, mask, k=5).backward()
+        opt.step()
+    assert ndcg_at_k(fused.detach(), gains, mask, 5).mean() > before + 0.05
