@@ -9,6 +9,7 @@ Jobs that use Ray start an embedded local Ray unless ``--address`` /
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -175,7 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write results JSON here")
     p.add_argument("--address", default=None)
     p.set_defaults(fn=cmd_bench)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_parser(sub)
     return parser
+
+
+# Modules that add their own subcommands: each defines ``add_parser(subparsers)``.
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def main(argv: list[str] | None = None) -> int:
