@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that add their own subcommands: each defines ``add_parser(subparsers)``.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("grade_ray.report",)
 
 
 def main(argv: list[str] | None = None) -> int:

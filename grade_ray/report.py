@@ -1,0 +1,311 @@
+"""``grade-ray report RUN_OR_SWEEP_DIR``: PNG plots and a Markdown page.
+
+For a training run: reward components and KL per round, the alpha_hat
+schedule, clip and zero-variance fractions, policy diagnostics, the learned
+weights per user segment (simulator) and the evaluation tables when present.
+For a sweep (a directory with ``sweep_results.json``): the trade-off between
+objectives across trials with the Pareto front marked, and the sensitivity of
+the validation metric to group size and the concentration schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from grade_ray import keys  # noqa: E402
+from grade_ray.runlog import read_metrics  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+SWEEP_FILE = "sweep_results.json"
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
+    pts = [(r[keys.ROUND], r[key]) for r in rows if key in r and r[key] is not None]
+    if not pts:
+        return np.zeros(0), np.zeros(0)
+    x, y = zip(*pts)
+    return np.asarray(x), np.asarray(y, dtype=float)
+
+
+def _panel(ax, rows, series: list[tuple[str, str]], title: str) -> bool:
+    drawn = False
+    for key, label in series:
+        x, y = _series(rows, key)
+        if len(x):
+            ax.plot(x + 1, y, marker="o", label=label)
+            drawn = True
+    ax.set_title(title)
+    ax.set_xlabel("round")
+    if drawn:
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return drawn
+
+
+def plot_training(run_dir: Path, rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    """Per-round training curves -> PNG files in ``out``."""
+    paths = []
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    _panel(
+        axes[0, 0],
+        rows,
+        [
+            (keys.ROLLOUT_REWARD, "composite R"),
+            (keys.ROLLOUT_R_POST, "R_post"),
+            (keys.ROLLOUT_R_PRIOR, "R_prior"),
+            (keys.ROLLOUT_R_FORMAT, "R_format"),
+        ],
+        "rollout reward components",
+    )
+    _panel(axes[0, 1], rows, [(keys.LEARNER_KL, "KL(pi || pi_ref)")], "KL to reference")
+    _panel(
+        axes[1, 0],
+        rows,
+        [(keys.ROLLOUT_ALPHA_HAT, "alpha_hat (mean over round)")],
+        "Dirichlet concentration schedule",
+    )
+    _panel(
+        axes[1, 1],
+        rows,
+        [
+            (keys.LEARNER_CLIP_FRAC, "clip fraction"),
+            (keys.ROLLOUT_ZERO_VAR_FRAC, "zero-variance groups"),
+            (keys.POLICY_POLARIZED, "polarized (max w > 0.9)"),
+        ],
+        "clipping, zero-variance, polarization",
+    )
+    fig.suptitle(f"GRADE training: {run_dir.name}")
+    fig.tight_layout()
+    p = out / "training.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    business = [k for k in ("eval/north_star", keys.EVAL_NDCG) if any(k in r for r in rows)]
+    _panel(axes[0], rows, [(k, k) for k in business], "held-out business metric")
+    _panel(
+        axes[1],
+        rows,
+        [
+            (keys.POLICY_ENTROPY, "weight entropy"),
+            (keys.POLICY_SPREAD, "user spread (std of w across users)"),
+        ],
+        "personalization",
+    )
+    fig.tight_layout()
+    p = out / "diagnostics.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+
+    seg = _segment_weights(rows[-1]) if rows else {}
+    if seg:
+        paths.append(_plot_segments(seg, out / "segment_weights.png", _oracle_weights(run_dir)))
+    return paths
+
+
+def _segment_weights(row: dict[str, Any]) -> dict[str, dict[str, float]]:
+    seg: dict[str, dict[str, float]] = {}
+    prefix = keys.SEGMENT_MEAN_W + "/"
+    for k, v in row.items():
+        if k.startswith(prefix):
+            _, name, task = k.split("/")
+            seg.setdefault(name, {})[task.removeprefix("w_")] = float(v)
+    return seg
+
+
+def _oracle_weights(run_dir: Path) -> dict[str, list[float]] | None:
+    """Per-segment oracle weights from the simulator (when the run used it)."""
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.exists():
+        return None
+    from grade_ray.config import load_config
+
+    cfg = load_config([cfg_path])
+    if cfg.data.train_path:
+        return None
+    from grade_ray.data.simulator import MarketplaceSimulator
+
+    sim = MarketplaceSimulator(cfg.simulator)
+    w = sim.best_weights_per_segment(
+        cfg.policy.fusion, cfg.eval.static_grid_step, cfg.eval.search_requests, cfg.eval.ab_seed + 7
+    )
+    return {s: w[i].tolist() for i, s in enumerate(sim.segment_names)}
+
+
+def _plot_segments(
+    seg: dict[str, dict[str, float]], path: Path, oracle: dict[str, list[float]] | None
+) -> Path:
+    names = list(seg)
+    tasks = list(next(iter(seg.values())))
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(tasks)
+    x = np.arange(len(names))
+    for j, t in enumerate(tasks):
+        ax.bar(x + j * width, [seg[n][t] for n in names], width, label=f"learned w_{t}")
+        if oracle:
+            ax.scatter(
+                x + j * width,
+                [oracle[n][j] for n in names],
+                color="black",
+                marker="_",
+                s=200,
+                zorder=3,
+                label="oracle" if j == 0 else None,
+            )
+    ax.set_xticks(x + width * (len(tasks) - 1) / 2, names)
+    ax.set_ylabel("mean weight")
+    ax.set_title("learned fusion weights per user segment (black: per-segment oracle)")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def pareto_front(points: np.ndarray) -> np.ndarray:
+    """points (P, M) to maximise -> (P,) bool: not dominated by any other point."""
+    p = np.asarray(points, dtype=float)
+    keep = np.ones(len(p), dtype=bool)
+    for i in range(len(p)):
+        dominated = np.all(p >= p[i], axis=1) & np.any(p > p[i], axis=1)
+        keep[i] = not dominated.any()
+    return keep
+
+
+def plot_sweep(results: list[dict[str, Any]], out: Path, metric: str) -> list[Path]:
+    """Trade-off (Pareto) and sensitivity plots for a sweep's trials."""
+    paths = []
+    trials = [r for r in results if r.get("metrics", {}).get(metric) is not None]
+    if not trials:
+        return paths
+    lift_keys = [
+        k for k in ("lift/ctr", "lift/cvr", "lift/opm") if all(k in t["metrics"] for t in trials)
+    ]
+    if len(lift_keys) >= 2:
+        pts = np.array([[t["metrics"][k] for k in lift_keys] for t in trials])
+        front = pareto_front(pts)
+        fig, ax = plt.subplots(figsize=(6.5, 5))
+        c = pts[:, 2] if pts.shape[1] > 2 else None
+        sc = ax.scatter(pts[:, 0], pts[:, 1], c=c, cmap="viridis", s=40)
+        ax.scatter(
+            pts[front, 0],
+            pts[front, 1],
+            facecolors="none",
+            edgecolors="red",
+            s=140,
+            label="Pareto front",
+        )
+        if c is not None:
+            fig.colorbar(sc, label=lift_keys[2])
+        ax.set_xlabel(lift_keys[0])
+        ax.set_ylabel(lift_keys[1])
+        ax.set_title("objective trade-off across trials (lift over best static)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        p = out / "tradeoff.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    params = [
+        k
+        for k in (
+            "exploration.group_size",
+            "exploration.alpha_start",
+            "exploration.alpha_end",
+            "exploration.schedule",
+            "reward.l2",
+            "exploration.kind",
+        )
+        if any(k in t["config"] for t in trials)
+    ]
+    if params:
+        fig, axes = plt.subplots(1, len(params), figsize=(4 * len(params), 3.6), squeeze=False)
+        for ax, k in zip(axes[0], params):
+            xs = [t["config"].get(k) for t in trials]
+            ys = [t["metrics"][metric] for t in trials]
+            cats = sorted({str(x) for x in xs}, key=lambda s: (len(s), s))
+            pos = {c: i for i, c in enumerate(cats)}
+            ax.scatter([pos[str(x)] for x in xs], ys)
+            for c in cats:
+                v = [y for x, y in zip(xs, ys) if str(x) == c]
+                ax.hlines(np.mean(v), pos[c] - 0.3, pos[c] + 0.3, color="red")
+            ax.set_xticks(range(len(cats)), cats)
+            ax.set_xlabel(k)
+            ax.set_ylabel(metric)
+            ax.grid(alpha=0.3)
+        fig.suptitle(f"sensitivity of {metric} (red: mean per value)")
+        fig.tight_layout()
+        p = out / "sensitivity.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def run_report(path: str | Path) -> Path:
+    """Write plots and ``report.md`` into PATH/report; returns the Markdown path."""
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"no run or sweep directory at {root}")
+    out = root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# grade_ray report: {root.name}", ""]
+    sweep = root / SWEEP_FILE
+    if sweep.exists():
+        data = json.loads(sweep.read_text())
+        pngs = plot_sweep(data["trials"], out, data["metric"])
+        lines += [
+            f"Sweep of {len(data['trials'])} trials; metric `{data['metric']}` ({data['mode']}).",
+            "",
+            data.get("table_md", ""),
+            "",
+        ]
+    else:
+        rows = [r for r in read_metrics(root) if r.get("stage") == 2]
+        if not rows:
+            raise FileNotFoundError(f"{root} has no Stage 2 metrics (metrics.jsonl) to report")
+        pngs = plot_training(root, rows, out)
+        last = rows[-1]
+        lines += [
+            f"{len(rows)} Stage 2 rounds. Last round:",
+            "",
+            "| metric | value |",
+            "|---|---:|",
+        ]
+        lines += [
+            f"| `{k}` | {v:.4g} |"
+            for k, v in last.items()
+            if isinstance(v, (int, float)) and not k.startswith(keys.SEGMENT_MEAN_W)
+        ]
+        ev = root / "eval" / "eval.md"
+        if ev.exists():
+            lines += ["", "## Evaluation", "", ev.read_text()]
+    lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pngs]
+    md = out / "report.md"
+    md.write_text("\n".join(lines) + "\n")
+    log.info("report: %s (%d plots)", md, len(pngs))
+    return md
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("report", help="plots + Markdown page for a run or sweep directory")
+    p.add_argument("path", help="run directory or sweep directory")
+
+    def handler(args) -> int:
+        print(f"report: {run_report(args.path)}")
+        return 0
+
+    p.set_defaults(fn=handler)
