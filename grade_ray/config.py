@@ -149,6 +149,14 @@ class RewardConfig:
     """R_prior gain: products of predicted tasks ('ctr*cvr') -> coefficient."""
     format_rules: tuple[str, ...] = ("ctr>=gmv", "ctr>=profit")
     """Weight-hierarchy rules 'a>=b' over task names; R_format = share satisfied."""
+    propensity: str = "none"
+    """Position-bias correction of R_post gains: 'none' or 'inverse' (IPS: gain / exam(rank))."""
+    propensity_scale: float = 5.0
+    """'inverse': exam(r) = (1 + r / scale) ** -power for logged rank r (0-based)."""
+    propensity_power: float = 1.0
+    """'inverse': exponent of the examination curve."""
+    propensity_min: float = 0.05
+    """'inverse': exam(r) is floored here (caps IPS weights at 1/propensity_min)."""
     l1: float = 1.0
     """Weight of R_post."""
     l2: float = 0.3
@@ -169,6 +177,16 @@ class RewardConfig:
         _check(
             bool(self.prior_gains) or self.l2 == 0,
             "reward.prior_gains is empty: give task gains or set reward.l2=0",
+        )
+        _check(
+            self.propensity in ("none", "inverse"),
+            f"reward.propensity={self.propensity!r}: use 'none' or 'inverse'",
+        )
+        _check(
+            self.propensity_scale > 0
+            and self.propensity_power >= 0
+            and 0 < self.propensity_min <= 1,
+            "reward.propensity_scale must be > 0, propensity_power >= 0, propensity_min in (0, 1]",
         )
         for rule in self.format_rules:
             _check(

@@ -62,7 +62,7 @@ def ranking_reward(
         r = group_rewards(
             scores,
             w.expand(len(b), *w.shape),
-            spec.post_gain(as_tensor(b.labels)),
+            spec.post_gain(as_tensor(b.labels), as_tensor(b.position)),
             spec.prior_gain(scores),
             as_tensor(b.mask),
             fusion=fusion,
@@ -135,7 +135,7 @@ def offline_metrics(
         gains = labels[..., j].clamp_min(0)
         out[f"ndcg@{spec.k}/{name}"] = float(ndcg_at_k(fused, gains, mask, spec.k).mean())
         out[f"gauc/{name}"] = float(gauc(fused.numpy(), (labels[..., j] > 0).numpy(), batch.mask))
-    post = ndcg_at_k(fused, spec.post_gain(labels), mask, spec.k).numpy()
+    post = ndcg_at_k(fused, spec.post_gain(labels, as_tensor(batch.position)), mask, spec.k).numpy()
     prior = ndcg_at_k(fused, spec.prior_gain(scores), mask, spec.k).numpy()
     comp = spec.l1 * post + spec.l2 * prior
     out["r_post"] = float(post.mean())

@@ -29,6 +29,8 @@ class RewardSpec:
     l2: float
     l3: float
     tau: float
+    propensity: tuple[str, float, float, float] = ("none", 1.0, 1.0, 1.0)
+    """(kind, scale, power, min) of the logged-position examination model."""
 
     @classmethod
     def from_config(cls, cfg: RewardConfig, meta: SessionMeta) -> RewardSpec:
@@ -71,12 +73,28 @@ class RewardSpec:
             l2=cfg.l2,
             l3=cfg.l3,
             tau=cfg.tau,
+            propensity=(
+                cfg.propensity,
+                cfg.propensity_scale,
+                cfg.propensity_power,
+                cfg.propensity_min,
+            ),
         )
 
-    def post_gain(self, labels: torch.Tensor) -> torch.Tensor:
-        """labels (B, N, L) -> R_post gains (B, N), clamped at 0 (NDCG needs gains >= 0)."""
+    def post_gain(self, labels: torch.Tensor, position: torch.Tensor | None = None) -> torch.Tensor:
+        """labels (B, N, L), logged rank position (B, N) -> R_post gains (B, N) >= 0.
+
+        gain = max(sum_l c_l * label_l, 0), divided by the examination propensity
+        exam(position) when ``reward.propensity='inverse'`` (inverse propensity scoring:
+        feedback on items the logging policy ranked low counts for more).
+        """
         coef = torch.tensor(self.post_coef, dtype=labels.dtype)
-        return label_gains(labels, coef).clamp_min(0)
+        gain = label_gains(labels, coef).clamp_min(0)
+        kind, scale, power, floor = self.propensity
+        if kind == "inverse" and position is not None:
+            exam = (1.0 + position.to(gain.dtype) / scale).pow(-power).clamp_min(floor)
+            gain = gain / exam
+        return gain
 
     def prior_gain(self, scores: torch.Tensor) -> torch.Tensor:
         """scores (B, N, K) -> R_prior gains (B, N) >= 0."""

@@ -162,6 +162,13 @@ class SessionBatch:
     scores: np.ndarray
     labels: np.ndarray
     mask: np.ndarray
+    position: np.ndarray | None = None
+    """(B, N) int32 logged rank of each candidate; None = the logged order (0, 1, ...)."""
+
+    def __post_init__(self) -> None:
+        if self.position is None:
+            b, n = self.mask.shape
+            self.position = np.broadcast_to(np.arange(n, dtype=np.int32), (b, n)).copy()
 
     def __len__(self) -> int:
         return int(self.request_id.shape[0])
@@ -178,6 +185,7 @@ class SessionBatch:
             scores=self.scores[start:stop, :n],
             labels=self.labels[start:stop, :n],
             mask=self.mask[start:stop, :n],
+            position=self.position[start:stop, :n],
         )
 
     def trim(self) -> SessionBatch:
@@ -214,7 +222,7 @@ class SessionBatch:
         )
 
 
-_PER_CANDIDATE = ("item_ids", "scores", "labels", "mask")
+_PER_CANDIDATE = ("item_ids", "scores", "labels", "mask", "position")
 
 
 @dataclasses.dataclass
@@ -281,9 +289,8 @@ def to_table(batch: SessionBatch, meta: SessionMeta, logged_position: bool = Tru
         LABELS: nested(batch.labels, n_labels),
     }
     if logged_position:
-        pos = np.broadcast_to(np.arange(batch.mask.shape[1], dtype=np.int32), batch.mask.shape)
         cols[LOGGED_POSITION] = pa.ListArray.from_arrays(
-            pa.array(offsets), pa.array(pos.reshape(-1)[flat], pa.int32())
+            pa.array(offsets), pa.array(batch.position.reshape(-1)[flat], pa.int32())
         )
     schema = SCHEMA if logged_position else SCHEMA.remove(SCHEMA.get_field_index(LOGGED_POSITION))
     table = pa.Table.from_pydict(cols, schema=schema)
@@ -578,6 +585,13 @@ def table_to_batch(table: pa.Table, meta: SessionMeta) -> SessionBatch:
         scores=padded(scores, k, np.float32),
         labels=padded(labels, n_labels, np.float32),
         mask=mask,
+        position=None
+        if LOGGED_POSITION not in table.column_names
+        else padded(
+            np.asarray(pc.list_flatten(table.column(LOGGED_POSITION)).to_numpy(), np.int32),
+            None,
+            np.int32,
+        ),
     )
 
 

@@ -211,7 +211,12 @@ class Probe:
             exp = self.simulator.expected_outcomes(b, self.truth, fused.numpy())
             out["eval/north_star"] = float(np.mean(exp["north_star"]))
         else:
-            post = ndcg_at_k(fused, self.spec.post_gain(as_tensor(b.labels)), mask, self.spec.k)
+            post = ndcg_at_k(
+                fused,
+                self.spec.post_gain(as_tensor(b.labels), as_tensor(b.position)),
+                mask,
+                self.spec.k,
+            )
             out[keys.EVAL_NDCG] = float(post.mean())
         return out
 

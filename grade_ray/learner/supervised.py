@@ -30,6 +30,18 @@ class SupervisedSettings:
     fusion_eps: float
 
 
+def standardize(fused: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per-request z-score of fused scores over real candidates. (B, N) -> (B, N).
+
+    Makes the loss depend on the ranking direction w, not its scale (the ranking is
+    invariant to a positive rescale of w and of the per-request score offset)."""
+    m = mask.to(fused.dtype)
+    n = m.sum(-1, keepdim=True).clamp_min(1)
+    mean = (fused * m).sum(-1, keepdim=True) / n
+    var = (((fused - mean) * m) ** 2).sum(-1, keepdim=True) / n
+    return (fused - mean) / (var + eps).sqrt() * m
+
+
 class SupervisedLearner:
     """LambdaLoss on logged feedback; one :meth:`step` per request batch."""
 
@@ -38,18 +50,30 @@ class SupervisedLearner:
         self.module = getattr(model, "module", model)
         self.settings = settings
         self.reward = reward
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=settings.lr)
+        # Rankings are invariant to a positive rescale of w, but LambdaLoss is not: a free
+        # score scale lets the loss sharpen scores without polarizing w (which would saturate
+        # the softmax and leave Stage 2 no gradient).
+        self.log_scale = nn.Parameter(torch.zeros(()))
+        self.optimizer = torch.optim.Adam(
+            [*self.model.parameters(), self.log_scale], lr=settings.lr
+        )
 
     def step(self, batch: SessionBatch) -> dict[str, float]:
         """One gradient step on a batch; returns loss and the batch's NDCG@k (before the step)."""
         s = self.settings
         scores = as_tensor(batch.scores)
         mask = as_tensor(batch.mask)
-        gains = self.reward.post_gain(as_tensor(batch.labels))
+        gains = self.reward.post_gain(as_tensor(batch.labels), as_tensor(batch.position))
         self.model.train()
         pi = torch.softmax(self.model(as_tensor(batch.context)), dim=-1)
         fused = fuse(s.fusion, scores, pi, s.fusion_eps)
-        loss = lambda_loss(fused, gains, mask, k=self.reward.k, temperature=s.temperature)
+        loss = lambda_loss(
+            standardize(fused, mask) * self.log_scale.exp(),
+            gains,
+            mask,
+            k=self.reward.k,
+            temperature=s.temperature,
+        )
         if not torch.isfinite(loss):
             raise FloatingPointError(f"LambdaLoss is {loss.item()}; check the logged scores")
         self.optimizer.zero_grad(set_to_none=True)
@@ -57,4 +81,8 @@ class SupervisedLearner:
         self.optimizer.step()
         with torch.no_grad():
             ndcg = ndcg_at_k(fused.detach(), gains, mask, self.reward.k).mean()
-        return {keys.PRETRAIN_LOSS: float(loss.detach()), keys.PRETRAIN_NDCG: float(ndcg)}
+        return {
+            keys.PRETRAIN_LOSS: float(loss.detach()),
+            keys.PRETRAIN_NDCG: float(ndcg),
+            "pretrain/score_scale": float(self.log_scale.detach().exp()),
+        }

@@ -79,7 +79,7 @@ class RolloutWorker:
         r = group_rewards(
             scores,
             w,
-            s.reward.post_gain(as_tensor(batch.labels)),
+            s.reward.post_gain(as_tensor(batch.labels), as_tensor(batch.position)),
             s.reward.prior_gain(scores),
             mask,
             fusion=s.fusion,

@@ -1,0 +1,220 @@
+"""``grade-ray export``: the learned policy as a self-contained serving artifact.
+
+An export directory holds::
+
+    policy.ts      TorchScript: raw context (B, D) float32 -> weights (B, K) on the simplex;
+                   the context standardisation (x - mean) / std is inside the module
+    policy.onnx    the same graph as ONNX, only when torch.onnx.export works here
+                   without extra packages (it needs ``onnx``; not installed -> skipped)
+    metadata.json  feature names and preprocessing, task order, fusion form and eps,
+                   versions, training-data range, config hash, sha256 of every file
+
+Loading never unpickles Python objects: TorchScript archives are read with
+``torch.jit.load`` (TorchScript's own restricted format) and metadata is JSON.
+:class:`grade_ray.serving.FusionService` is the reader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import grade_ray
+from grade_ray.learner.loop import load_policy
+from grade_ray.models.policy import FusionPolicy
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT_VERSION = 1
+TORCHSCRIPT_FILE = "policy.ts"
+ONNX_FILE = "policy.onnx"
+METADATA_FILE = "metadata.json"
+INPUT_NAME = "context"
+OUTPUT_NAME = "weights"
+
+
+class PolicyWeights(nn.Module):
+    """Serving wrapper: raw context x (B, D) float32 -> pi(x) (B, K), rows summing to 1.
+
+    Standardisation is part of the wrapped :class:`FusionPolicy` (buffers
+    ``x_mean``, ``x_std``), so callers pass features exactly as logged.
+    """
+
+    def __init__(self, policy: FusionPolicy) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.policy.pi(x)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _example_input(policy: FusionPolicy, batch: int = 8) -> torch.Tensor:
+    """(batch, D) float32 contexts around the training distribution (for tracing)."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(batch, policy.context_dim, generator=g)
+    return policy.x_mean + z * policy.x_std
+
+
+def _torchscript(wrapper: PolicyWeights, path: Path) -> None:
+    """Trace the wrapper (no data-dependent control flow) and save it; batch size stays free."""
+    x = _example_input(wrapper.policy)
+    with torch.no_grad():
+        traced = torch.jit.trace(wrapper, (x,), check_trace=True)
+        # The trace must not have frozen the batch dimension.
+        for b in (1, 3):
+            xb = _example_input(wrapper.policy, b)
+            torch.testing.assert_close(traced(xb), wrapper(xb), rtol=0, atol=1e-6)
+    torch.jit.save(traced, str(path))
+
+
+def _onnx(wrapper: PolicyWeights, path: Path) -> str | None:
+    """Write ONNX if the exporter works without extra packages; returns why not, or None."""
+    try:
+        import onnx  # noqa: F401  (the exporter serialises through it)
+    except ImportError:
+        return "the 'onnx' package is not installed (torch.onnx.export needs it)"
+    buf = io.BytesIO()
+    try:
+        torch.onnx.export(
+            wrapper,
+            (_example_input(wrapper.policy),),
+            buf,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            dynamo=False,
+        )
+    except Exception as e:  # exporter failures vary by torch version; report, do not fail
+        return f"torch.onnx.export failed: {type(e).__name__}: {e}"
+    path.write_bytes(buf.getvalue())
+    return None
+
+
+def build_metadata(
+    policy: FusionPolicy,
+    state: dict[str, Any],
+    files: dict[str, Path | None],
+    onnx_note: str | None,
+) -> dict[str, Any]:
+    """metadata.json content for an exported policy (plain JSON values only)."""
+    from grade_ray.data.schema import SessionMeta
+
+    meta = SessionMeta.from_json(state["meta"])
+    pcfg = state["config"]["policy"]
+    ts_range = state.get("ts_range")
+    return {
+        "format_version": EXPORT_FORMAT_VERSION,
+        "grade_ray_version": grade_ray.__version__,
+        "torch_version": torch.__version__,
+        "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", meta.context_dim]},
+        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", meta.num_tasks]},
+        "context": {
+            "dim": meta.context_dim,
+            "names": list(meta.context_names),
+            "preprocessing": {
+                "kind": "standardize",
+                "formula": "(x - mean) / std, applied inside the exported module",
+                "mean": [float(v) for v in policy.x_mean.tolist()],
+                "std": [float(v) for v in policy.x_std.tolist()],
+            },
+        },
+        "tasks": {"names": list(meta.task_names), "kinds": list(meta.task_kinds)},
+        "fusion": {"form": pcfg["fusion"], "eps": float(pcfg["fusion_eps"])},
+        "architecture": {
+            "class": "grade_ray.models.policy.FusionPolicy",
+            "context_dim": meta.context_dim,
+            "num_tasks": meta.num_tasks,
+            "num_experts": int(pcfg["num_experts"]),
+            "expert_hidden": int(pcfg["expert_hidden"]),
+        },
+        "training": {
+            "stage": state.get("stage"),
+            "ts_range": None if ts_range is None else [int(t) for t in ts_range],
+            "config_hash": state["config_hash"],
+            "data_source": meta.source,
+        },
+        "files": {
+            kind: None if p is None else {"path": p.name, "sha256": sha256_file(p)}
+            for kind, p in files.items()
+        },
+        "notes": [] if onnx_note is None else [f"ONNX not exported: {onnx_note}"],
+    }
+
+
+def export_policy(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """Export RUN_DIR/policy.pt (or a policy file) to ``out_dir``; returns the metadata dict.
+
+    Writes policy.ts (TorchScript), policy.onnx when possible, and metadata.json.
+    The exported module maps raw context (B, D) float32 -> weights (B, K) on the simplex.
+    """
+    policy, _, state = load_policy(run_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    wrapper = PolicyWeights(policy).eval()
+
+    ts_path = out / TORCHSCRIPT_FILE
+    _torchscript(wrapper, ts_path)
+    onnx_path: Path | None = out / ONNX_FILE
+    onnx_note = _onnx(wrapper, onnx_path)
+    if onnx_note is not None:
+        log.info("skipping ONNX export: %s; metadata records onnx: null", onnx_note)
+        onnx_path.unlink(missing_ok=True)  # never leave a stale file from an older export
+        onnx_path = None
+
+    metadata = build_metadata(policy, state, {"torchscript": ts_path, "onnx": onnx_path}, onnx_note)
+    tmp = out / (METADATA_FILE + ".tmp")
+    tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True))
+    tmp.replace(out / METADATA_FILE)
+    log.info(
+        "exported policy (config %s, K=%d tasks %s, D=%d) to %s",
+        metadata["training"]["config_hash"],
+        len(metadata["tasks"]["names"]),
+        metadata["tasks"]["names"],
+        metadata["context"]["dim"],
+        out,
+    )
+    return metadata
+
+
+# ---------------------------------------------------------------------------
+# CLI
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    out = Path(args.out) if args.out else Path(args.run) / "export"
+    md = export_policy(args.run, out)
+    print(f"exported to {out}")
+    for kind, f in md["files"].items():
+        print(
+            f"  {kind}: " + ("not exported" if f is None else f"{f['path']} sha256={f['sha256']}")
+        )
+    for note in md["notes"]:
+        print(f"  note: {note}")
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``grade-ray export RUN_DIR --out DIR``."""
+    p = subparsers.add_parser(
+        "export", help="export the learned policy for serving (TorchScript [+ ONNX] + metadata)"
+    )
+    p.add_argument("run", metavar="RUN_DIR", help="run directory holding policy.pt (or the file)")
+    p.add_argument("--out", help="export directory (default RUN_DIR/export)")
+    p.set_defaults(fn=cmd_export)
