@@ -161,6 +161,20 @@ def bench_simulator(root: Path, requests: int) -> dict[str, float]:
     return {f"simulator.{k}": float(v) for k, v in r.items() if isinstance(v, (int, float))}
 
 
+def bench_serving(cfg: Config, train_path: str, root: Path) -> dict[str, float]:
+    """p50/p99 latency of the exported policy (TorchScript and eager), one CPU thread."""
+    from grade_ray.data.schema import read_meta
+    from grade_ray.export import export_policy
+    from grade_ray.learner.loop import POLICY_FILE, new_policy, save_policy
+    from grade_ray.serving import serving_latency
+
+    meta = read_meta(train_path)
+    run = root / "serving_run"
+    save_policy(run / POLICY_FILE, new_policy(cfg, meta, train_path), cfg, meta)
+    export_policy(run, run / "export")
+    return serving_latency(run / "export", threads=1)
+
+
 def run_bench(
     quick: bool = False, out: str | None = None, address: str | None = None
 ) -> dict[str, Any]:
@@ -186,6 +200,7 @@ def run_bench(
         cfg = bench_config(str(root / "run"), requests)
         train_path, _ = prepare_data(cfg)
         results.update(bench_kernel(cfg, train_path, repeats))
+        results.update(bench_serving(cfg, train_path, root))
         init_ray(address, num_cpus=None if address else 2)
         results.update(bench_rollout(cfg, train_path, repeats))
         results.update(bench_simulator(root, 20_000 if quick else 200_000))
