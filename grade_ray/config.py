@@ -149,7 +149,7 @@ class RewardConfig:
     """R_prior gain: products of predicted tasks ('ctr*cvr') -> coefficient."""
     format_rules: tuple[str, ...] = ("ctr>=gmv", "ctr>=profit")
     """Weight-hierarchy rules 'a>=b' over task names; R_format = share satisfied."""
-    propensity: str = "none"
+    propensity: str = "inverse"
     """Position-bias correction of R_post gains: 'none' or 'inverse' (IPS: gain / exam(rank))."""
     propensity_scale: float = 5.0
     """'inverse': exam(r) = (1 + r / scale) ** -power for logged rank r (0-based)."""
