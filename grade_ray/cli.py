@@ -182,7 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that add their own subcommands: each defines ``add_parser(subparsers)``.
-COMMAND_MODULES: tuple[str, ...] = ("grade_ray.report",)
+COMMAND_MODULES: tuple[str, ...] = (
+    "grade_ray.report",
+    "grade_ray.jobs",
+    "grade_ray.export",
+    "grade_ray.serving",
+    "grade_ray.realdata",
+    "grade_ray.tune",
+    "grade_ray.baselines.rllib_ppo",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

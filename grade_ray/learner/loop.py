@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 POLICY_FILE = "policy.pt"
 PRETRAIN_CKPT = "pretrain"
+INERT_STD = 1e6  # standardisation scale of context features that never vary in training
 
 
 def rollout_spec(cfg: Config, meta: SessionMeta) -> RolloutSpec:
@@ -74,6 +75,13 @@ def new_policy(
             break
     mean = s1 / max(n, 1)
     std = np.sqrt(np.maximum(s2 / max(n, 1) - mean**2, 0.0))
+    # A column constant in training (e.g. day-of-week when training covers one weekday)
+    # must not explode on later data: make it inert instead of dividing by ~0.
+    constant = std < 1e-6 * (1.0 + np.abs(mean))
+    if constant.any():
+        log.info("context features constant in training (ignored by the policy): %s",
+                 [meta.context_names[i] for i in np.flatnonzero(constant)])
+    std = np.where(constant, INERT_STD, std)
     policy.set_normalization(torch.from_numpy(mean).float(), torch.from_numpy(std).float())
     return policy
 
