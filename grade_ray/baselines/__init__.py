@@ -1,0 +1,6 @@
+"""Peer baselines trained on the same logs and the same reward as GRADE.
+
+- :mod:`grade_ray.baselines.rllib_ppo`: RLlib PPO with a value function (critic + GAE) on a
+  one-step environment serving one logged request per step; its policy network is GRADE's
+  :class:`~grade_ray.models.policy.FusionPolicy`, so the result is evaluated exactly like GRADE.
+"""
