@@ -132,7 +132,7 @@ def _peak_rss_of_run(run_dir: Path, requests: int) -> float:
         "from grade_ray.bench import bench_config\n"
         "from grade_ray.train import run_train_local\n"
         f"cfg = bench_config({str(run_dir)!r}, {requests}).replace(**{{'pretrain.epochs': 1,"
-        " 'grpo.rounds': 1, 'exploration.group_size': 8}})\n"
+        " 'grpo.rounds': 1, 'exploration.group_size': 8})\n"
         "run_train_local(cfg)\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )

@@ -160,9 +160,18 @@ def _same_fs(a: Path, b: str) -> bool:
 
 
 def run_train_ray(
-    cfg: Config, resume: bool = False, address: str | None = None, fail_at_round: int | None = None
+    cfg: Config,
+    resume: bool = False,
+    address: str | None = None,
+    fail_at_round: int | None = None,
+    callbacks: list | None = None,
 ) -> Path:
-    """Stage 1 in the driver, then Stage 2 on Ray Train + rollout actors. Returns policy.pt."""
+    """Stage 1 in the driver, then Stage 2 on Ray Train + rollout actors. Returns policy.pt.
+
+    ``callbacks`` go to Ray Train's RunConfig (Tune passes its report callback here, so
+    every round's metrics reach the Tuner); ``fail_at_round`` injects a learner failure
+    after that round (fault-tolerance tests).
+    """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -204,6 +213,7 @@ def run_train_ray(
             name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
             storage_path=str(run_dir / "ray_train"),
             failure_config=FailureConfig(max_failures=lr.max_failures),
+            callbacks=callbacks or [],
         ),
     )
     trainer.fit()
