@@ -128,13 +128,15 @@ def bench_kernel(cfg: Config, train_path: str, repeats: int) -> dict[str, float]
 def _peak_rss_of_run(run_dir: Path, requests: int) -> float:
     """Peak RSS (MiB) of a local training run in a fresh process."""
     code = (
-        "import resource, sys\n"
+        "import sys\n"
         "from grade_ray.bench import bench_config\n"
         "from grade_ray.train import run_train_local\n"
         f"cfg = bench_config({str(run_dir)!r}, {requests}).replace(**{{'pretrain.epochs': 1,"
         " 'grpo.rounds': 1, 'exploration.group_size': 8})\n"
         "run_train_local(cfg)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork/exec from the parent
+        "print(next(int(line.split()[1]) for line in open('/proc/self/status')"
+        " if line.startswith('VmHWM')))\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     if res.returncode:
