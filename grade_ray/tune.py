@@ -8,8 +8,8 @@ plus overrides, resolved like ``--config``) with a ``tune:`` section::
       space:                           # dotted config key -> one distribution
         exploration.group_size: {grid: [4, 8]}
         exploration.alpha_end: {choice: [10.0, 15.0]}
-        grpo.lr: {loguniform: [1.0e-4, 3.0e-3]}
-      search: grid                     # grid | random
+        grpo.lr: {loguniform: [1.0e-4, 3.0e-3]}   # also uniform, randint (ends included)
+      search: grid                     # grid | random (optuna | hyperopt if installed)
       num_samples: 1                   # grid: repeats of the grid; random: samples
       metric: eval/north_star          # held-out, per round (default by data kind)
       mode: max
@@ -25,9 +25,11 @@ learner driving rollout actors; ``distributed._train_loop``) whose per-round
 reports reach Tune through ``TuneReportCallback``, so ASHA can stop trials on
 the held-out metric. Trials share the sweep's simulated data and, when no swept
 key affects it, its Stage 1 policy. A trial that finishes all rounds is then
-evaluated (simulated A/B test against best static weights), and its lifts go
-into ``sweep_results.json``, ``results.md`` and ``results.csv``; the best trial's
-full config is written as ``best_config.yaml``.
+evaluated (simulated A/B test against best static weights, searched with the
+base reward so every trial faces the same control), and its lifts go into
+``sweep_results.json``, ``results.md`` and ``results.csv``; the best trial's
+full config is written as ``best_config.yaml``. Each trial's Train job is started
+from a helper actor outside the trial's placement group (see :class:`_TrialDriver`).
 
 ``--resume`` restores the Tune experiment (unfinished and errored trials go on;
 a restarted trial continues from its own last round checkpoint).
@@ -46,7 +48,6 @@ import os
 import re
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -338,10 +339,10 @@ def parse_tune_spec(
     if scheduler == "asha":
         if spec.reduction_factor <= 1:
             raise TuneError("tune.reduction_factor must be > 1")
-        if spec.grace_period > spec.max_rounds:
+        if spec.grace_period >= spec.max_rounds:
             raise TuneError(
-                f"tune.grace_period={spec.grace_period} exceeds grpo.rounds={spec.max_rounds}: "
-                "ASHA could never stop a trial"
+                f"tune.grace_period={spec.grace_period} must be < grpo.rounds={spec.max_rounds}: "
+                "ASHA stops trials only before their last round"
             )
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", spec.name):
         raise TuneError(f"tune.name={spec.name!r}: use letters, digits, '.', '_' or '-'")
@@ -398,52 +399,13 @@ def trial_config(base: Config, params: dict[str, Any], trial_dir: Path) -> Confi
 
 
 def _fit_stage2(cfg: Config, callbacks: list, fail_at_round: int | None = None) -> Path:
-    """Stage 1 (loaded or trained) then Stage 2 on Ray Train; mirrors ``run_train_ray``.
+    """Stage 1 (loaded or trained) then Stage 2 on Ray Train, as ``grade-ray train`` does.
 
     ``resume`` is always on: a restarted trial continues from its own last round.
     """
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from grade_ray.distributed import run_train_ray
 
-    from grade_ray.data.schema import read_meta
-    from grade_ray.distributed import _train_loop
-    from grade_ray.learner.loop import POLICY_FILE, PRETRAIN_CKPT, save_policy
-    from grade_ray.runlog import CHECKPOINT_DIR
-    from grade_ray.train import _start, initial_policy, prepare_data
-
-    run_dir, logger = _start(cfg)
-    train_path, eval_path = prepare_data(cfg)
-    meta = read_meta(train_path)
-    policy = initial_policy(cfg, meta, train_path, logger)
-    logger.close()
-    init = run_dir / CHECKPOINT_DIR / f"{PRETRAIN_CKPT}.pt"
-    if not init.exists():
-        save_policy(init, policy, cfg, meta)
-    lr = cfg.learner
-    trainer = TorchTrainer(
-        _train_loop,
-        train_loop_config={
-            "cfg": cfg.to_dict(),
-            "train_path": str(Path(train_path).resolve()),
-            "eval_path": str(Path(eval_path).resolve()) if eval_path else "",
-            "init_policy": str(init),
-            "resume": True,
-            "fail_at_round": fail_at_round,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=lr.num_workers,
-            use_gpu=lr.use_gpu,
-            resources_per_worker={"CPU": lr.num_cpus_per_worker},
-        ),
-        run_config=RunConfig(
-            name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
-            storage_path=str(run_dir / "ray_train"),
-            failure_config=FailureConfig(max_failures=lr.max_failures),
-            callbacks=callbacks,
-        ),
-    )
-    trainer.fit()
-    return run_dir / POLICY_FILE
+    return run_train_ray(cfg, resume=True, fail_at_round=fail_at_round, callbacks=callbacks)
 
 
 def _evaluate_trial(cfg: Config, eval_reward: dict[str, Any]) -> dict[str, float]:
@@ -596,12 +558,15 @@ def _scheduler(spec: TuneSpec):
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    # One Tune iteration per Stage 2 round (each round's ray.train.report).
+    # One Tune iteration per Stage 2 round (each round's ray.train.report). Rungs lie
+    # before the last round, and a trial that passes them is never cut off at max_t:
+    # a stop there would kill it before it saves policy.pt and is evaluated.
     return ASHAScheduler(
         time_attr="training_iteration",
-        max_t=spec.max_rounds,
+        max_t=spec.max_rounds - 1,
         grace_period=spec.grace_period,
         reduction_factor=spec.reduction_factor,
+        stop_last_trials=False,
     )
 
 
@@ -635,6 +600,8 @@ class SweepResult:
     table_md: str
     best: dict[str, Any] | None
     best_config: Path | None
+    incomplete: bool = False
+    """Some trials failed or the sweep was interrupted: ``--resume`` continues it."""
 
 
 def run_tune(
@@ -735,15 +702,21 @@ _KEEP_EXACT = (
 )
 
 
-def _trial_row(spec: TuneSpec, result) -> dict[str, Any]:
-    from grade_ray.runlog import latest_checkpoint
+def _trial_row(spec: TuneSpec, result, tune_trial=None) -> dict[str, Any]:
+    from grade_ray.runlog import latest_checkpoint, read_metrics
 
     metrics = dict(result.metrics or {})
-    tid = metrics.get("trial_id")
+    tid = getattr(tune_trial, "trial_id", None) or metrics.get("trial_id")
     if not tid:
         m = _TRIAL_ID.search(Path(result.path).name) if result.path else None
         tid = m.group(1) if m else Path(str(result.path)).name
     trial_dir = spec.sweep_dir / TRIALS_DIR / tid
+    # The trial's own log is the truth for its last round: Tune may have missed the last
+    # report (a sweep interrupted between a round and its report) and a resumed trial
+    # whose rounds were all done reports nothing.
+    logged = [r for r in read_metrics(trial_dir) if r.get("stage") == 2]
+    if logged:
+        metrics.update(logged[-1])
     keep = {
         k: float(v)
         for k, v in metrics.items()
@@ -756,7 +729,13 @@ def _trial_row(spec: TuneSpec, result) -> dict[str, Any]:
         keep.update(json.loads(done.read_text()))
     if "round" in keep:
         keep["rounds_done"] = keep.pop("round") + 1
-    status = "error" if result.error else ("completed" if done.exists() else "stopped")
+    tune_status = getattr(tune_trial, "status", "TERMINATED")
+    if result.error or tune_status == "ERROR":
+        status = "error"
+    elif tune_status != "TERMINATED":
+        status = "unfinished"  # the sweep was interrupted; --resume continues it
+    else:
+        status = "completed" if done.exists() else "stopped"  # stopped: by the scheduler
     policy = trial_dir / "policy.pt"
     ckpt = policy if done.exists() and policy.exists() else latest_checkpoint(trial_dir)
     config = {k: (result.config or {}).get(k) for k in spec.space}
@@ -808,7 +787,12 @@ def _markdown(header: list[str], rows: list[list]) -> str:
 def write_results(spec: TuneSpec, grid) -> SweepResult:
     """sweep_results.json, results.md/.csv and best_config.yaml from a Tune ResultGrid."""
     sweep_dir = spec.sweep_dir
-    trials = [_trial_row(spec, r) for r in grid]
+    results = list(grid)
+    # Tune's own trial records give ids and states (RUNNING etc. when interrupted)
+    tune_trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None)
+    if tune_trials is None or len(tune_trials) != len(results):
+        tune_trials = [None] * len(results)
+    trials = [_trial_row(spec, r, t) for r, t in zip(results, tune_trials)]
     sign = 1.0 if spec.mode == "max" else -1.0
 
     def value(t: dict[str, Any]) -> float | None:
@@ -842,6 +826,12 @@ def write_results(spec: TuneSpec, grid) -> SweepResult:
     errors = [t["trial_id"] for t in trials if t["status"] == "error"]
     if errors:
         log.warning("trial(s) %s failed; `grade-ray tune --resume` reruns them", errors)
+    unfinished = [t["trial_id"] for t in trials if t["status"] == "unfinished"]
+    if unfinished:
+        log.warning(
+            "the sweep was interrupted (%s unfinished); `grade-ray tune --resume` continues it",
+            unfinished,
+        )
     data = {
         "name": spec.name,
         "metric": spec.metric,
@@ -863,7 +853,9 @@ def write_results(spec: TuneSpec, grid) -> SweepResult:
     }
     (sweep_dir / SWEEP_FILE).write_text(json.dumps(data, indent=2, default=str))
     log.info("sweep results: %s", sweep_dir / SWEEP_FILE)
-    return SweepResult(sweep_dir, trials, table_md, data["best"], best_config)
+    return SweepResult(
+        sweep_dir, trials, table_md, data["best"], best_config, bool(errors or unfinished)
+    )
 
 
 def add_parser(sub) -> None:
@@ -897,6 +889,8 @@ def add_parser(sub) -> None:
             print(f"best trial: {res.best['trial_id']} {res.best['config']}")
             print(f"best config: {res.best_config}")
             print(f"best checkpoint: {res.best['checkpoint']}")
+        if res.incomplete:
+            print("sweep incomplete (failed or unfinished trials): continue it with --resume")
         return 0
 
     p.set_defaults(fn=handler)

@@ -73,7 +73,7 @@ def test_spec_defaults_and_layout(tmp_path):
         ({**GRID, "metric": "lift/ctr"}, "per-round held-out metric"),
         ({**GRID, "mode": "best"}, "tune.mode"),
         ({**GRID, "scheduler": "pbt"}, "tune.scheduler"),
-        ({**GRID, "scheduler": "asha", "grace_period": 5}, "grace_period=5 exceeds"),
+        ({**GRID, "scheduler": "asha", "grace_period": 2}, "grace_period=2 must be < grpo"),
         ({**GRID, "cpus_per_trial": 0}, "must be > 0"),
         ({**GRID, "num_samples": 0}, "num_samples=0 must be >= 1"),
         ({**GRID, "samples": 2}, "unknown tune key"),
