@@ -37,7 +37,7 @@ from grade_ray.config import Config
 from grade_ray.data.schema import SessionBatch, SessionMeta, read_sessions
 from grade_ray.data.simulator import simplex_grid
 from grade_ray.learner.loop import POLICY_FILE, PRETRAIN_CKPT, load_policy
-from grade_ray.runlog import CHECKPOINT_DIR
+from grade_ray.runlog import CHECKPOINT_DIR, load_checkpoint
 from grade_ray.spec import RewardSpec, as_tensor
 
 log = logging.getLogger(__name__)
@@ -172,8 +172,9 @@ def default_arms(
         sp = run_dir / CHECKPOINT_DIR / f"{PRETRAIN_CKPT}.pt"
         if sp.exists():
             arms["SP"] = policy_arm(sp)
-    if (run_dir / POLICY_FILE).exists():
-        arms["GRADE"] = policy_arm(run_dir / POLICY_FILE)
+    if (run_dir / POLICY_FILE).exists():  # named after the algorithm that trained it
+        algo = load_checkpoint(run_dir / POLICY_FILE).get("algo", "GRADE")
+        arms[str(algo)] = policy_arm(run_dir / POLICY_FILE)
     return arms, statics
 
 
