@@ -207,9 +207,14 @@ def run_bench(
         results.update(bench_rollout(cfg, train_path, repeats))
         from grade_ray.baselines.rllib_ppo import bench_rllib_ppo
 
-        results.update(bench_rllib_ppo(
-            cfg, train_path, seconds=20.0 if quick else 60.0,
-            grade_requests_per_s=results["rollout.requests_per_s_per_worker"]))
+        results.update(
+            bench_rllib_ppo(
+                cfg,
+                train_path,
+                seconds=20.0 if quick else 60.0,
+                grade_requests_per_s=results["rollout.requests_per_s_per_worker"],
+            )
+        )
         results.update(bench_simulator(root, 20_000 if quick else 200_000))
         results.update(bench_memory(root, 2_000 if quick else 10_000))
     results["host.max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

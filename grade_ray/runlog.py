@@ -78,7 +78,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 def _plain(d: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for k, v in d.items():
-        if isinstance(v, (np.generic,)) or isinstance(v, torch.Tensor):
+        if isinstance(v, (np.generic, torch.Tensor)):
             v = v.item()
         out[k] = v
     return out

@@ -75,14 +75,14 @@ def failure_warnings(history: list[dict[str, float]], business_key: str | None =
                 )
     if business_key and len(history) >= 2:
         prev = history[-2]
-        if all(business_key in h and keys.ROLLOUT_R_POST in h for h in (prev, cur)):
-            if (
-                cur[keys.ROLLOUT_R_POST] > prev[keys.ROLLOUT_R_POST]
-                and cur[business_key] < prev[business_key]
-            ):
-                warns.append(
-                    f"possible reward hacking: R_post rose ({prev[keys.ROLLOUT_R_POST]:.4f} -> "
-                    f"{cur[keys.ROLLOUT_R_POST]:.4f}) while {business_key} fell "
-                    f"({prev[business_key]:.4f} -> {cur[business_key]:.4f})"
-                )
+        if (
+            all(business_key in h and keys.ROLLOUT_R_POST in h for h in (prev, cur))
+            and cur[keys.ROLLOUT_R_POST] > prev[keys.ROLLOUT_R_POST]
+            and cur[business_key] < prev[business_key]
+        ):
+            warns.append(
+                f"possible reward hacking: R_post rose ({prev[keys.ROLLOUT_R_POST]:.4f} -> "
+                f"{cur[keys.ROLLOUT_R_POST]:.4f}) while {business_key} fell "
+                f"({prev[business_key]:.4f} -> {cur[business_key]:.4f})"
+            )
     return warns

@@ -79,8 +79,10 @@ def new_policy(
     # must not explode on later data: make it inert instead of dividing by ~0.
     constant = std < 1e-6 * (1.0 + np.abs(mean))
     if constant.any():
-        log.info("context features constant in training (ignored by the policy): %s",
-                 [meta.context_names[i] for i in np.flatnonzero(constant)])
+        log.info(
+            "context features constant in training (ignored by the policy): %s",
+            [meta.context_names[i] for i in np.flatnonzero(constant)],
+        )
     std = np.where(constant, INERT_STD, std)
     policy.set_normalization(torch.from_numpy(mean).float(), torch.from_numpy(std).float())
     return policy

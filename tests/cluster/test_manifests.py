@@ -120,7 +120,9 @@ def test_launcher_setup_installs_project_with_matching_torch(launcher_prepared):
     gpu = set(_types_offering(cfg, "GPU"))
     for name, cmds in per_type.items():
         text = "\n".join(cmds)
-        assert "ray[default" in text and RAY_VERSION in text, f"{name}: pin ray[default]=={RAY_VERSION}"
+        assert "ray[default" in text and RAY_VERSION in text, (
+            f"{name}: pin ray[default]=={RAY_VERSION}"
+        )
         assert "pip install ~/grade_ray" in text, f"{name}: must install the project"
         torch_idx = re.findall(r"download\.pytorch\.org/whl/(\w+)", text)
         assert len(torch_idx) == 1, f"{name}: one torch install from the PyTorch index"
@@ -143,17 +145,28 @@ def test_launcher_token_auth(launcher_prepared):
 @pytest.mark.parametrize(
     "mutate, expect",
     [
-        (lambda c: c["available_node_types"]["rollout"].pop("resources"),
-         "'resources' is a required property"),
-        (lambda c: c["available_node_types"]["rollout"].__setitem__("min_worker", 1),
-         "'min_worker' was unexpected"),
-        (lambda c: c["available_node_types"]["rollout"]["resources"].__setitem__("rollout", 0.5),
-         "is not of type 'integer'"),
+        (
+            lambda c: c["available_node_types"]["rollout"].pop("resources"),
+            "'resources' is a required property",
+        ),
+        (
+            lambda c: c["available_node_types"]["rollout"].__setitem__("min_worker", 1),
+            "'min_worker' was unexpected",
+        ),
+        (
+            lambda c: c["available_node_types"]["rollout"]["resources"].__setitem__("rollout", 0.5),
+            "is not of type 'integer'",
+        ),
         (lambda c: c.__setitem__("setup_command", []), "'setup_command' was unexpected"),
         (lambda c: c.__setitem__("head_node_type", "nope"), "must be one of"),
     ],
-    ids=["missing-resources", "misspelt-min_workers", "fractional-resource",
-         "misspelt-setup_commands", "unknown-head-type"],
+    ids=[
+        "missing-resources",
+        "misspelt-min_workers",
+        "fractional-resource",
+        "misspelt-setup_commands",
+        "unknown-head-type",
+    ],
 )
 def test_launcher_validation_catches_mistakes(launcher, mutate, expect):
     bad = copy.deepcopy(launcher)
@@ -267,17 +280,40 @@ def _rename(d: dict, old: str, new: str) -> None:
     "mutate, expect",
     [
         (lambda m: _rename(m["spec"], "workerGroupSpecs", "workerGroupSpec"), "workerGroupSpec"),
-        (lambda m: _rename(m["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0],
-                           "resources", "resource"), "resource"),
-        (lambda m: m["spec"]["headGroupSpec"]["rayStartParams"].__setitem__("num-cpus", 0), "num-cpus"),
+        (
+            lambda m: _rename(
+                m["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0],
+                "resources",
+                "resource",
+            ),
+            "resource",
+        ),
+        (
+            lambda m: m["spec"]["headGroupSpec"]["rayStartParams"].__setitem__("num-cpus", 0),
+            "num-cpus",
+        ),
         (lambda m: m["spec"]["workerGroupSpecs"][0].pop("template"), "template"),
-        (lambda m: m["spec"]["workerGroupSpecs"][1]["template"]["spec"]["containers"][0]
-         ["resources"]["limits"].__setitem__("nvidia.com/gpu", "one"), "does not match"),
-        (lambda m: m["spec"].__setitem__("enableInTreeAutoscaling", "true"), "enableInTreeAutoscaling"),
+        (
+            lambda m: m["spec"]["workerGroupSpecs"][1]["template"]["spec"]["containers"][0][
+                "resources"
+            ]["limits"].__setitem__("nvidia.com/gpu", "one"),
+            "does not match",
+        ),
+        (
+            lambda m: m["spec"].__setitem__("enableInTreeAutoscaling", "true"),
+            "enableInTreeAutoscaling",
+        ),
         (lambda m: m["spec"]["workerGroupSpecs"][0].__setitem__("maxReplica", 4), "maxReplica"),
     ],
-    ids=["misspelt-workerGroupSpec", "misspelt-resources", "non-string-rayStartParam",
-         "missing-template", "bad-quantity", "bool-as-string", "misspelt-maxReplicas"],
+    ids=[
+        "misspelt-workerGroupSpec",
+        "misspelt-resources",
+        "non-string-rayStartParam",
+        "missing-template",
+        "bad-quantity",
+        "bool-as-string",
+        "misspelt-maxReplicas",
+    ],
 )
 def test_raycluster_schema_catches_mistakes(raycluster, raycluster_validator, mutate, expect):
     bad = copy.deepcopy(raycluster)
@@ -382,7 +418,9 @@ def _env(c: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def test_raycluster_token_auth_from_secret(raycluster):
     envs = [(g, _env(c)) for g, c in _containers(raycluster)]
-    envs.append(("autoscaler", {e["name"]: e for e in raycluster["spec"]["autoscalerOptions"]["env"]}))
+    envs.append(
+        ("autoscaler", {e["name"]: e for e in raycluster["spec"]["autoscalerOptions"]["env"]})
+    )
     secrets = set()
     for where, env in envs:
         assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", where
