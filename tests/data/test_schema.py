@@ -122,3 +122,14 @@ def test_reject_mode_accounts_for_every_row(tmp_path):
     assert sorted(rej.column("source_row").to_pylist()) == [1, 4]
     assert any("NaN" in r for r in rej.column("reject_reason").to_pylist())
     assert sum(report.reasons.values()) == 2
+
+
+@pytest.mark.ray
+def test_ray_data_reader_sees_every_row(ray_session, tmp_path):
+    from grade_ray.data.schema import read_ray_dataset
+
+    with ShardWriter(tmp_path, META, rows_per_shard=4) as w:
+        w.write(make_batch(10))
+    ds = read_ray_dataset(tmp_path)
+    assert ds.count() == 10
+    assert sorted(r["request_id"] for r in ds.take_all()) == list(range(10))
