@@ -40,7 +40,15 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # The dashboard serves the State API that Ray Train's PlacementGroupCleaner needs:
+        # without it every finished Train run leaks its placement group, and a Tune sweep
+        # (many Train runs in one Ray session) deadlocks once the leaks fill the CPUs.
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            log_to_driver=True,
+        )
 
 
 def check_resources(cfg: Config, resources: dict[str, float] | None = None) -> None:
