@@ -190,11 +190,16 @@ def plot_sweep(results: list[dict[str, Any]], out: Path, metric: str) -> list[Pa
     trials = [r for r in results if r.get("metrics", {}).get(metric) is not None]
     if not trials:
         return paths
+    # trade-off over the trials that finished and were A/B tested (early-stopped ones
+    # have no lifts)
+    tested = [t for t in trials if all(k in t["metrics"] for k in ("lift/ctr", "lift/cvr"))]
     lift_keys = [
-        k for k in ("lift/ctr", "lift/cvr", "lift/opm") if all(k in t["metrics"] for t in trials)
+        k
+        for k in ("lift/ctr", "lift/cvr", "lift/opm")
+        if tested and all(k in t["metrics"] for t in tested)
     ]
     if len(lift_keys) >= 2:
-        pts = np.array([[t["metrics"][k] for k in lift_keys] for t in trials])
+        pts = np.array([[t["metrics"][k] for k in lift_keys] for t in tested])
         front = pareto_front(pts)
         fig, ax = plt.subplots(figsize=(6.5, 5))
         c = pts[:, 2] if pts.shape[1] > 2 else None
