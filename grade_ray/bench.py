@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from grade_ray.config import Config, load_config
@@ -232,6 +231,3 @@ def markdown_table(results: dict[str, Any]) -> str:
         if isinstance(v, (int, float)):
             lines.append(f"| `{k}` | {v:,.3f} |" if isinstance(v, float) else f"| `{k}` | {v} |")
     return "\n".join(lines)
-
-
-__all__ = ["run_bench", "bench_config", "np"]

@@ -11,8 +11,10 @@ Train, so ``FailureConfig(max_failures)`` restarts resume from it and
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -109,9 +111,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             ray.train.report(clean)
             return
         with tempfile.TemporaryDirectory() as d:
-            os.link(ckpt_path, Path(d) / "state.pt") if _same_fs(ckpt_path, d) else Path(
-                d, "state.pt"
-            ).write_bytes(Path(ckpt_path).read_bytes())
+            shutil.copyfile(ckpt_path, Path(d) / "state.pt")  # a checkpoint is a few KB
             ray.train.report(clean, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     trainer = GRPOTrainer(
@@ -153,18 +153,9 @@ def _train_loop(config: dict[str, Any]) -> None:
             {"stage": 2, "ts_range": list(plan.ts_range)},
         )
         write_summary(Path(cfg.run_dir), plan, trainer.history)
-        (Path(cfg.run_dir) / "rollout_actors.json").write_text(
-            __import__("json").dumps(backend.infos())
-        )
+        (Path(cfg.run_dir) / "rollout_actors.json").write_text(json.dumps(backend.infos()))
         logger.close()
     backend.close()
-
-
-def _same_fs(a: Path, b: str) -> bool:
-    try:
-        return os.stat(a).st_dev == os.stat(b).st_dev
-    except OSError:
-        return False
 
 
 def run_train_ray(

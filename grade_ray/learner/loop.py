@@ -367,8 +367,9 @@ class GRPOTrainer:
             nonlocal next_step
             tasks = steps[next_step]
             seeds = [task_seed(self.cfg.seed, t) for t in tasks]
-            handle = self.backend.submit(tasks, self.alpha_hat(), self.learner.version, seeds)
-            pending.append((self.alpha_hat(), handle))
+            alpha = self.alpha_hat()
+            handle = self.backend.submit(tasks, alpha, self.learner.version, seeds)
+            pending.append((alpha, handle))
             next_step += 1
 
         while next_step < len(steps) and len(pending) <= self.cfg.rollout.max_staleness:

@@ -73,7 +73,6 @@ class RayRollout:
             options["resources"] = {cfg.rollout.resource: 1}
         remote = ray.remote(RolloutActor).options(**options)
         self.actors = [remote.remote(cfg.policy, meta.to_json(), spec) for _ in range(n)]
-        self.parallelism = n
         self._weights: list[ray.ObjectRef] = []
         self._version = -1
 

@@ -36,7 +36,6 @@ class LocalRollout:
     def __init__(self, policy: FusionPolicy, spec: RolloutSpec, meta: SessionMeta) -> None:
         self.worker = RolloutWorker(policy, spec)
         self.reader = TaskReader(meta)
-        self.parallelism = 1
 
     def set_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
         self.worker.set_weights(state, version)
