@@ -65,10 +65,42 @@ def _descending_key(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _key_top_k(key: np.ndarray, k: int) -> np.ndarray:
-    """Sorted k smallest int64 keys per row. key: (R, N); returns (R, k)."""
+    """Sorted k smallest int64 keys per row, in place (``key`` is scratch). key: (R, N);
+    returns a (R, k) view of ``key``."""
     if k < key.shape[-1]:
-        key = np.partition(key, k - 1, axis=-1)[:, :k]
-    return np.sort(key, axis=-1)
+        key.partition(k - 1, axis=-1)
+    top = key[:, :k]
+    top.sort(axis=-1)
+    return top
+
+
+def _cpu_block_keys(scores: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    """The same keys as :func:`_descending_key` for one CPU block, built in numpy.
+
+    scores: (b, N) or (b, G, N) float; mask: (b, N) bool. Returns (R, N) int64, R the number
+    of score rows. Writes the two 32-bit halves of each key directly (little-endian hosts),
+    so each step is one contiguous pass over int32 data.
+    """
+    n = scores.shape[-1]
+    x = scores.detach().float().numpy().reshape(-1, n) + np.float32(0.0)  # copy; -0.0 -> +0.0
+    if np.isnan(x.max(initial=-np.inf)):
+        np.nan_to_num(x, copy=False, nan=-np.inf, posinf=np.inf, neginf=-np.inf)
+    bits = x.view(np.int32)
+    # float32 bits i -> d: ~i for i >= 0 (positive floats), i & 0x7fffffff for i < 0.
+    d = np.invert(bits)
+    np.right_shift(d, 31, out=d)
+    np.bitwise_or(d, np.int32(-(2**31)), out=d)
+    np.bitwise_xor(d, bits, out=d)
+    m = mask.numpy()
+    if not m.all():
+        pad = np.where(m, np.int32(-(2**31)), np.int32(2**31 - 1))  # (b, N)
+        d3 = d.reshape(m.shape[0], -1, n)
+        np.maximum(d3, pad[:, None, :], out=d3)
+    key = np.empty(x.shape, dtype=np.int64)
+    halves = key.view(np.int32).reshape(*x.shape, 2)
+    halves[..., 1] = d
+    halves[..., 0] = np.arange(n, dtype=np.int32)
+    return key
 
 
 def _check_k(k: int) -> None:
@@ -108,10 +140,16 @@ def topk_indices(scores: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tens
         out = np.empty((*scores.shape[:-1], kk), dtype=np.int64)
         per_request = max(1, math.prod(scores.shape[1:]))
         step = max(1, _CPU_BLOCK_ELEMS // per_request)
+        m = mask.bool()
+        native = np.little_endian
         for start in range(0, scores.shape[0], step):  # cache blocking, not a per-request loop
             s_blk = scores[start : start + step]
-            key = _descending_key(s_blk, _align_mask(mask[start : start + step], s_blk))
-            top = _key_top_k(key.numpy().reshape(-1, n), kk)
+            if native:
+                key = _cpu_block_keys(s_blk, m[start : start + step])
+            else:
+                key = _descending_key(s_blk, _align_mask(m[start : start + step], s_blk))
+                key = key.numpy().reshape(-1, n)
+            top = _key_top_k(key, kk)
             out[start : start + step] = top.reshape(*s_blk.shape[:-1], kk)
         out &= _LOW32
         return torch.from_numpy(out)
