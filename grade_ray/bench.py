@@ -33,7 +33,8 @@ def bench_config(run_dir: str, requests: int) -> Config:
             f"run_dir={run_dir}",
             f"simulator.num_requests={requests}",
             "simulator.num_eval_requests=1000",
-            "simulator.rows_per_shard=8192",
+            # 8 shards: each rollout lane cycles through several, so every timed pass decodes
+            f"simulator.rows_per_shard={max(requests // 8, 1)}",
             "exploration.group_size=20",
             "reward.k=10",
             "rollout.batch_size=1024",
@@ -56,7 +57,7 @@ def bench_rollout(cfg: Config, train_path: str, repeats: int) -> dict[str, float
     """Rollout throughput through Ray with 1 and 2 actors, and the weight-sync time."""
     import ray
 
-    from grade_ray.data.plan import DataPlan
+    from grade_ray.data.plan import DataPlan, lanes
     from grade_ray.learner.loop import new_policy, rollout_spec
     from grade_ray.rollout.actor import RayRollout
 
@@ -71,8 +72,12 @@ def bench_rollout(cfg: Config, train_path: str, repeats: int) -> dict[str, float
     for n in (1, 2):
         pool = RayRollout(cfg.replace(**{"rollout.num_workers": n}), meta, spec)
         pool.set_weights(state, 0)
-        work = tasks[: max(n, (len(tasks) // n) * n)]
-        pool.collect(pool.submit(work[:n], 10.0, 0, list(range(n))))  # warm-up (reads, JIT)
+        # as in training: actor j runs lane j (a contiguous run of the round's tasks), so
+        # each shard is decoded by one actor; task i of a submit goes to actor i mod n
+        dealt = lanes(tasks, n)
+        steps = min(len(lane) for lane in dealt)
+        work = [lane[s] for s in range(steps) for lane in dealt]
+        pool.collect(pool.submit(work[:n], 10.0, 0, list(range(n))))  # warm-up (JIT, imports)
 
         def run(pool=pool, work=work) -> None:
             pool.collect(pool.submit(work, 10.0, 0, list(range(len(work)))))

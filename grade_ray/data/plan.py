@@ -3,8 +3,8 @@
 One validation pass over the logs (rows read/used/rejected are counted; bad
 rows raise or go to a rejects file) records, for every good row, its file,
 row number and time. Rows are ordered by time and cut into training rounds
-(the paper retrains daily) and each round into tasks of ``batch_size``
-requests. A task names its rows (file + row numbers), so any worker can load
+(the paper retrains daily) and each round into per-file tasks of ``batch_size``
+requests (:func:`lanes` deals a round's tasks to workers as contiguous runs). A task names its rows (file + row numbers), so any worker can load
 it, a failed task can be redone, and the driver can account for every request
 exactly once. The plan holds only integers; data is read task by task.
 """
@@ -21,6 +21,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from grade_ray.data.schema import (
+    CONTEXT,
+    LABELS,
+    LOGGED_POSITION,
+    REQUEST_ID,
+    SCORES,
+    TS,
+    USER_ID,
     ReadReport,
     RejectsWriter,
     SessionBatch,
@@ -136,35 +143,74 @@ def _tasks(
     files: list[str],
     batch_size: int,
 ) -> list[Task]:
-    """Cut one round's rows (time order) into per-file tasks of <= batch_size rows."""
-    tasks: list[Task] = []
-    # Keep time order across tasks but group consecutive rows of the same file.
-    f = fidx[window]
+    """Cut one round's rows into per-file tasks of <= batch_size rows.
+
+    Rounds follow time; inside a round the rows go in (file, row) order, so each task reads
+    one file and a worker that takes a run of consecutive tasks decodes each file once,
+    however the rows of a day are spread over the files.
+    """
+    order = window[np.lexsort((ridx[window], fidx[window]))]
+    f = fidx[order]
     breaks = np.flatnonzero(np.diff(f)) + 1
-    for run in np.split(window, breaks):
+    tasks: list[Task] = []
+    for run in np.split(order, breaks):
         if len(run) == 0:
             continue
         for start in range(0, len(run), batch_size):
             part = run[start : start + batch_size]
-            rows = np.sort(ridx[part])
-            tasks.append(Task(round_, len(tasks), files[int(fidx[part[0]])], rows))
+            tasks.append(Task(round_, len(tasks), files[int(fidx[part[0]])], ridx[part]))
     return tasks
+
+
+def lanes(tasks: list[Task], n: int) -> list[list[Task]]:
+    """Deal a round's tasks to ``n`` workers as contiguous runs of (nearly) equal length.
+
+    Worker j gets the j-th run, so consecutive tasks of one file stay with one worker (each
+    file is decoded by as few workers as possible). Returns n lists; their lengths differ by
+    at most one, and some are empty when there are fewer tasks than workers.
+    """
+    if n < 1:
+        raise ValueError(f"need at least one lane, got {n}")
+    bounds = [len(tasks) * j // n for j in range(n + 1)]
+    return [tasks[bounds[j] : bounds[j + 1]] for j in range(n)]
+
+
+# Columns a rollout needs (item ids are not read: ranking uses scores, labels and positions).
+ROLLOUT_COLUMNS = (REQUEST_ID, USER_ID, TS, CONTEXT, SCORES, LABELS, LOGGED_POSITION)
 
 
 class TaskReader:
     """Loads tasks' rows. Keeps the last few files decoded as padded arrays (bounded
-    memory: ``max_files`` session files), so a task is a numpy gather."""
+    memory: ``max_files`` session files), so a task is a numpy gather.
 
-    def __init__(self, meta: SessionMeta, max_files: int = 1) -> None:
+    ``columns``: the columns to decode (default: all; :data:`ROLLOUT_COLUMNS` for rollouts).
+    ``use_threads``: let Arrow decode on its thread pool; rollout actors pass False so a
+    worker uses the one CPU it reserved.
+    """
+
+    def __init__(
+        self,
+        meta: SessionMeta,
+        max_files: int = 1,
+        columns: tuple[str, ...] | None = None,
+        use_threads: bool = True,
+    ) -> None:
         self.meta = meta
         self.max_files = max_files
+        self.columns = columns
+        self.use_threads = use_threads
         self._cache: OrderedDict[str, SessionBatch] = OrderedDict()
 
     def _file(self, file: str) -> SessionBatch:
         if file in self._cache:
             self._cache.move_to_end(file)
             return self._cache[file]
-        batch = table_to_batch(normalize_table(pq.read_table(file)), self.meta)
+        columns = None
+        if self.columns is not None:
+            present = pq.read_schema(file).names
+            columns = [c for c in self.columns if c in present]
+        table = pq.read_table(file, columns=columns, use_threads=self.use_threads)
+        batch = table_to_batch(normalize_table(table), self.meta)
         self._cache[file] = batch
         while len(self._cache) > self.max_files:
             self._cache.popitem(last=False)

@@ -151,7 +151,7 @@ class SessionBatch:
 
     context: (B, D) float32; scores: (B, N, K) float32; labels: (B, N, L)
     float32; mask: (B, N) bool (True = real candidate); item_ids: (B, N) int64
-    (0 where padded); request_id, user_id, ts: (B,) int64.
+    (0 where padded, all 0 when read without that column); request_id, user_id, ts: (B,) int64.
     """
 
     request_id: np.ndarray
@@ -555,9 +555,13 @@ def validate_table(
 
 
 def table_to_batch(table: pa.Table, meta: SessionMeta) -> SessionBatch:
-    """Validated Arrow table -> padded :class:`SessionBatch` (vectorized, no Python row loop)."""
+    """Validated Arrow table -> padded :class:`SessionBatch` (vectorized, no Python row loop).
+
+    A table read without the ``item_ids`` column (rollouts do not need it) gives zero item ids.
+    """
     b = table.num_rows
-    lengths = _list_len(table.column(ITEM_IDS))
+    has_items = ITEM_IDS in table.column_names
+    lengths = _list_len(table.column(ITEM_IDS if has_items else SCORES))
     n = int(lengths.max(initial=1)) if b else 1
     k, n_labels, d = meta.num_tasks, meta.num_labels, meta.context_dim
     mask = np.arange(n)[None, :] < lengths[:, None]
@@ -578,14 +582,21 @@ def table_to_batch(table: pa.Table, meta: SessionMeta) -> SessionBatch:
     labels = np.asarray(
         pc.list_flatten(pc.list_flatten(table.column(LABELS))).to_numpy(), np.float32
     )
-    items = np.asarray(pc.list_flatten(table.column(ITEM_IDS)).to_numpy(), np.int64)
+    if has_items:
+        items = padded(
+            np.asarray(pc.list_flatten(table.column(ITEM_IDS)).to_numpy(), np.int64),
+            None,
+            np.int64,
+        )
+    else:
+        items = np.zeros((b, n), np.int64)
     ctx = np.asarray(pc.list_flatten(table.column(CONTEXT)).to_numpy(), np.float32).reshape(b, d)
     return SessionBatch(
         request_id=np.asarray(table.column(REQUEST_ID).to_numpy(), np.int64),
         user_id=np.asarray(table.column(USER_ID).to_numpy(), np.int64),
         ts=np.asarray(table.column(TS).to_numpy(), np.int64),
         context=ctx,
-        item_ids=padded(items, None, np.int64),
+        item_ids=items,
         scores=padded(scores, k, np.float32),
         labels=padded(labels, n_labels, np.float32),
         mask=mask,

@@ -28,7 +28,7 @@ from grade_ray.algos.exploration import alpha_schedule
 from grade_ray.algos.fusion import fuse
 from grade_ray.algos.metrics import ndcg_at_k
 from grade_ray.config import Config
-from grade_ray.data.plan import DataPlan
+from grade_ray.data.plan import DataPlan, lanes
 from grade_ray.data.schema import SessionBatch, SessionMeta, iter_batches, read_sessions
 from grade_ray.learner.diagnostics import failure_warnings, policy_diagnostics
 from grade_ray.learner.grpo import GRPOLearner
@@ -300,15 +300,23 @@ class GRPOTrainer:
 
     # -- plan helpers -------------------------------------------------------
     def _step_tasks(self, r: int) -> list[list]:
-        """Round r's tasks grouped into steps: each step = rollout.num_workers tasks per rank."""
+        """Round r's tasks grouped into steps: each step = rollout.num_workers tasks per rank.
+
+        The round is dealt into one lane per rollout worker (contiguous runs of tasks, see
+        :func:`lanes`); step s takes the s-th task of every lane, in lane order, so a
+        worker keeps reading the same files from step to step.
+        """
         per_step = self.cfg.rollout.num_workers * self.world
-        tasks = self.plan.rounds[r]
-        steps = [tasks[i : i + per_step] for i in range(0, len(tasks), per_step)]
+        dealt = lanes(self.plan.rounds[r], per_step)
+        steps = [
+            [lane[s] for lane in dealt if s < len(lane)]
+            for s in range(max(len(lane) for lane in dealt))
+        ]
         return [_split_for_ranks(s, self.world)[self.rank :: self.world] for s in steps]
 
     def _num_steps(self, r: int) -> int:
         per_step = self.cfg.rollout.num_workers * self.world
-        return -(-len(self.plan.rounds[r]) // per_step)
+        return max(len(lane) for lane in lanes(self.plan.rounds[r], per_step))
 
     def alpha_hat(self) -> float:
         e = self.cfg.exploration

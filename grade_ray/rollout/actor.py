@@ -19,7 +19,7 @@ import ray
 import torch
 
 from grade_ray.config import PolicyConfig
-from grade_ray.data.plan import Task, TaskReader
+from grade_ray.data.plan import ROLLOUT_COLUMNS, Task, TaskReader
 from grade_ray.data.schema import SessionMeta
 from grade_ray.models.policy import build_policy
 from grade_ray.rollout.worker import RolloutSpec, RolloutWorker
@@ -35,7 +35,7 @@ class RolloutActor:
         meta = SessionMeta.from_json(meta_json)
         policy = build_policy(policy_cfg, meta.context_dim, meta.num_tasks)
         self.worker = RolloutWorker(policy, spec)
-        self.reader = TaskReader(meta)
+        self.reader = TaskReader(meta, columns=ROLLOUT_COLUMNS, use_threads=False)
 
     def run(
         self,
@@ -58,7 +58,9 @@ class RolloutActor:
 
 
 class RayRollout:
-    """Backend with ``num_workers`` rollout actors; step tasks go round-robin to them."""
+    """Backend with ``num_workers`` rollout actors; task i of a step goes to actor
+    i mod num_workers (the trainer deals each actor its own lane of the round, see
+    :func:`grade_ray.data.plan.lanes`)."""
 
     def __init__(
         self, cfg, meta: SessionMeta, spec: RolloutSpec, num_workers: int | None = None

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from grade_ray.data.plan import Task, TaskReader
+from grade_ray.data.plan import ROLLOUT_COLUMNS, Task, TaskReader
 from grade_ray.data.schema import SessionMeta
 from grade_ray.models.policy import FusionPolicy
 from grade_ray.rollout.worker import RolloutSpec, RolloutWorker
@@ -35,7 +35,7 @@ class LocalRollout:
 
     def __init__(self, policy: FusionPolicy, spec: RolloutSpec, meta: SessionMeta) -> None:
         self.worker = RolloutWorker(policy, spec)
-        self.reader = TaskReader(meta)
+        self.reader = TaskReader(meta, columns=ROLLOUT_COLUMNS)
 
     def set_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
         self.worker.set_weights(state, version)

@@ -10,7 +10,7 @@ import torch
 
 from grade_ray import keys
 from grade_ray.algos.exploration import EXPLORATIONS
-from grade_ray.data.plan import DataPlan, TaskReader
+from grade_ray.data.plan import ROLLOUT_COLUMNS, DataPlan, Task, TaskReader, lanes
 from grade_ray.learner.grpo import GRPOLearner, GRPOSettings
 from grade_ray.learner.loop import new_policy, rollout_spec
 from grade_ray.rollout.worker import RolloutWorker
@@ -102,3 +102,41 @@ def test_plan_covers_every_row_once_in_time_order(smoke_data):
     assert [sum(len(t) for t in r) for r in capped.rounds] == [300, 300]
     passes = DataPlan.build(smoke_data[0], rounds=4, batch_size=128, data_passes=2)
     assert passes.num_requests == 2 * plan.report.rows_used
+
+
+def test_round_tasks_go_file_by_file(smoke_data):
+    plan = DataPlan.build(smoke_data[0], rounds=1, batch_size=128)
+    assert len(plan.files) > 1
+    files = [t.file for t in plan.rounds[0]]
+    # each file's tasks are one contiguous run, rows ascending within and across its tasks
+    assert files == sorted(files, key=plan.files.index)
+    for f in plan.files:
+        rows = np.concatenate([t.rows for t in plan.rounds[0] if t.file == f])
+        assert (np.diff(rows) > 0).all()
+
+
+def _task(i: int, n: int, file: str = "f") -> Task:
+    return Task(0, i, file, np.arange(n))
+
+
+def test_lanes_are_contiguous_balanced_and_cover_every_task():
+    tasks = [_task(i, n) for i, n in enumerate([100, 100, 100, 100, 50, 50, 100, 100])]
+    dealt = lanes(tasks, 2)
+    assert [t.index for lane in dealt for t in lane] == list(range(8))  # contiguous, in order
+    assert [len(lane) for lane in dealt] == [4, 4]
+    assert [len(lane) for lane in lanes(tasks, 3)] == [2, 3, 3]
+    assert [len(lane) for lane in lanes(tasks, 8)] == [1] * 8
+    assert [len(lane) for lane in lanes(tasks[:3], 5)] == [0, 1, 0, 1, 1]  # more lanes
+    assert lanes([], 3) == [[], [], []]
+    with pytest.raises(ValueError, match="lane"):
+        lanes(tasks, 0)
+
+
+def test_rollout_reader_skips_item_ids(smoke_data):
+    plan = DataPlan.build(smoke_data[0], rounds=1, batch_size=128)
+    task = plan.rounds[0][1]
+    full = TaskReader(plan.meta).load(task)
+    lean = TaskReader(plan.meta, columns=ROLLOUT_COLUMNS, use_threads=False).load(task)
+    assert full.item_ids.any() and not lean.item_ids.any()
+    for name in ("request_id", "context", "scores", "labels", "mask", "position"):
+        np.testing.assert_array_equal(getattr(lean, name), getattr(full, name))
