@@ -207,7 +207,8 @@ class Probe:
         if self.batch is None:
             return {}
         b: SessionBatch = self.batch
-        pi = policy.eval().pi(as_tensor(b.context))
+        device = next(policy.parameters()).device  # the learner's (a GPU under use_gpu)
+        pi = policy.eval().pi(as_tensor(b.context).to(device)).cpu()
         scores = as_tensor(b.scores)
         fused = fuse(self.cfg.policy.fusion, scores, pi, self.cfg.policy.fusion_eps)
         out = policy_diagnostics(
