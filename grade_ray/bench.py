@@ -77,6 +77,9 @@ def bench_rollout(cfg: Config, train_path: str, repeats: int) -> dict[str, float
         dealt = lanes(tasks, n)
         steps = min(len(lane) for lane in dealt)
         work = [lane[s] for s in range(steps) for lane in dealt]
+        out[f"rollout.files_per_actor_{n}_workers"] = max(
+            len({t.file for t in lane[:steps]}) for lane in dealt
+        )
         pool.collect(pool.submit(work[:n], 10.0, 0, list(range(n))))  # warm-up (JIT, imports)
 
         def run(pool=pool, work=work) -> None:
@@ -181,10 +184,44 @@ def bench_serving(cfg: Config, train_path: str, root: Path) -> dict[str, float]:
     return serving_latency(run / "export", threads=1)
 
 
+PARTS = ("throughput", "quality")
+
+
 def run_bench(
-    quick: bool = False, out: str | None = None, address: str | None = None
+    quick: bool = False,
+    out: str | None = None,
+    address: str | None = None,
+    parts: tuple[str, ...] = PARTS,
 ) -> dict[str, Any]:
-    """All benchmarks; writes JSON (and a Markdown table beside it) when ``out`` is given."""
+    """Benchmarks; writes JSON (and a Markdown table beside it) when ``out`` is given.
+
+    ``parts``: "throughput" (rollout, learner, sync, RLlib PPO steps/s, simulator, memory,
+    serving) and/or "quality" (:func:`grade_ray.bench_quality.bench_quality`: the arms'
+    lifts at equal samples and equal time; its run directory is OUT's folder/quality, or a
+    temporary one without ``out``).
+    """
+    unknown = set(parts) - set(PARTS)
+    if unknown or not parts:
+        raise ValueError(f"bench parts must be a non-empty subset of {PARTS}, got {parts}")
+    results: dict[str, Any] = {}
+    if "throughput" in parts:
+        results.update(_throughput(quick, address))
+    if "quality" in parts:
+        from grade_ray.bench_quality import bench_quality
+
+        with tempfile.TemporaryDirectory() as tmp:
+            qdir = Path(out).parent / "quality" if out else Path(tmp) / "quality"
+            results.update(bench_quality(None, qdir, quick=quick, address=address))
+    results["host.max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if out:
+        p = Path(out)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(results, indent=2, default=float))
+        p.with_suffix(".md").write_text(markdown_table(results))
+    return results
+
+
+def _throughput(quick: bool, address: str | None) -> dict[str, Any]:
     from grade_ray.distributed import init_ray
     from grade_ray.train import prepare_data
 
@@ -221,18 +258,19 @@ def run_bench(
         )
         results.update(bench_simulator(root, 20_000 if quick else 200_000))
         results.update(bench_memory(root, 2_000 if quick else 10_000))
-    results["host.max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if out:
-        p = Path(out)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(results, indent=2, default=float))
-        p.with_suffix(".md").write_text(markdown_table(results))
     return results
 
 
 def markdown_table(results: dict[str, Any]) -> str:
+    """Throughput/memory figures as a metric | value table, then the quality table if run."""
     lines = ["| metric | value |", "|---|---:|"]
     for k, v in results.items():
+        if k.startswith("quality.") or isinstance(v, bool):
+            continue
         if isinstance(v, (int, float)):
             lines.append(f"| `{k}` | {v:,.3f} |" if isinstance(v, float) else f"| `{k}` | {v} |")
+    if any(k.startswith("quality.") for k in results):
+        from grade_ray.bench_quality import quality_markdown
+
+        lines += ["", quality_markdown(results)]
     return "\n".join(lines)

@@ -98,8 +98,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from grade_ray.bench import run_bench
 
-    results = run_bench(quick=args.quick, out=args.out, address=args.address)
-    print(json.dumps(results, indent=2, default=float))
+    parts = ("quality",) if args.quality_only else ("throughput",)
+    if not (args.no_quality or args.quality_only):
+        parts += ("quality",)
+    results = run_bench(quick=args.quick, out=args.out, address=args.address, parts=parts)
+    curves = {k for k in results if k.startswith("quality.curves.")}  # long lists: in the JSON
+    print(json.dumps({k: v for k, v in results.items() if k not in curves}, indent=2, default=float))
     return 0
 
 
@@ -171,9 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray", action="store_true", help="train variants on Ray (default local)")
     p.set_defaults(fn=cmd_compare)
 
-    p = sub.add_parser("bench", help="throughput, scaling and memory benchmarks")
-    p.add_argument("--quick", action="store_true", help="a run under ~2 minutes")
-    p.add_argument("--out", help="write results JSON here")
+    p = sub.add_parser(
+        "bench",
+        help="throughput, scaling, memory and the quality table (GRADE, ablations, RLlib PPO)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="small sizes: ~2 min throughput + ~4 min quality"
+    )
+    p.add_argument("--out", help="write results JSON here (and a Markdown table beside it)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--no-quality", action="store_true", help="throughput/memory part only")
+    which.add_argument("--quality-only", action="store_true", help="the quality table only")
     p.add_argument("--address", default=None)
     p.set_defaults(fn=cmd_bench)
     for module in COMMAND_MODULES:

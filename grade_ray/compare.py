@@ -27,6 +27,24 @@ VARIANTS: dict[str, dict[str, object]] = {
 }
 
 
+def variant_config(cfg: Config, name: str, fresh: bool = False) -> Config:
+    """Config of variant ``name`` in RUN_DIR/variants/NAME, set up to share the run's Stage 1
+    (its ``pretrain.pt`` is copied in) and, for simulated data, the run's logs. ``fresh``
+    removes an earlier run of the variant first."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; valid: {list(VARIANTS)}")
+    run_dir = Path(cfg.run_dir)
+    sp = run_dir / CHECKPOINT_DIR / f"{PRETRAIN_CKPT}.pt"
+    vdir = run_dir / "variants" / name
+    if fresh and vdir.exists():
+        shutil.rmtree(vdir)
+    (vdir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+    shutil.copy(sp, vdir / CHECKPOINT_DIR / sp.name)
+    if not cfg.data.train_path and not (vdir / "data").exists():
+        os.symlink((run_dir / "data").resolve(), vdir / "data")  # same simulated logs
+    return cfg.replace(run_dir=str(vdir), **VARIANTS[name])
+
+
 def run_compare(
     cfg: Config, variants: list[str] | None = None, local: bool = True, address: str | None = None
 ) -> EvalResult:
@@ -38,17 +56,12 @@ def run_compare(
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; valid: {list(VARIANTS)}")
     run_dir = Path(cfg.run_dir)
-    sp = run_dir / CHECKPOINT_DIR / f"{PRETRAIN_CKPT}.pt"
-    if not sp.exists():
+    if not (run_dir / CHECKPOINT_DIR / f"{PRETRAIN_CKPT}.pt").exists():
         run_pretrain(cfg)
     arms = {}
     for name in names:
-        vdir = run_dir / "variants" / name
-        (vdir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
-        shutil.copy(sp, vdir / CHECKPOINT_DIR / sp.name)
-        if not cfg.data.train_path and not (vdir / "data").exists():
-            os.symlink((run_dir / "data").resolve(), vdir / "data")  # same simulated logs
-        vcfg = cfg.replace(run_dir=str(vdir), **VARIANTS[name])
+        vcfg = variant_config(cfg, name)
+        vdir = Path(vcfg.run_dir)
         log.info("training variant %s in %s", name, vdir)
         if local:
             run_train_local(vcfg)

@@ -34,6 +34,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -644,6 +645,7 @@ def train_rllib_ppo(
     init_policy: str | Path | None = None,
     eval_requests: int = 5000,
     overwrite: bool = False,
+    on_iteration: Callable[[FusionPolicy, dict[str, float]], None] | None = None,
 ) -> PPORun:
     """Train RLlib PPO (critic + GAE) on the run's training sessions; save ``policy.pt``.
 
@@ -653,7 +655,9 @@ def train_rllib_ppo(
     overwritten unless ``overwrite``. ``init_policy``: start the policy network from this
     FusionPolicy checkpoint (e.g. the run's Stage-1 ``checkpoints/pretrain.pt``).
     Needs Ray initialised (the CLI calls ``init_ray``). Writes ``policy.pt`` (FusionPolicy),
-    ``rllib_ppo.json`` (summary) and ``rllib_ppo/metrics.{csv,jsonl}``.
+    ``rllib_ppo.json`` (summary) and ``rllib_ppo/metrics.{csv,jsonl}``. ``on_iteration``
+    (optional) is called after every PPO iteration with a copy of the policy network and that
+    iteration's metrics (``seconds`` and ``env_steps`` so far), e.g. to score learning curves.
     """
     from grade_ray.learner.loop import POLICY_FILE, save_policy
     from grade_ray.runlog import MetricsLogger
@@ -681,17 +685,21 @@ def train_rllib_ppo(
             initial = trained_policy(algo)
             initial_reward = data.mean_rewards(initial.pi, eval_requests)
             history: list[dict[str, float]] = []
-            env_steps, t_train = 0, 0.0
+            env_steps, t_train, t_callbacks = 0, 0.0, 0.0
             t_start = time.perf_counter()
             while True:
                 result = algo.train()
-                t_train = time.perf_counter() - t_start
+                t_train = time.perf_counter() - t_start - t_callbacks
                 m = _iteration_metrics(result)
                 env_steps = int(m["env_steps"])
                 m["samples_per_s"] = env_steps / max(t_train, 1e-9)
                 m["seconds"] = t_train
                 history.append(m)
                 logger.log(len(history), {f"rllib_ppo/{k}": v for k, v in m.items()})
+                if on_iteration is not None:  # its time does not count as training time
+                    t_cb = time.perf_counter()
+                    on_iteration(trained_policy(algo), dict(m))
+                    t_callbacks += time.perf_counter() - t_cb
                 log.info(
                     "rllib-ppo iter %d: %d env steps (%.0f/s) reward %.4f vf_loss %.4f "
                     "entropy %.3f kl %.4f",

@@ -1,0 +1,43 @@
+"""``grade-ray bench``: the rollout benchmark's dispatch and the Markdown output."""
+
+from __future__ import annotations
+
+import pytest
+
+from grade_ray.bench import bench_config, bench_rollout, markdown_table, run_bench
+
+
+def test_bench_parts_are_checked():
+    with pytest.raises(ValueError, match="subset"):
+        run_bench(parts=("speed",))
+    with pytest.raises(ValueError, match="subset"):
+        run_bench(parts=())
+
+
+def test_markdown_table_adds_the_quality_table_when_present():
+    md = markdown_table({"rollout.requests_per_s_per_worker": 1234.5, "setup": {"g": 20}})
+    assert "`rollout.requests_per_s_per_worker` | 1,234.500" in md and "north-star" not in md
+    q = {"quality.setup.ab_requests": 5000, "quality.setup.bootstrap": 100}
+    md = markdown_table({**q, "learner.samples_per_s": 2.0})
+    assert "| arm | budget |" in md and "5,000 fresh requests" in md
+    assert "quality.setup" not in md  # quality figures go to their own table
+
+
+@pytest.mark.ray
+def test_bench_rollout_runs_each_lane_on_its_own_actor(ray_session, tmp_path):
+    cfg = bench_config(str(tmp_path / "run"), 2048).replace(
+        **{"rollout.batch_size": 256, "rollout.num_cpus_per_worker": 0.5}
+    )
+    from grade_ray.train import prepare_data
+
+    train_path, _ = prepare_data(cfg)
+    out = bench_rollout(cfg, train_path, 1)
+    for key in (
+        "rollout.requests_per_s_per_worker",
+        "rollout.requests_per_s_2_workers",
+        "rollout.scaling_2_workers",
+        "sync.weights_ms",
+    ):
+        assert out[key] > 0, key
+    # 2048 requests / 256 per task = 8 tasks over 8 shards: each actor decodes its own 4
+    assert out["rollout.files_per_actor_2_workers"] == 4
