@@ -73,6 +73,13 @@ def _finalize_sample(w: torch.Tensor) -> torch.Tensor:
     return w / w.sum(-1, keepdim=True)
 
 
+def _softmax(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last (short, K-long) axis; several times faster on CPU than
+    ``torch.softmax`` for (B, G, K) samples, whose per-row dispatch dominates at small K."""
+    e = torch.exp(x - x.amax(-1, keepdim=True))
+    return e / e.sum(-1, keepdim=True)
+
+
 def _safe_log(w: torch.Tensor) -> torch.Tensor:
     return torch.log(w.clamp_min(torch.finfo(w.dtype).tiny))
 
@@ -152,7 +159,7 @@ class DirichletExploration(Exploration):
         with torch.no_grad():
             alpha = dirichlet_concentration(pi.detach(), alpha_hat, floor)
             alpha = alpha.unsqueeze(1).expand(-1, group_size, -1)
-            w = torch.softmax(log_standard_gamma(alpha, generator), dim=-1)
+            w = _softmax(log_standard_gamma(alpha, generator))
             return _finalize_sample(w).to(pi.dtype)
 
     def log_prob(
@@ -233,7 +240,7 @@ class GaussianExploration(Exploration):
                 (b, group_size, k), generator=generator, dtype=pi.dtype, device=pi.device
             )
             logits = _safe_log(pi.detach()).unsqueeze(1) + sigma * eps
-            return _finalize_sample(torch.softmax(logits, dim=-1))
+            return _finalize_sample(_softmax(logits))
 
     def log_prob(
         self,
