@@ -103,7 +103,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         parts += ("quality",)
     results = run_bench(quick=args.quick, out=args.out, address=args.address, parts=parts)
     curves = {k for k in results if k.startswith("quality.curves.")}  # long lists: in the JSON
-    print(json.dumps({k: v for k, v in results.items() if k not in curves}, indent=2, default=float))
+    print(
+        json.dumps({k: v for k, v in results.items() if k not in curves}, indent=2, default=float)
+    )
     return 0
 
 
