@@ -258,17 +258,72 @@ def _throughput(quick: bool, address: str | None) -> dict[str, Any]:
         )
         results.update(bench_simulator(root, 20_000 if quick else 200_000))
         results.update(bench_memory(root, 2_000 if quick else 10_000))
+    results.update(scaling_projection(results))
     return results
+
+
+PROJECTION_WORKERS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def scaling_projection(
+    results: dict[str, Any], workers: tuple[int, ...] = PROJECTION_WORKERS, batch: int = 1024
+) -> dict[str, float]:
+    """Requests/s of N rollout workers (one CPU each) projected from this run's measurements.
+
+    A step sends one ``batch``-request task to each of N actors, then updates the learner
+    once on the N tasks' samples and broadcasts the new weights:
+
+    - rollout pool alone: ``N * batch / (t_task + t_call)``, t_task = batch / (measured
+      per-worker rate), t_call = the actor round trip (the driver's per-call overhead);
+    - on-policy training (``rollout.max_staleness=0``): each step also waits for the update
+      (``N * batch / learner rate``) and the weight broadcast (``sync.weights_ms``):
+      ``N * batch / (t_task + t_call + t_sync + N * batch / L)``; the single learner bounds
+      it at L requests/s however many workers run;
+    - pipelined (``rollout.max_staleness=1``): the next step's rollouts overlap the update,
+      ``N * batch / max(t_task + t_call + t_sync, N * batch / L)``.
+
+    L is ``learner.requests_per_s`` of one learner worker (one CPU thread); DDP learner
+    workers (``learner.num_workers``) raise it roughly in proportion, less the all-reduce.
+    """
+    r1 = float(results["rollout.requests_per_s_per_worker"])
+    learner = float(results["learner.requests_per_s"])
+    t_task = batch / r1
+    t_call = float(results["sync.actor_roundtrip_ms"]) / 1000
+    t_sync = float(results["sync.weights_ms"]) / 1000
+    out: dict[str, float] = {}
+    for n in workers:
+        t_update = n * batch / learner
+        out[f"projection.rollout_only.{n}"] = n * batch / (t_task + t_call)
+        out[f"projection.on_policy.{n}"] = n * batch / (t_task + t_call + t_sync + t_update)
+        out[f"projection.pipelined.{n}"] = n * batch / max(t_task + t_call + t_sync, t_update)
+    return out
+
+
+def projection_markdown(results: dict[str, Any]) -> str:
+    """The projection as a table (rows: N workers)."""
+    ns = sorted({int(k.rsplit(".", 1)[1]) for k in results if k.startswith("projection.")})
+    if not ns:
+        return ""
+    lines = [
+        "| rollout workers | rollout pool alone | on-policy training | pipelined (staleness 1) |",
+        "|---:|---:|---:|---:|",
+    ]
+    for n in ns:
+        cells = [results[f"projection.{m}.{n}"] for m in ("rollout_only", "on_policy", "pipelined")]
+        lines.append(f"| {n} | " + " | ".join(f"{c:,.0f}" for c in cells) + " |")
+    return "\n".join(lines)
 
 
 def markdown_table(results: dict[str, Any]) -> str:
     """Throughput/memory figures as a metric | value table, then the quality table if run."""
     lines = ["| metric | value |", "|---|---:|"]
     for k, v in results.items():
-        if k.startswith("quality.") or isinstance(v, bool):
+        if k.startswith(("quality.", "projection.")) or isinstance(v, bool):
             continue
         if isinstance(v, (int, float)):
             lines.append(f"| `{k}` | {v:,.3f} |" if isinstance(v, float) else f"| `{k}` | {v} |")
+    if any(k.startswith("projection.") for k in results):
+        lines += ["", "Projected requests/s for N workers:", "", projection_markdown(results)]
     if any(k.startswith("quality.") for k in results):
         from grade_ray.bench_quality import quality_markdown
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from grade_ray.bench import bench_config, bench_rollout, markdown_table, run_bench
+from grade_ray.bench import (
+    bench_config,
+    bench_rollout,
+    markdown_table,
+    run_bench,
+    scaling_projection,
+)
 
 
 def test_bench_parts_are_checked():
@@ -41,3 +47,20 @@ def test_bench_rollout_runs_each_lane_on_its_own_actor(ray_session, tmp_path):
         assert out[key] > 0, key
     # 2048 requests / 256 per task = 8 tasks over 8 shards: each actor decodes its own 4
     assert out["rollout.files_per_actor_2_workers"] == 4
+
+
+def test_scaling_projection_by_hand():
+    measured = {
+        "rollout.requests_per_s_per_worker": 10_240.0,  # t_task = 0.1 s per 1024 requests
+        "sync.actor_roundtrip_ms": 0.0,
+        "sync.weights_ms": 0.0,
+        "learner.requests_per_s": 20_480.0,  # an update of N tasks takes N * 0.05 s
+    }
+    p = scaling_projection(measured, workers=(1, 2, 4))
+    assert p["projection.rollout_only.4"] == pytest.approx(4 * 10_240)
+    assert p["projection.on_policy.1"] == pytest.approx(1024 / 0.15)
+    assert p["projection.on_policy.4"] == pytest.approx(4096 / 0.3)
+    assert p["projection.pipelined.1"] == pytest.approx(10_240)  # rollout-bound
+    assert p["projection.pipelined.4"] == pytest.approx(20_480)  # learner-bound
+    md = markdown_table({**measured, **p})
+    assert "| 4 | 40,960 | 13,653 | 20,480 |" in md
