@@ -104,8 +104,10 @@ def bench_rollout(cfg: Config, train_path: str, repeats: int) -> dict[str, float
 
 
 def bench_kernel(cfg: Config, train_path: str, repeats: int) -> dict[str, float]:
-    """In-process rollout math (no Ray) and the learner update, one thread."""
-    from grade_ray.data.plan import DataPlan, TaskReader
+    """In-process rollout math (no Ray), shard decode and the learner update, one thread."""
+    import pyarrow.parquet as pq
+
+    from grade_ray.data.plan import ROLLOUT_COLUMNS, DataPlan, TaskReader
     from grade_ray.learner.grpo import GRPOLearner, GRPOSettings
     from grade_ray.learner.loop import new_policy, rollout_spec
     from grade_ray.rollout.worker import RolloutWorker
@@ -116,9 +118,16 @@ def bench_kernel(cfg: Config, train_path: str, repeats: int) -> dict[str, float]
     policy = new_policy(cfg, plan.meta, train_path)
     worker = RolloutWorker(policy, rollout_spec(cfg, plan.meta))
     worker.set_weights(policy.state_dict(), 0)
+    first = plan.rounds[0][0]
     reader = TaskReader(plan.meta)
-    reader.load(plan.rounds[0][0])  # decode the file once; steady state is a gather
-    dt_read = _median_time(lambda: reader.load(plan.rounds[0][0]), repeats)
+    reader.load(first)  # decode the file once; steady state is a gather
+    dt_read = _median_time(lambda: reader.load(first), repeats)
+
+    def decode() -> None:  # what an actor does for each new shard: columns, one thread
+        TaskReader(plan.meta, columns=ROLLOUT_COLUMNS, use_threads=False).load(first)
+
+    dt_decode = _median_time(decode, repeats)
+    shard_rows = pq.ParquetFile(first.file).metadata.num_rows
     dt = _median_time(lambda: worker.rollout(batch, 10.0), repeats)
     rb = worker.rollout(batch, 10.0)
     learner = GRPOLearner(policy, GRPOSettings.from_config(cfg))
@@ -127,6 +136,7 @@ def bench_kernel(cfg: Config, train_path: str, repeats: int) -> dict[str, float]
     return {
         "kernel.rollout_requests_per_s": len(batch) / dt,
         "kernel.read_requests_per_s": len(batch) / dt_read,
+        "kernel.decode_requests_per_s": shard_rows / dt_decode,
         "learner.samples_per_s": samples / dt_learn,
         "learner.requests_per_s": len(batch) / dt_learn,
     }

@@ -391,7 +391,7 @@ class Config:
         """Copy with dotted overrides, e.g. ``cfg.replace(**{"grpo.rounds": 2})``."""
         d = self.to_dict()
         for key, value in overrides.items():
-            _set_dotted(d, key, value)
+            set_dotted(d, key, value)
         return from_dict(Config, d)
 
 
@@ -468,11 +468,12 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge_dicts(base: dict, over: dict) -> dict:
+    """Config mapping ``over`` laid on ``base`` (nested sections merged key by key)."""
     out = dict(base)
     for k, v in over.items():
         out[k] = (
-            _merge(out[k], v)
+            merge_dicts(out[k], v)
             if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in _LEAF_DICTS
             else v
         )
@@ -483,7 +484,8 @@ def _merge(base: dict, over: dict) -> dict:
 _LEAF_DICTS = {"north_star", "post_gains", "prior_gains"}
 
 
-def _set_dotted(d: dict, key: str, value: Any) -> None:
+def set_dotted(d: dict, key: str, value: Any) -> None:
+    """Set ``section.key`` in a config mapping; unknown sections and keys raise ConfigError."""
     parts = key.split(".")
     node = d
     for p in parts[:-1]:
@@ -505,7 +507,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: a config file must be a mapping")
     base = data.pop("base", None)
     if base:
-        data = _merge(read_yaml(path.parent / base), data)
+        data = merge_dicts(read_yaml(path.parent / base), data)
     return data
 
 
@@ -523,10 +525,10 @@ def load_config(
     """Defaults <- each YAML file in order <- ``section.key=value`` overrides."""
     d = to_dict(Config())
     for p in paths or []:
-        d = _merge(d, read_yaml(p))
+        d = merge_dicts(d, read_yaml(p))
     for text in overrides or []:
         key, value = parse_override(text)
-        _set_dotted(d, key, value)
+        set_dotted(d, key, value)
     return from_dict(Config, d)
 
 

@@ -56,12 +56,12 @@ import yaml
 from grade_ray.config import (
     Config,
     ConfigError,
-    _merge,
-    _set_dotted,
     from_dict,
+    merge_dicts,
     parse_override,
     read_yaml,
     save_config,
+    set_dotted,
     to_dict,
 )
 
@@ -255,14 +255,14 @@ def parse_tune_spec(
     d = to_dict(Config())
     base = data.pop("base", None)
     for f in ([base] if base else []) + list(experiments):
-        d = _merge(d, read_yaml(root / f))
-    d = _merge(d, data)
+        d = merge_dicts(d, read_yaml(root / f))
+    d = merge_dicts(d, data)
     for text in overrides or []:
         key, value = parse_override(text)
         if key.startswith("tune."):
             section[key.removeprefix("tune.")] = value
         else:
-            _set_dotted(d, key, value)
+            set_dotted(d, key, value)
     cfg = from_dict(Config, d)
     cfg = cfg.replace(run_dir=str(Path(cfg.run_dir).resolve()))
     for k in ("train_path", "eval_path"):

@@ -17,7 +17,6 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from grade_ray.data.schema import (
@@ -29,14 +28,13 @@ from grade_ray.data.schema import (
     TS,
     USER_ID,
     ReadReport,
-    RejectsWriter,
     SessionBatch,
     SessionMeta,
+    iter_validated,
     list_files,
     normalize_table,
     read_meta,
     table_to_batch,
-    validate_table,
 )
 
 log = logging.getLogger(__name__)
@@ -95,31 +93,12 @@ class DataPlan:
         files = [str(f) for f in list_files(path)]
         meta = read_meta(files[0])
         report = ReadReport()
-        if on_error == "reject" and rejects_path is None:
-            base = Path(path) if Path(path).is_dir() else Path(path).parent
-            rejects_path = base / "rejects.parquet"
-        rejects = RejectsWriter(rejects_path if on_error == "reject" else None)
         file_idx, row_idx, ts_all = [], [], []
-        try:
-            for fi, f in enumerate(files):
-                offset = 0
-                for rb in pq.ParquetFile(f).iter_batches(batch_size=read_batch):
-                    table = pa.Table.from_batches([rb])
-                    good, rej, rep = validate_table(table, meta, f, offset, on_error)
-                    report.add(rep)
-                    rejects.write(rej)
-                    keep = np.ones(table.num_rows, dtype=bool)
-                    if rej is not None:
-                        keep[np.asarray(rej.column("source_row").to_numpy()) - offset] = False
-                    rows = np.flatnonzero(keep) + offset
-                    file_idx.append(np.full(len(rows), fi, dtype=np.int32))
-                    row_idx.append(rows.astype(np.int64))
-                    ts_all.append(np.asarray(good.column("ts").to_numpy(), dtype=np.int64))
-                    offset += table.num_rows
-        finally:
-            rejects.close()
-        if report.rows_rejected:
-            report.rejects_path = str(rejects_path)
+        for chunk in iter_validated(path, read_batch, on_error, rejects_path, report, files):
+            rows = np.flatnonzero(chunk.kept) + chunk.offset
+            file_idx.append(np.full(len(rows), chunk.file_index, dtype=np.int32))
+            row_idx.append(rows.astype(np.int64))
+            ts_all.append(np.asarray(chunk.good.column("ts").to_numpy(), dtype=np.int64))
         if report.rows_used == 0:
             raise ValueError(f"{path}: no usable rows ({report.summary()})")
         fidx, ridx, ts = (np.concatenate(a) for a in (file_idx, row_idx, ts_all))

@@ -633,6 +633,65 @@ class RejectsWriter:
             self._writer = None
 
 
+@dataclasses.dataclass
+class ValidatedChunk:
+    """One validated Parquet record batch: its file, the file row of its first row, the
+    good rows as a table and which of its rows were kept."""
+
+    file_index: int
+    file: str
+    offset: int
+    good: pa.Table
+    kept: np.ndarray  # (rows in the record batch,) bool
+
+
+def iter_validated(
+    path: str | Path,
+    batch_size: int = 4096,
+    on_error: str = "raise",
+    rejects_path: str | Path | None = None,
+    report: ReadReport | None = None,
+    files: Sequence[Path | str] | None = None,
+) -> Iterator[ValidatedChunk]:
+    """Validate every row of the session files at ``path``, one record batch at a time.
+
+    Every file must name the same tasks and labels as the first. ``report`` (if given) is
+    updated in place; with ``on_error="reject"`` bad rows go to ``rejects_path`` (default:
+    ``rejects.parquet`` beside the data) and the report names it.
+    """
+    files = [str(f) for f in files] if files is not None else [str(f) for f in list_files(path)]
+    meta = read_meta(files[0])
+    if on_error == "reject" and rejects_path is None:
+        base = Path(path) if Path(path).is_dir() else Path(path).parent
+        rejects_path = base / "rejects.parquet"
+    rejects = RejectsWriter(rejects_path if on_error == "reject" else None)
+    report = report if report is not None else ReadReport()
+    try:
+        for fi, f in enumerate(files):
+            m = read_meta(f)
+            if m.task_names != meta.task_names or m.label_names != meta.label_names:
+                raise SchemaError(
+                    f"{f}: tasks {list(m.task_names)} / labels {list(m.label_names)} differ from "
+                    f"{files[0]}'s {list(meta.task_names)} / {list(meta.label_names)}"
+                )
+            offset = 0
+            for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_size):
+                good, rej, rep = validate_table(
+                    pa.Table.from_batches([rb]), meta, f, offset, on_error
+                )
+                report.add(rep)
+                rejects.write(rej)
+                kept = np.ones(rb.num_rows, dtype=bool)
+                if rej is not None:
+                    kept[np.asarray(rej.column("source_row").to_numpy()) - offset] = False
+                yield ValidatedChunk(fi, f, offset, good, kept)
+                offset += rb.num_rows
+    finally:
+        rejects.close()
+        if report.rows_rejected:
+            report.rejects_path = str(rejects_path)
+
+
 def iter_batches(
     path: str | Path,
     batch_size: int = 4096,
@@ -649,34 +708,9 @@ def iter_batches(
     """
     files = list(files) if files is not None else list_files(path)
     meta = read_meta(files[0])
-    if on_error == "reject" and rejects_path is None:
-        base = Path(path) if Path(path).is_dir() else Path(path).parent
-        rejects_path = base / "rejects.parquet"
-    rejects = RejectsWriter(rejects_path if on_error == "reject" else None)
-    report = report if report is not None else ReadReport()
-    try:
-        for f in files:
-            m = read_meta(f)
-            if m.task_names != meta.task_names or m.label_names != meta.label_names:
-                raise SchemaError(
-                    f"{f}: tasks {list(m.task_names)} / labels {list(m.label_names)} differ from "
-                    f"{files[0]}'s {list(meta.task_names)} / {list(meta.label_names)}"
-                )
-            pf = pq.ParquetFile(f)
-            offset = 0
-            for rb in pf.iter_batches(batch_size=batch_size):
-                good, rej, rep = validate_table(
-                    pa.Table.from_batches([rb]), meta, str(f), offset, on_error
-                )
-                offset += rb.num_rows
-                report.add(rep)
-                rejects.write(rej)
-                if good.num_rows:
-                    yield table_to_batch(good, meta)
-    finally:
-        rejects.close()
-        if report.rows_rejected:
-            report.rejects_path = str(rejects_path)
+    for chunk in iter_validated(path, batch_size, on_error, rejects_path, report, files):
+        if chunk.good.num_rows:
+            yield table_to_batch(chunk.good, meta)
 
 
 def read_sessions(

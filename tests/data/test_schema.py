@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from grade_ray.data.plan import DataPlan
 from grade_ray.data.schema import (
     ReadReport,
     SchemaError,
@@ -122,6 +123,25 @@ def test_reject_mode_accounts_for_every_row(tmp_path):
     assert sorted(rej.column("source_row").to_pylist()) == [1, 4]
     assert any("NaN" in r for r in rej.column("reject_reason").to_pylist())
     assert sum(report.reasons.values()) == 2
+    # the training plan validates through the same path: same accounting, same rows kept
+    plan = DataPlan.build(path, rounds=1, batch_size=10, on_error="reject", rejects_path=rejects)
+    assert (plan.report.rows_read, plan.report.rows_used) == (6, 4)
+    assert sorted(np.concatenate([t.rows for t in plan.rounds[0]]).tolist()) == [0, 2, 3, 5]
+
+
+def test_files_must_agree_on_tasks_and_labels(tmp_path):
+    other = SessionMeta(
+        ("ctr", "cvr", "gpm"), ("prob", "prob", "value"), ("click", "order"), ("a", "b")
+    )
+    (tmp_path / "d").mkdir()
+    write(tmp_path / "d", to_table(make_batch(), META), "a.parquet")
+    write(tmp_path / "d", to_table(make_batch(), other), "b.parquet")
+    for read in (
+        lambda: list(iter_batches(tmp_path / "d")),
+        lambda: DataPlan.build(tmp_path / "d", rounds=1, batch_size=4),
+    ):
+        with pytest.raises(SchemaError, match="differ from"):
+            read()
 
 
 @pytest.mark.ray
