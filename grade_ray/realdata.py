@@ -29,8 +29,9 @@ training split's mean and std (std floored at 1e-6). A context column that is
 constant on the training days (the eval day's day-of-week one-hot, a category
 that only shows up later) would then be scaled by 1e6 on held-out requests and
 saturate the policy. Stage 1 is therefore run here with a guarded
-standardisation: columns constant on the training split are made inert (std
-1e6) and other stds are floored at :data:`MIN_CONTEXT_STD`. The buffers travel
+standardisation (``learner.loop.fit_normalization``): columns constant on the
+training split are made inert (std 1e6) and other stds are floored at
+:data:`MIN_CONTEXT_STD`. The buffers travel
 inside the saved policy, so every later use (Stage 2, evaluate, export) sees them.
 """
 
@@ -71,8 +72,6 @@ MIN_SEGMENT_REQUESTS = 200
 """A segment needs this many training requests to get its own static weights."""
 MIN_CONTEXT_STD = 0.1
 """Floor on the policy's context std (rare one-hot columns stay within ~10 sigma)."""
-INERT_STD = 1e6
-"""Std given to context columns that are constant on the training split (input ~ 0)."""
 BASELINE = "best_static"
 MEAN_STATIC = "GRADE-mean-static"
 """GRADE's mean weights over the training requests, used as one static vector for everyone:
@@ -259,35 +258,27 @@ def _clear_run(out: Path) -> None:
             p.unlink()
 
 
-def guard_normalization(policy, train_context: np.ndarray) -> dict[str, Any]:
-    """Re-fit the policy's context standardisation robustly on the training contexts.
-
-    train_context: (R, D). Columns with std < 1e-6 get std :data:`INERT_STD` (their
-    input is ~0 whatever the value later); others get std >= :data:`MIN_CONTEXT_STD`.
-    Returns {'inert': [column indices], 'floored': count}.
-    """
-    x = train_context.astype(np.float64)
-    mean, std = x.mean(0), x.std(0)
-    inert = std < 1e-6
-    floored = (~inert) & (std < MIN_CONTEXT_STD)
-    std = np.where(inert, INERT_STD, np.maximum(std, MIN_CONTEXT_STD))
-    policy.set_normalization(torch.from_numpy(mean).float(), torch.from_numpy(std).float())
-    return {"inert": np.flatnonzero(inert).tolist(), "floored": int(floored.sum())}
-
-
 def run_stage1(cfg: Config, train: SessionBatch, meta: SessionMeta) -> dict[str, Any]:
     """Stage 1 with a guarded standardisation -> RUN/checkpoints/pretrain.pt (+ policy.pt).
 
     ``run_train_local`` then loads this checkpoint as its Stage 1 result.
     """
-    from grade_ray.learner.loop import POLICY_FILE, PRETRAIN_CKPT, new_policy, pretrain, save_policy
+    from grade_ray.learner.loop import (
+        POLICY_FILE,
+        PRETRAIN_CKPT,
+        fit_normalization,
+        new_policy,
+        pretrain,
+        save_policy,
+    )
     from grade_ray.runlog import CHECKPOINT_DIR, MetricsLogger
 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     policy = new_policy(cfg, meta, cfg.data.train_path)
-    norm = guard_normalization(policy, train.context)
+    # re-fit on the whole training split with a floor (rare one-hot columns)
+    norm = fit_normalization(policy, [train.context], min_std=MIN_CONTEXT_STD)
     if norm["inert"]:
         log.info(
             "context columns constant on the training split (made inert): %s",

@@ -22,6 +22,7 @@ from grade_ray.cli import main
 from grade_ray.config import load_config
 from grade_ray.data import kuairand as K
 from grade_ray.data.schema import SessionMeta, read_meta, read_sessions
+from grade_ray.learner.loop import INERT_STD, fit_normalization
 from grade_ray.models.policy import FusionPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,12 +226,13 @@ def test_policy_ignores_context_columns_constant_on_training(pipeline):
     assert torch.isfinite(pi).all() and torch.allclose(pi, again, atol=1e-4)
 
 
-def test_guard_normalization_units():
+def test_guarded_normalization_units():
     policy = FusionPolicy(3, 2, num_experts=1, expert_hidden=4)
     x = np.array([[1.0, 0.0, 5.0], [3.0, 0.0, 5.001], [2.0, 0.0, 5.0]], dtype=np.float32)
-    info = R.guard_normalization(policy, x)
+    info = fit_normalization(policy, [x[:2], x[2:]], min_std=R.MIN_CONTEXT_STD)
     assert info["inert"] == [1] and info["floored"] == 1
-    assert policy.x_std[1] == R.INERT_STD and policy.x_std[2] == pytest.approx(R.MIN_CONTEXT_STD)
+    assert policy.x_std[1] == INERT_STD and policy.x_std[2] == pytest.approx(R.MIN_CONTEXT_STD)
+    assert policy.x_mean[0] == pytest.approx(2.0)  # streamed over two arrays
 
 
 def test_conversion_is_reused_and_not_silently_replaced(pipeline, slice_dir):

@@ -17,6 +17,11 @@ POLARIZED_MAX_W = 0.9
 POLARIZED_WARN_FRAC = 0.5
 SPREAD_WARN = 0.01
 SPIKE_FACTOR = 5.0
+HACK_WINDOW = 3
+"""Reward hacking is judged over this many latest rounds ..."""
+HACK_MIN_REL = 0.005
+"""... when R_post rose and the business metric fell, each by more than this fraction (moves
+within noise, e.g. between rounds on different days, do not count)."""
 
 
 def policy_diagnostics(
@@ -73,16 +78,18 @@ def failure_warnings(history: list[dict[str, float]], business_key: str | None =
                     f"training instability: {key}={cur[key]:.4g} is > "
                     f"{SPIKE_FACTOR:g}x its median {base:.4g} (lower grpo.lr)"
                 )
-    if business_key and len(history) >= 2:
-        prev = history[-2]
-        if (
-            all(business_key in h and keys.ROLLOUT_R_POST in h for h in (prev, cur))
-            and cur[keys.ROLLOUT_R_POST] > prev[keys.ROLLOUT_R_POST]
-            and cur[business_key] < prev[business_key]
-        ):
-            warns.append(
-                f"possible reward hacking: R_post rose ({prev[keys.ROLLOUT_R_POST]:.4f} -> "
-                f"{cur[keys.ROLLOUT_R_POST]:.4f}) while {business_key} fell "
-                f"({prev[business_key]:.4f} -> {cur[business_key]:.4f})"
-            )
+    if business_key:
+        win = [h for h in history[-HACK_WINDOW:] if business_key in h and keys.ROLLOUT_R_POST in h]
+        if len(win) >= 2:
+            first, last = win[0], win[-1]
+            post, biz = keys.ROLLOUT_R_POST, business_key
+            post_up = last[post] - first[post] > HACK_MIN_REL * abs(first[post])
+            biz_down = first[biz] - last[biz] > HACK_MIN_REL * abs(first[biz])
+            if post_up and biz_down:
+                warns.append(
+                    f"possible reward hacking: over the last {len(win)} rounds R_post rose "
+                    f"({first[post]:.4f} -> {last[post]:.4f}) while {biz} fell "
+                    f"({first[biz]:.4f} -> {last[biz]:.4f}); check the reward's gains and "
+                    "propensities against the business metric"
+                )
     return warns

@@ -17,6 +17,7 @@ import collections
 import dataclasses
 import logging
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -61,30 +62,47 @@ def rollout_spec(cfg: Config, meta: SessionMeta) -> RolloutSpec:
     )
 
 
+def fit_normalization(
+    policy: FusionPolicy,
+    contexts: Iterable[np.ndarray],
+    min_std: float = 0.0,
+    max_rows: int | None = None,
+) -> dict[str, Any]:
+    """Fit the policy's context standardisation on training contexts (streamed arrays (R, D)).
+
+    A column constant in training (e.g. day-of-week when training covers one weekday) gets
+    std :data:`INERT_STD`, so it cannot explode on later data; other stds are floored at
+    ``min_std``. Stops after ``max_rows`` rows. Returns {'inert': [columns], 'floored': n}.
+    """
+    d = policy.context_dim
+    n, s1, s2 = 0, np.zeros(d), np.zeros(d)
+    for x in contexts:
+        x = np.asarray(x, dtype=np.float64)
+        n, s1, s2 = n + len(x), s1 + x.sum(0), s2 + (x * x).sum(0)
+        if max_rows is not None and n >= max_rows:
+            break
+    mean = s1 / max(n, 1)
+    std = np.sqrt(np.maximum(s2 / max(n, 1) - mean**2, 0.0))
+    inert = std < 1e-6 * (1.0 + np.abs(mean))
+    floored = ~inert & (std < min_std)
+    std = np.where(inert, INERT_STD, np.maximum(std, min_std))
+    policy.set_normalization(torch.from_numpy(mean).float(), torch.from_numpy(std).float())
+    return {"inert": np.flatnonzero(inert).tolist(), "floored": int(floored.sum())}
+
+
 def new_policy(
     cfg: Config, meta: SessionMeta, train_path: str | Path, max_rows: int = 50_000
 ) -> FusionPolicy:
     """Policy with context standardisation fitted on (the start of) the training logs."""
     torch.manual_seed(cfg.seed)
     policy = build_policy(cfg.policy, meta.context_dim, meta.num_tasks)
-    n, s1, s2 = 0, np.zeros(meta.context_dim), np.zeros(meta.context_dim)
-    for b in iter_batches(train_path, batch_size=8192, on_error=cfg.data.on_error):
-        x = b.context.astype(np.float64)
-        n, s1, s2 = n + len(x), s1 + x.sum(0), s2 + (x * x).sum(0)
-        if n >= max_rows:
-            break
-    mean = s1 / max(n, 1)
-    std = np.sqrt(np.maximum(s2 / max(n, 1) - mean**2, 0.0))
-    # A column constant in training (e.g. day-of-week when training covers one weekday)
-    # must not explode on later data: make it inert instead of dividing by ~0.
-    constant = std < 1e-6 * (1.0 + np.abs(mean))
-    if constant.any():
+    batches = iter_batches(train_path, batch_size=8192, on_error=cfg.data.on_error)
+    info = fit_normalization(policy, (b.context for b in batches), max_rows=max_rows)
+    if info["inert"]:
         log.info(
             "context features constant in training (ignored by the policy): %s",
-            [meta.context_names[i] for i in np.flatnonzero(constant)],
+            [meta.context_names[i] for i in info["inert"]],
         )
-    std = np.where(constant, INERT_STD, std)
-    policy.set_normalization(torch.from_numpy(mean).float(), torch.from_numpy(std).float())
     return policy
 
 
