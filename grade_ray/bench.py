@@ -148,8 +148,9 @@ def _peak_rss_of_run(run_dir: Path, requests: int) -> float:
         "import sys\n"
         "from grade_ray.bench import bench_config\n"
         "from grade_ray.train import run_train_local\n"
+        # shards of a fixed size: streaming memory is bounded by one shard, not the data
         f"cfg = bench_config({str(run_dir)!r}, {requests}).replace(**{{'pretrain.epochs': 1,"
-        " 'grpo.rounds': 1, 'exploration.group_size': 8})\n"
+        " 'grpo.rounds': 1, 'exploration.group_size': 8, 'simulator.rows_per_shard': 8192})\n"
         "run_train_local(cfg)\n"
         # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork/exec from the parent
         "print(next(int(line.split()[1]) for line in open('/proc/self/status')"
