@@ -33,7 +33,7 @@ def bench_config(run_dir: str, requests: int) -> Config:
             f"run_dir={run_dir}",
             f"simulator.num_requests={requests}",
             "simulator.num_eval_requests=1000",
-            # 8 shards: each rollout lane cycles through several, so every timed pass decodes
+            # 8 shards: each rollout lane cycles through several, so every timed pass re-reads
             f"simulator.rows_per_shard={max(requests // 8, 1)}",
             "exploration.group_size=20",
             "reward.k=10",
@@ -54,26 +54,36 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def bench_rollout(cfg: Config, train_path: str, repeats: int) -> dict[str, float]:
-    """Rollout throughput through Ray with 1 and 2 actors, and the weight-sync time."""
+    """Rollout throughput through Ray with 1 and 2 actors, and the weight-sync time.
+
+    Actors read what training reads: the plan's decoded cache when ``data.cache`` is on
+    (the default). ``rollout.requests_per_s_per_worker_parquet`` is one actor decoding the
+    Parquet shards itself (``data.cache=false``), measured in the same run.
+    """
     import ray
 
     from grade_ray.data.plan import DataPlan, lanes
     from grade_ray.learner.loop import new_policy, rollout_spec
     from grade_ray.rollout.actor import RayRollout
+    from grade_ray.train import decode_cache_dir
 
-    plan = DataPlan.build(train_path, rounds=1, batch_size=cfg.rollout.batch_size)
+    t0 = time.perf_counter()
+    plan = DataPlan.build(
+        train_path, rounds=1, batch_size=cfg.rollout.batch_size, cache_dir=decode_cache_dir(cfg)
+    )
+    plan_s = time.perf_counter() - t0
     tasks = [t for t in plan.rounds[0] if len(t) == cfg.rollout.batch_size]
     meta = plan.meta
     policy = new_policy(cfg, meta, train_path)
     spec = rollout_spec(cfg, meta)
     state = {k: v.clone() for k, v in policy.state_dict().items()}
-    out: dict[str, float] = {}
+    out: dict[str, float] = {"plan.build_requests_per_s": plan.num_requests / plan_s}
     rates = {}
-    for n in (1, 2):
-        pool = RayRollout(cfg.replace(**{"rollout.num_workers": n}), meta, spec)
+    for n, cache in ((1, plan.cache), (2, plan.cache), (1, {})):
+        pool = RayRollout(cfg.replace(**{"rollout.num_workers": n}), meta, spec, cache=cache)
         pool.set_weights(state, 0)
         # as in training: actor j runs lane j (a contiguous run of the round's tasks), so
-        # each shard is decoded by one actor; task i of a submit goes to actor i mod n
+        # each shard is read by one actor; task i of a submit goes to actor i mod n
         dealt = lanes(tasks, n)
         steps = min(len(lane) for lane in dealt)
         work = [lane[s] for s in range(steps) for lane in dealt]
@@ -86,8 +96,8 @@ def bench_rollout(cfg: Config, train_path: str, repeats: int) -> dict[str, float
             pool.collect(pool.submit(work, 10.0, 0, list(range(len(work)))))
 
         dt = _median_time(run, repeats)
-        rates[n] = sum(len(t) for t in work) / dt
-        if n == 1:
+        rates[n, bool(cache)] = sum(len(t) for t in work) / dt
+        if n == 1 and cache:
 
             def sync(pool=pool) -> None:
                 pool.set_weights(state, pool._version + 1)
@@ -97,9 +107,12 @@ def bench_rollout(cfg: Config, train_path: str, repeats: int) -> dict[str, float
             out["sync.weights_ms"] = 1000 * _median_time(sync, 9)
             out["sync.actor_roundtrip_ms"] = 1000 * noop
         pool.close()
-    out["rollout.requests_per_s_per_worker"] = rates[1]
-    out["rollout.requests_per_s_2_workers"] = rates[2]
-    out["rollout.scaling_2_workers"] = rates[2] / rates[1]
+    cached = bool(plan.cache)
+    out["rollout.requests_per_s_per_worker"] = rates[1, cached]
+    out["rollout.requests_per_s_2_workers"] = rates[2, cached]
+    out["rollout.scaling_2_workers"] = rates[2, cached] / rates[1, cached]
+    out["rollout.requests_per_s_per_worker_parquet"] = rates[1, False]
+    out["rollout.decoded_cache"] = float(cached)
     return out
 
 
@@ -128,6 +141,13 @@ def bench_kernel(cfg: Config, train_path: str, repeats: int) -> dict[str, float]
 
     dt_decode = _median_time(decode, repeats)
     shard_rows = pq.ParquetFile(first.file).metadata.num_rows
+    with tempfile.TemporaryDirectory() as tmp:
+        cached = DataPlan.build(train_path, rounds=1, batch_size=len(first), cache_dir=tmp)
+
+        def mapped() -> None:  # the same from the plan's decoded cache (memory-mapped)
+            TaskReader(plan.meta, columns=ROLLOUT_COLUMNS, cache=cached.cache).load(first)
+
+        dt_mapped = _median_time(mapped, repeats)
     dt = _median_time(lambda: worker.rollout(batch, 10.0), repeats)
     rb = worker.rollout(batch, 10.0)
     learner = GRPOLearner(policy, GRPOSettings.from_config(cfg))
@@ -137,6 +157,7 @@ def bench_kernel(cfg: Config, train_path: str, repeats: int) -> dict[str, float]
         "kernel.rollout_requests_per_s": len(batch) / dt,
         "kernel.read_requests_per_s": len(batch) / dt_read,
         "kernel.decode_requests_per_s": shard_rows / dt_decode,
+        "kernel.cached_read_requests_per_s": shard_rows / dt_mapped,
         "learner.samples_per_s": samples / dt_learn,
         "learner.requests_per_s": len(batch) / dt_learn,
     }

@@ -124,6 +124,12 @@ class DataConfig:
     """Bad rows: ``raise`` (stop with file/row/column) or ``reject`` (set aside, counted)."""
     batch_size: int = 2048
     """Rows per read batch."""
+    cache: bool = True
+    """Write the training rows, decoded, once per run (Arrow IPC) for rollout workers to
+    memory-map instead of decoding Parquet every round (see ``data.plan.DecodedCache``)."""
+    cache_dir: str = ""
+    """Where that cache goes; empty = RUN_DIR/decoded. Set a shared folder to reuse it
+    across runs and sweep trials (it is keyed by each file's path, size and mtime)."""
 
     def __post_init__(self) -> None:
         _check(

@@ -101,7 +101,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         model, GRPOSettings.from_config(cfg), ray.train.torch.get_device(), seed=cfg.seed + rank
     )
     per_rank = max(1, cfg.rollout.num_workers // world)
-    backend = RayRollout(cfg, meta, rollout_spec(cfg, meta), num_workers=per_rank)
+    backend = RayRollout(cfg, meta, rollout_spec(cfg, meta), num_workers=per_rank, cache=plan.cache)
     logger = MetricsLogger(cfg.run_dir) if rank == 0 else None
     probe = Probe(cfg, meta, config["eval_path"], simulator_for(cfg)) if rank == 0 else None
 

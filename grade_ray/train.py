@@ -113,7 +113,15 @@ def build_plan(cfg: Config, train_path: str) -> DataPlan:
         requests_per_round=g.requests_per_round,
         on_error=cfg.data.on_error,
         rejects_path=Path(cfg.run_dir) / "rejects.parquet",
+        cache_dir=decode_cache_dir(cfg),
     )
+
+
+def decode_cache_dir(cfg: Config) -> Path | None:
+    """Where the plan writes decoded training rows (None: ``data.cache`` is off)."""
+    if not cfg.data.cache:
+        return None
+    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.run_dir) / "decoded"
 
 
 def run_train_local(cfg: Config, resume: bool = False) -> Path:
@@ -125,7 +133,7 @@ def run_train_local(cfg: Config, resume: bool = False) -> Path:
     log.info("training data: %s", plan.report.summary())
     policy = initial_policy(cfg, meta, train_path, logger)
     learner = GRPOLearner(policy, GRPOSettings.from_config(cfg), seed=cfg.seed)
-    backend = LocalRollout(load_policy_copy(policy), rollout_spec(cfg, meta), meta)
+    backend = LocalRollout(load_policy_copy(policy), rollout_spec(cfg, meta), meta, plan.cache)
     probe = Probe(cfg, meta, eval_path, simulator_for(cfg))
     trainer = GRPOTrainer(cfg, plan, learner, backend, logger, run_dir, probe)
     if resume:

@@ -12,11 +12,14 @@ exactly once. The plan holds only integers; data is read task by task.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
+import os
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from grade_ray.data.schema import (
@@ -62,6 +65,8 @@ class DataPlan:
     report: ReadReport
     rounds: list[list[Task]]
     ts_range: tuple[int, int]
+    cache: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Session file -> its decoded cache file (empty when built without ``cache_dir``)."""
 
     @property
     def num_requests(self) -> int:
@@ -79,12 +84,15 @@ class DataPlan:
         on_error: str = "raise",
         rejects_path: str | Path | None = None,
         read_batch: int = 8192,
+        cache_dir: str | Path | None = None,
     ) -> DataPlan:
         """Validate every row once and cut time-ordered good rows into rounds and tasks.
 
         The logs are split into ``rounds // data_passes`` time windows, visited
         ``data_passes`` times in order; ``requests_per_round`` > 0 keeps the
-        first that many requests of each window.
+        first that many requests of each window. With ``cache_dir``, the rows this pass
+        validates are also written there as decoded columns (see :class:`DecodedCache`), so
+        rollout workers memory-map them instead of decoding Parquet every round.
         """
         if rounds % data_passes:
             raise ValueError(
@@ -94,11 +102,20 @@ class DataPlan:
         meta = read_meta(files[0])
         report = ReadReport()
         file_idx, row_idx, ts_all = [], [], []
-        for chunk in iter_validated(path, read_batch, on_error, rejects_path, report, files):
-            rows = np.flatnonzero(chunk.kept) + chunk.offset
-            file_idx.append(np.full(len(rows), chunk.file_index, dtype=np.int32))
-            row_idx.append(rows.astype(np.int64))
-            ts_all.append(np.asarray(chunk.good.column("ts").to_numpy(), dtype=np.int64))
+        cache = DecodedCache(cache_dir) if cache_dir else None
+        try:
+            for chunk in iter_validated(path, read_batch, on_error, rejects_path, report, files):
+                rows = np.flatnonzero(chunk.kept) + chunk.offset
+                file_idx.append(np.full(len(rows), chunk.file_index, dtype=np.int32))
+                row_idx.append(rows.astype(np.int64))
+                ts_all.append(np.asarray(chunk.good.column("ts").to_numpy(), dtype=np.int64))
+                if cache is not None:
+                    cache.add(chunk.file, chunk.good, rows)
+        except BaseException:
+            if cache is not None:
+                cache.abort()
+            raise
+        cached = cache.close() if cache is not None else {}
         if report.rows_used == 0:
             raise ValueError(f"{path}: no usable rows ({report.summary()})")
         fidx, ridx, ts = (np.concatenate(a) for a in (file_idx, row_idx, ts_all))
@@ -111,7 +128,7 @@ class DataPlan:
                 window = window[:requests_per_round]
             plan_rounds.append(_tasks(r, window, fidx, ridx, files, batch_size))
         log.info("data plan: %s; %d rounds", report.summary(), rounds)
-        return cls(files, meta, report, plan_rounds, (int(ts.min()), int(ts.max())))
+        return cls(files, meta, report, plan_rounds, (int(ts.min()), int(ts.max())), cached)
 
 
 def _tasks(
@@ -156,6 +173,76 @@ def lanes(tasks: list[Task], n: int) -> list[list[Task]]:
 
 # Columns a rollout needs (item ids are not read: ranking uses scores, labels and positions).
 ROLLOUT_COLUMNS = (REQUEST_ID, USER_ID, TS, CONTEXT, SCORES, LABELS, LOGGED_POSITION)
+SOURCE_ROW = "source_row"
+"""Cache column: the row's number in its session file (what a :class:`Task` names)."""
+CACHE_VERSION = 1
+
+
+class DecodedCache:
+    """Decoded rollout columns of validated rows, one Arrow IPC file per session file.
+
+    Parquet's nested ``list<list<float>>`` columns cost rollout workers about as much to
+    decode as the rollout math itself, every round, while the plan's validation pass has
+    just decoded every row. This writes those rows (rollout columns + their file row
+    numbers) to ``cache_dir`` as uncompressed Arrow IPC, which workers memory-map
+    (:class:`TaskReader`). A cache file is named by the session file's path, size and
+    modification time, so a changed file gets a new one; an existing one is reused. Files
+    are written under a temporary name and renamed when complete. ``cache_dir`` may be
+    deleted at any time (the next plan rewrites what it needs); on a cluster it must be
+    shared storage like the run directory, else workers fall back to Parquet.
+    """
+
+    def __init__(self, cache_dir: str | Path) -> None:
+        self.dir = Path(cache_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.paths: dict[str, str] = {}
+        self._file: str | None = None
+        self._final: Path | None = None
+        self._tmp: Path | None = None
+        self._writer: pa.ipc.RecordBatchFileWriter | None = None
+
+    def path_for(self, file: str) -> Path:
+        st = os.stat(file)
+        key = f"{CACHE_VERSION}|{os.path.abspath(file)}|{st.st_size}|{st.st_mtime_ns}"
+        digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+        return self.dir / f"{Path(file).stem}-{digest}.arrow"
+
+    def add(self, file: str, good: pa.Table, rows: np.ndarray) -> None:
+        """Validated rows ``good`` of ``file`` with their file row numbers (ascending)."""
+        if file != self._file:
+            self._finish()
+            self._file, self._final = file, self.path_for(file)
+            if self._final.exists():  # written by an earlier plan over the same file
+                self.paths[file] = str(self._final)
+                self._final = None
+        if self._final is None or good.num_rows == 0:
+            return
+        cols = [c for c in ROLLOUT_COLUMNS if c in good.column_names]
+        table = normalize_table(good.select(cols)).append_column(
+            SOURCE_ROW, pa.array(rows, pa.int64())
+        )
+        if self._writer is None:
+            self._tmp = self._final.with_name(f"{self._final.name}.{os.getpid()}.tmp")
+            self._writer = pa.ipc.new_file(str(self._tmp), table.schema)
+        self._writer.write_table(table)
+
+    def _finish(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            os.replace(self._tmp, self._final)  # atomic: readers see whole files only
+            self.paths[self._file] = str(self._final)
+        self._writer = self._tmp = self._final = None
+
+    def close(self) -> dict[str, str]:
+        """Finish the last file; returns session file -> cache file."""
+        self._finish()
+        return dict(self.paths)
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._tmp.unlink(missing_ok=True)
+        self._writer = self._tmp = self._final = None
 
 
 class TaskReader:
@@ -164,7 +251,9 @@ class TaskReader:
 
     ``columns``: the columns to decode (default: all; :data:`ROLLOUT_COLUMNS` for rollouts).
     ``use_threads``: let Arrow decode on its thread pool; rollout actors pass False so a
-    worker uses the one CPU it reserved.
+    worker uses the one CPU it reserved. ``cache``: session file -> decoded cache file
+    (:attr:`DataPlan.cache`); such files are memory-mapped instead of decoded (a cache file
+    this worker cannot see is skipped, with one warning, for the Parquet file).
     """
 
     def __init__(
@@ -173,28 +262,50 @@ class TaskReader:
         max_files: int = 1,
         columns: tuple[str, ...] | None = None,
         use_threads: bool = True,
+        cache: dict[str, str] | None = None,
     ) -> None:
         self.meta = meta
         self.max_files = max_files
         self.columns = columns
         self.use_threads = use_threads
-        self._cache: OrderedDict[str, SessionBatch] = OrderedDict()
+        self.cache = dict(cache or {})
+        self._files: OrderedDict[str, tuple[SessionBatch, np.ndarray | None]] = OrderedDict()
 
-    def _file(self, file: str) -> SessionBatch:
-        if file in self._cache:
-            self._cache.move_to_end(file)
-            return self._cache[file]
+    def _read(self, file: str) -> tuple[SessionBatch, np.ndarray | None]:
+        cached = self.cache.get(file)
+        if cached is not None:
+            if os.path.exists(cached):
+                table = pa.ipc.open_file(pa.memory_map(cached, "r")).read_all()
+                rows = np.asarray(table.column(SOURCE_ROW).to_numpy(), np.int64)
+                return table_to_batch(table, self.meta), rows
+            log.warning("decoded cache %s not found here; reading %s instead", cached, file)
+            del self.cache[file]
         columns = None
         if self.columns is not None:
             present = pq.read_schema(file).names
             columns = [c for c in self.columns if c in present]
         table = pq.read_table(file, columns=columns, use_threads=self.use_threads)
-        batch = table_to_batch(normalize_table(table), self.meta)
-        self._cache[file] = batch
-        while len(self._cache) > self.max_files:
-            self._cache.popitem(last=False)
-        return batch
+        return table_to_batch(normalize_table(table), self.meta), None
+
+    def _file(self, file: str) -> tuple[SessionBatch, np.ndarray | None]:
+        if file in self._files:
+            self._files.move_to_end(file)
+            return self._files[file]
+        self._files[file] = self._read(file)
+        while len(self._files) > self.max_files:
+            self._files.popitem(last=False)
+        return self._files[file]
 
     def load(self, task: Task) -> SessionBatch:
         """The task's rows as a padded batch (rows were validated when the plan was built)."""
-        return self._file(task.file).take(task.rows).trim()
+        batch, source_rows = self._file(task.file)
+        idx = task.rows
+        if source_rows is not None:  # cache rows are the file's good rows, ascending
+            idx = np.searchsorted(source_rows, task.rows)
+            ok = idx < len(source_rows)
+            if not ok.all() or not (source_rows[idx] == task.rows).all():
+                raise RuntimeError(
+                    f"decoded cache {self.cache[task.file]} lacks rows of {task.file} that the "
+                    "plan names; delete the cache directory and rebuild the plan"
+                )
+        return batch.take(idx).trim()

@@ -30,12 +30,18 @@ log = logging.getLogger(__name__)
 class RolloutActor:
     """Ray actor body: owns a policy copy and a task reader."""
 
-    def __init__(self, policy_cfg: PolicyConfig, meta_json: str, spec: RolloutSpec) -> None:
+    def __init__(
+        self,
+        policy_cfg: PolicyConfig,
+        meta_json: str,
+        spec: RolloutSpec,
+        cache: dict[str, str] | None = None,
+    ) -> None:
         torch.set_num_threads(1)
         meta = SessionMeta.from_json(meta_json)
         policy = build_policy(policy_cfg, meta.context_dim, meta.num_tasks)
         self.worker = RolloutWorker(policy, spec)
-        self.reader = TaskReader(meta, columns=ROLLOUT_COLUMNS, use_threads=False)
+        self.reader = TaskReader(meta, columns=ROLLOUT_COLUMNS, use_threads=False, cache=cache)
 
     def run(
         self,
@@ -63,7 +69,12 @@ class RayRollout:
     :func:`grade_ray.data.plan.lanes`)."""
 
     def __init__(
-        self, cfg, meta: SessionMeta, spec: RolloutSpec, num_workers: int | None = None
+        self,
+        cfg,
+        meta: SessionMeta,
+        spec: RolloutSpec,
+        num_workers: int | None = None,
+        cache: dict[str, str] | None = None,
     ) -> None:
         n = num_workers or cfg.rollout.num_workers
         options: dict[str, Any] = {
@@ -74,7 +85,10 @@ class RayRollout:
         if cfg.rollout.resource and ray.cluster_resources().get(cfg.rollout.resource, 0) > 0:
             options["resources"] = {cfg.rollout.resource: 1}
         remote = ray.remote(RolloutActor).options(**options)
-        self.actors = [remote.remote(cfg.policy, meta.to_json(), spec) for _ in range(n)]
+        # the cache map (file -> decoded cache path) is a few strings: constructor-sized
+        self.actors = [
+            remote.remote(cfg.policy, meta.to_json(), spec, cache or {}) for _ in range(n)
+        ]
         self._weights: list[ray.ObjectRef] = []
         self._version = -1
 

@@ -33,9 +33,15 @@ def task_seed(seed: int, task: Task) -> int:
 class LocalRollout:
     """Runs tasks in this process, one after another."""
 
-    def __init__(self, policy: FusionPolicy, spec: RolloutSpec, meta: SessionMeta) -> None:
+    def __init__(
+        self,
+        policy: FusionPolicy,
+        spec: RolloutSpec,
+        meta: SessionMeta,
+        cache: dict[str, str] | None = None,
+    ) -> None:
         self.worker = RolloutWorker(policy, spec)
-        self.reader = TaskReader(meta, columns=ROLLOUT_COLUMNS)
+        self.reader = TaskReader(meta, columns=ROLLOUT_COLUMNS, cache=cache)
 
     def set_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
         self.worker.set_weights(state, version)
