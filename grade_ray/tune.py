@@ -393,9 +393,15 @@ def check_sweep_resources(spec: TuneSpec, resources: dict[str, float]) -> None:
 # One trial
 
 
-def trial_config(base: Config, params: dict[str, Any], trial_dir: Path) -> Config:
-    """The trial's full config: base + its sampled values, in its own run_dir."""
-    return base.replace(run_dir=str(trial_dir), **params)
+def trial_config(
+    base: Config, params: dict[str, Any], trial_dir: Path, sweep_dir: Path | None = None
+) -> Config:
+    """The trial's full config: base + its sampled values, in its own run_dir. Trials of
+    one sweep share the decoded-data cache (SWEEP_DIR/decoded) unless one is configured."""
+    cfg = base.replace(run_dir=str(trial_dir), **params)
+    if sweep_dir is not None and cfg.data.cache and not cfg.data.cache_dir:
+        cfg = cfg.replace(**{"data.cache_dir": str(sweep_dir / "decoded")})
+    return cfg
 
 
 def _fit_stage2(cfg: Config, callbacks: list, fail_at_round: int | None = None) -> Path:
@@ -487,7 +493,7 @@ def _run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     sweep_dir = Path(ctx["sweep_dir"])
     trial_dir = sweep_dir / TRIALS_DIR / trial_id
     (trial_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
-    cfg = trial_config(from_dict(Config, ctx["base"]), params, trial_dir)
+    cfg = trial_config(from_dict(Config, ctx["base"]), params, trial_dir, sweep_dir)
     (trial_dir / "trial.json").write_text(
         json.dumps({"trial_id": trial_id, "config": params}, default=str)
     )

@@ -174,6 +174,10 @@ def test_sweep_runs_writes_results_and_resumes(ray_session, tmp_path):
     ok_mtime = Path(ok["checkpoint"]).stat().st_mtime
     # the failed trial got as far as one round and its checkpoint
     assert Path(failed["checkpoint"]).name == "round-0000.pt"
+    # trials share one decoded cache (the same logs through each trial's data link)
+    shards = sorted((d / "data" / "train").glob("*.parquet"))
+    assert shards and len(list((d / "decoded").glob("*.arrow"))) == len(shards)
+    assert not any((Path(t["run_dir"]) / "decoded").exists() for t in res.trials)
 
     with pytest.raises(TuneError, match="pass --resume"):
         run_tune(spec)

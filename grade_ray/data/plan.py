@@ -203,7 +203,7 @@ class DecodedCache:
 
     def path_for(self, file: str) -> Path:
         st = os.stat(file)
-        key = f"{CACHE_VERSION}|{os.path.abspath(file)}|{st.st_size}|{st.st_mtime_ns}"
+        key = f"{CACHE_VERSION}|{os.path.realpath(file)}|{st.st_size}|{st.st_mtime_ns}"
         digest = hashlib.sha1(key.encode()).hexdigest()[:16]
         return self.dir / f"{Path(file).stem}-{digest}.arrow"
 
