@@ -29,8 +29,8 @@ VARIANTS: dict[str, dict[str, object]] = {
 
 def variant_config(cfg: Config, name: str, fresh: bool = False) -> Config:
     """Config of variant ``name`` in RUN_DIR/variants/NAME, set up to share the run's Stage 1
-    (its ``pretrain.pt`` is copied in) and, for simulated data, the run's logs. ``fresh``
-    removes an earlier run of the variant first."""
+    (its ``pretrain.pt`` is copied in), its decoded-data cache and, for simulated data, its
+    logs. ``fresh`` removes an earlier run of the variant first."""
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; valid: {list(VARIANTS)}")
     run_dir = Path(cfg.run_dir)
@@ -42,7 +42,10 @@ def variant_config(cfg: Config, name: str, fresh: bool = False) -> Config:
     shutil.copy(sp, vdir / CHECKPOINT_DIR / sp.name)
     if not cfg.data.train_path and not (vdir / "data").exists():
         os.symlink((run_dir / "data").resolve(), vdir / "data")  # same simulated logs
-    return cfg.replace(run_dir=str(vdir), **VARIANTS[name])
+    vcfg = cfg.replace(run_dir=str(vdir), **VARIANTS[name])
+    if vcfg.data.cache and not vcfg.data.cache_dir:  # one decoded cache for all variants
+        vcfg = vcfg.replace(**{"data.cache_dir": str(run_dir / "decoded")})
+    return vcfg
 
 
 def run_compare(

@@ -153,3 +153,6 @@ def test_bench_quality_smoke_end_to_end(ray_session, smoke_cfg, tmp_path):
     ):
         assert f"| {label}" in md or label in md
     assert (tmp_path / "q" / "eval" / "eval.json").exists()
+    # the variants read the training logs through one decoded cache in the run directory
+    assert list((run / "decoded").glob("*.arrow"))
+    assert not any((run / "variants" / v / "decoded").exists() for v in VARIANTS)
