@@ -57,8 +57,9 @@ def bench_rollout(cfg: Config, train_path: str, repeats: int) -> dict[str, float
     """Rollout throughput through Ray with 1 and 2 actors, and the weight-sync time.
 
     Actors read what training reads: the plan's decoded cache when ``data.cache`` is on
-    (the default). ``rollout.requests_per_s_per_worker_parquet`` is one actor decoding the
-    Parquet shards itself (``data.cache=false``), measured in the same run.
+    (the default). The 1- and 2-worker runs alternate, repeat by repeat, on one pool of two
+    actors. ``rollout.requests_per_s_per_worker_parquet`` is one actor decoding the
+    Parquet shards itself (``data.cache=false``), measured after.
     """
     import ray
 
@@ -78,41 +79,64 @@ def bench_rollout(cfg: Config, train_path: str, repeats: int) -> dict[str, float
     spec = rollout_spec(cfg, meta)
     state = {k: v.clone() for k, v in policy.state_dict().items()}
     out: dict[str, float] = {"plan.build_requests_per_s": plan.num_requests / plan_s}
-    rates = {}
-    for n, cache in ((1, plan.cache), (2, plan.cache), (1, {})):
-        pool = RayRollout(cfg.replace(**{"rollout.num_workers": n}), meta, spec, cache=cache)
-        pool.set_weights(state, 0)
+
+    def schedule(n: int) -> list:
         # as in training: actor j runs lane j (a contiguous run of the round's tasks), so
         # each shard is read by one actor; task i of a submit goes to actor i mod n
         dealt = lanes(tasks, n)
         steps = min(len(lane) for lane in dealt)
-        work = [lane[s] for s in range(steps) for lane in dealt]
         out[f"rollout.files_per_actor_{n}_workers"] = max(
             len({t.file for t in lane[:steps]}) for lane in dealt
         )
-        pool.collect(pool.submit(work[:n], 10.0, 0, list(range(n))))  # warm-up (JIT, imports)
+        return [lane[s] for s in range(steps) for lane in dealt]
 
-        def run(pool=pool, work=work) -> None:
-            pool.collect(pool.submit(work, 10.0, 0, list(range(len(work)))))
+    one, two = schedule(1), schedule(2)
+    # One pool of 2 actors measures both: 1 worker = all tasks to actor 0 (actor 1 idle),
+    # 2 workers = each its lane; the two alternate, so load on the shared machine hits both.
+    pool = RayRollout(cfg.replace(**{"rollout.num_workers": 2}), meta, spec, cache=plan.cache)
+    pool.set_weights(state, 0)
 
-        dt = _median_time(run, repeats)
-        rates[n, bool(cache)] = sum(len(t) for t in work) / dt
-        if n == 1 and cache:
+    def run1() -> None:
+        ray.get(pool.actors[0].run.remote(one, pool._weights, 0, 10.0, list(range(len(one)))))
 
-            def sync(pool=pool) -> None:
-                pool.set_weights(state, pool._version + 1)
-                ray.get(pool.actors[0].run.remote([], pool._weights, pool._version, 10.0, []))
+    def run2() -> None:
+        pool.collect(pool.submit(two, 10.0, 0, list(range(len(two)))))
 
-            noop = _median_time(lambda pool=pool: ray.get(pool.actors[0].info.remote()), 5)
-            out["sync.weights_ms"] = 1000 * _median_time(sync, 9)
-            out["sync.actor_roundtrip_ms"] = 1000 * noop
-        pool.close()
-    cached = bool(plan.cache)
-    out["rollout.requests_per_s_per_worker"] = rates[1, cached]
-    out["rollout.requests_per_s_2_workers"] = rates[2, cached]
-    out["rollout.scaling_2_workers"] = rates[2, cached] / rates[1, cached]
-    out["rollout.requests_per_s_per_worker_parquet"] = rates[1, False]
-    out["rollout.decoded_cache"] = float(cached)
+    pool.collect(pool.submit(two[:2], 10.0, 0, [0, 1]))  # warm-up (imports, first reads)
+    times: dict[int, list[float]] = {1: [], 2: []}
+    for _ in range(repeats):
+        for n, fn in ((1, run1), (2, run2)):
+            t0 = time.perf_counter()
+            fn()
+            times[n].append(time.perf_counter() - t0)
+    rate1 = sum(len(t) for t in one) / statistics.median(times[1])
+    rate2 = sum(len(t) for t in two) / statistics.median(times[2])
+
+    def sync() -> None:
+        pool.set_weights(state, pool._version + 1)
+        ray.get(pool.actors[0].run.remote([], pool._weights, pool._version, 10.0, []))
+
+    out["sync.actor_roundtrip_ms"] = 1000 * _median_time(
+        lambda: ray.get(pool.actors[0].info.remote()), 5
+    )
+    out["sync.weights_ms"] = 1000 * _median_time(sync, 9)
+    pool.close()
+
+    # the same single worker decoding Parquet itself (data.cache=false)
+    solo = RayRollout(cfg.replace(**{"rollout.num_workers": 1}), meta, spec, cache={})
+    solo.set_weights(state, 0)
+    solo.collect(solo.submit(one[:1], 10.0, 0, [0]))
+
+    def run_parquet() -> None:
+        solo.collect(solo.submit(one, 10.0, 0, list(range(len(one)))))
+
+    rate_parquet = sum(len(t) for t in one) / _median_time(run_parquet, repeats)
+    solo.close()
+    out["rollout.requests_per_s_per_worker"] = rate1
+    out["rollout.requests_per_s_2_workers"] = rate2
+    out["rollout.scaling_2_workers"] = rate2 / rate1
+    out["rollout.requests_per_s_per_worker_parquet"] = rate_parquet
+    out["rollout.decoded_cache"] = float(bool(plan.cache))
     return out
 
 
