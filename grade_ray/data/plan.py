@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import shutil
 from collections import OrderedDict
 from pathlib import Path
 
@@ -103,6 +104,8 @@ class DataPlan:
         report = ReadReport()
         file_idx, row_idx, ts_all = [], [], []
         cache = DecodedCache(cache_dir) if cache_dir else None
+        if cache is not None and not cache.fits(files):
+            cache = None
         try:
             for chunk in iter_validated(path, read_batch, on_error, rejects_path, report, files):
                 rows = np.flatnonzero(chunk.kept) + chunk.offset
@@ -176,6 +179,8 @@ ROLLOUT_COLUMNS = (REQUEST_ID, USER_ID, TS, CONTEXT, SCORES, LABELS, LOGGED_POSI
 SOURCE_ROW = "source_row"
 """Cache column: the row's number in its session file (what a :class:`Task` names)."""
 CACHE_VERSION = 1
+CACHE_MAX_DISK_SHARE = 0.5
+"""The decoded cache is skipped when it would fill more than this share of the free disk."""
 
 
 class DecodedCache:
@@ -200,6 +205,35 @@ class DecodedCache:
         self._final: Path | None = None
         self._tmp: Path | None = None
         self._writer: pa.ipc.RecordBatchFileWriter | None = None
+
+    def fits(self, files: list[str], max_share: float = CACHE_MAX_DISK_SHARE) -> bool:
+        """Whether the cache for ``files`` takes at most ``max_share`` of the free space
+        where it goes (estimated from the Parquet metadata: rollout-column values x their
+        width, plus a quarter for list offsets; files already cached count 0). Logs a
+        warning when it does not."""
+        need = 0.0
+        for f in files:
+            if self.path_for(f).exists():
+                continue
+            md = pq.ParquetFile(f).metadata
+            for g in range(md.num_row_groups):
+                rg = md.row_group(g)
+                for c in range(rg.num_columns):
+                    col = rg.column(c)
+                    if col.path_in_schema.split(".")[0] in ROLLOUT_COLUMNS:
+                        width = 8 if col.physical_type in ("INT64", "DOUBLE") else 4
+                        need += 1.25 * col.num_values * width
+        free = shutil.disk_usage(self.dir).free
+        if need > max_share * free:
+            log.warning(
+                "decoded cache skipped: it would take ~%.1f GB of the %.1f GB free in %s; "
+                "rollout workers decode Parquet instead (set data.cache_dir elsewhere)",
+                need / 1e9,
+                free / 1e9,
+                self.dir,
+            )
+            return False
+        return True
 
     def path_for(self, file: str) -> Path:
         st = os.stat(file)

@@ -97,3 +97,16 @@ def test_missing_or_stale_cache(smoke_data, tmp_path, caplog):
         w.write_table(table.slice(5))
     with pytest.raises(RuntimeError, match="lacks rows"):
         TaskReader(plan.meta, cache=other.cache).load(task)
+
+
+def test_cache_skipped_when_the_disk_is_short(smoke_data, tmp_path, monkeypatch, caplog):
+    import shutil
+
+    import grade_ray.data.plan as plan_mod
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(plan_mod.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    plan = DataPlan.build(smoke_data[0], rounds=1, batch_size=128, cache_dir=tmp_path / "c")
+    assert plan.cache == {} and "decoded cache skipped" in caplog.text
+    reader = TaskReader(plan.meta, columns=ROLLOUT_COLUMNS, cache=plan.cache)
+    assert sum(len(reader.load(t)) for t in plan.rounds[0]) == plan.report.rows_used
