@@ -101,7 +101,16 @@ def _train_loop(config: dict[str, Any]) -> None:
         model, GRPOSettings.from_config(cfg), ray.train.torch.get_device(), seed=cfg.seed + rank
     )
     per_rank = max(1, cfg.rollout.num_workers // world)
-    backend = RayRollout(cfg, meta, rollout_spec(cfg, meta), num_workers=per_rank, cache=plan.cache)
+    # a step deals num_workers * world lanes over world * per_rank actors
+    lanes_per_actor = -(-cfg.rollout.num_workers // per_rank)
+    backend = RayRollout(
+        cfg,
+        meta,
+        rollout_spec(cfg, meta),
+        num_workers=per_rank,
+        cache=plan.cache,
+        lanes_per_actor=lanes_per_actor,
+    )
     logger = MetricsLogger(cfg.run_dir) if rank == 0 else None
     probe = Probe(cfg, meta, config["eval_path"], simulator_for(cfg)) if rank == 0 else None
 
@@ -183,6 +192,8 @@ def run_train_ray(
     run_dir, logger = _start(cfg)
     run_dir = run_dir.resolve()
     cfg = cfg.replace(run_dir=str(run_dir))
+    if cfg.data.cache_dir:  # Train workers run elsewhere: give them an absolute path
+        cfg = cfg.replace(**{"data.cache_dir": str(Path(cfg.data.cache_dir).resolve())})
     train_path, eval_path = prepare_data(cfg)
     meta = read_meta(train_path)
     policy = initial_policy(cfg, meta, train_path, logger)

@@ -133,7 +133,13 @@ def run_train_local(cfg: Config, resume: bool = False) -> Path:
     log.info("training data: %s", plan.report.summary())
     policy = initial_policy(cfg, meta, train_path, logger)
     learner = GRPOLearner(policy, GRPOSettings.from_config(cfg), seed=cfg.seed)
-    backend = LocalRollout(load_policy_copy(policy), rollout_spec(cfg, meta), meta, plan.cache)
+    backend = LocalRollout(
+        load_policy_copy(policy),
+        rollout_spec(cfg, meta),
+        meta,
+        plan.cache,
+        lanes=cfg.rollout.num_workers,  # the steps' lanes, all read by this one reader
+    )
     probe = Probe(cfg, meta, eval_path, simulator_for(cfg))
     trainer = GRPOTrainer(cfg, plan, learner, backend, logger, run_dir, probe)
     if resume:

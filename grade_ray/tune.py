@@ -265,7 +265,7 @@ def parse_tune_spec(
             set_dotted(d, key, value)
     cfg = from_dict(Config, d)
     cfg = cfg.replace(run_dir=str(Path(cfg.run_dir).resolve()))
-    for k in ("train_path", "eval_path"):
+    for k in ("train_path", "eval_path", "cache_dir"):
         p = getattr(cfg.data, k)
         if p:
             cfg = cfg.replace(**{f"data.{k}": str(Path(p).resolve())})

@@ -103,6 +103,8 @@ def log_standard_gamma(alpha: torch.Tensor, generator: torch.Generator | None) -
     a = alpha.detach().reshape(-1)
     if not a.is_floating_point() or a.dtype in (torch.float16, torch.bfloat16):
         a = a.float()
+    if a.numel() == 0:
+        return torch.empty(alpha.shape, dtype=alpha.dtype, device=alpha.device)
     lo, hi = torch.aminmax(a)  # NaN propagates, so one reduction checks all three cases
     if not (bool(lo > 0) and bool(hi < math.inf)):
         raise ValueError("gamma concentrations must be finite and > 0")

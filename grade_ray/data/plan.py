@@ -16,6 +16,8 @@ import hashlib
 import logging
 import os
 import shutil
+import time
+import uuid
 from collections import OrderedDict
 from pathlib import Path
 
@@ -166,11 +168,13 @@ def lanes(tasks: list[Task], n: int) -> list[list[Task]]:
 
     Worker j gets the j-th run, so consecutive tasks of one file stay with one worker (each
     file is decoded by as few workers as possible). Returns n lists; their lengths differ by
-    at most one, and some are empty when there are fewer tasks than workers.
+    at most one, the longer ones first (so a round's last, partial step keeps each task on
+    its lane's worker), and some are empty when there are fewer tasks than workers.
     """
     if n < 1:
         raise ValueError(f"need at least one lane, got {n}")
-    bounds = [len(tasks) * j // n for j in range(n + 1)]
+    q, r = divmod(len(tasks), n)
+    bounds = [j * q + min(j, r) for j in range(n + 1)]
     return [tasks[bounds[j] : bounds[j + 1]] for j in range(n)]
 
 
@@ -180,6 +184,8 @@ SOURCE_ROW = "source_row"
 """Cache column: the row's number in its session file (what a :class:`Task` names)."""
 CACHE_VERSION = 1
 CACHE_MAX_DISK_SHARE = 0.5
+STALE_TMP_S = 24 * 3600
+"""Temporary cache files older than this were left by a killed writer and are removed."""
 """The decoded cache is skipped when it would fill more than this share of the free disk."""
 
 
@@ -203,8 +209,16 @@ class DecodedCache:
         self.paths: dict[str, str] = {}
         self._file: str | None = None
         self._final: Path | None = None
+        self._reuse: Path | None = None
         self._tmp: Path | None = None
         self._writer: pa.ipc.RecordBatchFileWriter | None = None
+        self._rows = (0, 0)  # (count, sum) of the current file's good rows
+        for tmp in self.dir.glob("*.tmp"):  # left by killed writers
+            try:
+                if time.time() - tmp.stat().st_mtime > STALE_TMP_S:
+                    tmp.unlink()
+            except OSError:
+                pass
 
     def fits(self, files: list[str], max_share: float = CACHE_MAX_DISK_SHARE) -> bool:
         """Whether the cache for ``files`` takes at most ``max_share`` of the free space
@@ -246,9 +260,10 @@ class DecodedCache:
         if file != self._file:
             self._finish()
             self._file, self._final = file, self.path_for(file)
-            if self._final.exists():  # written by an earlier plan over the same file
-                self.paths[file] = str(self._final)
-                self._final = None
+            self._rows = (0, 0)
+            if self._final.exists():  # written by an earlier plan: checked when the file ends
+                self._reuse, self._final = self._final, None
+        self._rows = (self._rows[0] + len(rows), self._rows[1] + int(rows.sum()))
         if self._final is None or good.num_rows == 0:
             return
         cols = [c for c in ROLLOUT_COLUMNS if c in good.column_names]
@@ -256,16 +271,39 @@ class DecodedCache:
             SOURCE_ROW, pa.array(rows, pa.int64())
         )
         if self._writer is None:
-            self._tmp = self._final.with_name(f"{self._final.name}.{os.getpid()}.tmp")
+            self._tmp = self._final.with_name(f"{self._final.name}.{uuid.uuid4().hex}.tmp")
             self._writer = pa.ipc.new_file(str(self._tmp), table.schema)
         self._writer.write_table(table)
 
     def _finish(self) -> None:
-        if self._writer is not None:
+        if self._reuse is not None:
+            if _cache_matches(self._reuse, self._rows):
+                self.paths[self._file] = str(self._reuse)
+            else:  # truncated or from other rows: not used, rewritten by the next plan
+                log.warning("decoded cache %s does not match %s; removed", self._reuse, self._file)
+                self._reuse.unlink(missing_ok=True)
+        elif self._writer is not None:
             self._writer.close()
-            os.replace(self._tmp, self._final)  # atomic: readers see whole files only
-            self.paths[self._file] = str(self._final)
-        self._writer = self._tmp = self._final = None
+            fd = os.open(self._tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._publish()
+        self._writer = self._tmp = self._final = self._reuse = None
+
+    def _publish(self) -> None:
+        """Move the finished temporary file into place without replacing a file another
+        writer (a second learner rank, a concurrent sweep trial) published meanwhile."""
+        try:
+            os.link(self._tmp, self._final)
+        except FileExistsError:
+            pass  # another writer won; its file holds the same rows
+        except OSError:  # no hard links on this filesystem
+            if not self._final.exists():
+                os.replace(self._tmp, self._final)
+        self._tmp.unlink(missing_ok=True)
+        self.paths[self._file] = str(self._final)
 
     def close(self) -> dict[str, str]:
         """Finish the last file; returns session file -> cache file."""
@@ -276,7 +314,17 @@ class DecodedCache:
         if self._writer is not None:
             self._writer.close()
             self._tmp.unlink(missing_ok=True)
-        self._writer = self._tmp = self._final = None
+        self._writer = self._tmp = self._final = self._reuse = None
+
+
+def _cache_matches(path: Path, rows: tuple[int, int]) -> bool:
+    """Whether a cache file opens and holds ``rows`` = (count, sum) of file row numbers."""
+    try:
+        src = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all().column(SOURCE_ROW)
+        got = np.asarray(src.to_numpy(), np.int64)
+    except (OSError, pa.ArrowException, KeyError):
+        return False
+    return (len(got), int(got.sum())) == rows
 
 
 class TaskReader:
@@ -287,7 +335,10 @@ class TaskReader:
     ``use_threads``: let Arrow decode on its thread pool; rollout actors pass False so a
     worker uses the one CPU it reserved. ``cache``: session file -> decoded cache file
     (:attr:`DataPlan.cache`); such files are memory-mapped instead of decoded (a cache file
-    this worker cannot see is skipped, with one warning, for the Parquet file).
+    this worker cannot read is skipped, with one warning, for the Parquet file). It is used
+    only when ``columns`` are rollout columns (the cache holds no others). ``max_files``:
+    decoded files kept, at least the number of lanes this reader serves (each lane reads
+    its own run of files). ``reads`` counts file reads from the cache and from Parquet.
     """
 
     def __init__(
@@ -302,18 +353,24 @@ class TaskReader:
         self.max_files = max_files
         self.columns = columns
         self.use_threads = use_threads
-        self.cache = dict(cache or {})
+        # the cache holds the rollout columns only: a reader asking for more reads Parquet
+        usable = columns is not None and set(columns) <= set(ROLLOUT_COLUMNS)
+        self.cache = dict(cache or {}) if usable else {}
+        self.reads = {"cache": 0, "parquet": 0}
         self._files: OrderedDict[str, tuple[SessionBatch, np.ndarray | None]] = OrderedDict()
 
     def _read(self, file: str) -> tuple[SessionBatch, np.ndarray | None]:
         cached = self.cache.get(file)
         if cached is not None:
-            if os.path.exists(cached):
+            try:
                 table = pa.ipc.open_file(pa.memory_map(cached, "r")).read_all()
                 rows = np.asarray(table.column(SOURCE_ROW).to_numpy(), np.int64)
+                self.reads["cache"] += 1
                 return table_to_batch(table, self.meta), rows
-            log.warning("decoded cache %s not found here; reading %s instead", cached, file)
-            del self.cache[file]
+            except (OSError, pa.ArrowException, KeyError) as e:
+                log.warning("decoded cache %s unreadable here (%s); reading %s", cached, e, file)
+                del self.cache[file]
+        self.reads["parquet"] += 1
         columns = None
         if self.columns is not None:
             present = pq.read_schema(file).names

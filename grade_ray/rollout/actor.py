@@ -36,12 +36,15 @@ class RolloutActor:
         meta_json: str,
         spec: RolloutSpec,
         cache: dict[str, str] | None = None,
+        lanes: int = 1,
     ) -> None:
         torch.set_num_threads(1)
         meta = SessionMeta.from_json(meta_json)
         policy = build_policy(policy_cfg, meta.context_dim, meta.num_tasks)
         self.worker = RolloutWorker(policy, spec)
-        self.reader = TaskReader(meta, columns=ROLLOUT_COLUMNS, use_threads=False, cache=cache)
+        self.reader = TaskReader(
+            meta, max_files=lanes, columns=ROLLOUT_COLUMNS, use_threads=False, cache=cache
+        )
 
     def run(
         self,
@@ -60,7 +63,11 @@ class RolloutActor:
         return out
 
     def info(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+        return {
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "file_reads": dict(self.reader.reads),
+        }
 
 
 class RayRollout:
@@ -75,6 +82,7 @@ class RayRollout:
         spec: RolloutSpec,
         num_workers: int | None = None,
         cache: dict[str, str] | None = None,
+        lanes_per_actor: int = 1,
     ) -> None:
         n = num_workers or cfg.rollout.num_workers
         options: dict[str, Any] = {
@@ -87,7 +95,8 @@ class RayRollout:
         remote = ray.remote(RolloutActor).options(**options)
         # the cache map (file -> decoded cache path) is a few strings: constructor-sized
         self.actors = [
-            remote.remote(cfg.policy, meta.to_json(), spec, cache or {}) for _ in range(n)
+            remote.remote(cfg.policy, meta.to_json(), spec, cache or {}, lanes_per_actor)
+            for _ in range(n)
         ]
         self._weights: list[ray.ObjectRef] = []
         self._version = -1

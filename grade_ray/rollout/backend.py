@@ -39,9 +39,11 @@ class LocalRollout:
         spec: RolloutSpec,
         meta: SessionMeta,
         cache: dict[str, str] | None = None,
+        lanes: int = 1,
     ) -> None:
         self.worker = RolloutWorker(policy, spec)
-        self.reader = TaskReader(meta, columns=ROLLOUT_COLUMNS, cache=cache)
+        # one reader serves every lane of a step: keep each lane's current file
+        self.reader = TaskReader(meta, max_files=lanes, columns=ROLLOUT_COLUMNS, cache=cache)
 
     def set_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
         self.worker.set_weights(state, version)

@@ -176,3 +176,11 @@ def test_grpo_smoke_moves_policy_toward_the_rewarded_task(name):
     assert not torch.equal(logits.detach(), start)
     assert max(losses) - min(losses) > 1e-3
     assert pi_end[0] > 0.35 and int(pi_end.argmax()) == 0
+
+
+def test_gamma_of_an_empty_tensor_is_empty():
+    from grade_ray.algos.exploration import log_standard_gamma
+
+    assert log_standard_gamma(torch.ones(0, 3), None).shape == (0, 3)
+    w = EXPLORATIONS.get("dirichlet").sample(torch.ones(0, 3) / 3, 4, 10.0, floor=0.05)
+    assert w.shape == (0, 4, 3)

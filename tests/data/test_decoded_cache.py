@@ -29,6 +29,7 @@ def test_cached_tasks_equal_parquet_tasks(smoke_data, tmp_path):
     for r in plan.rounds:
         for t in r:
             _same(cached.load(t), parquet.load(t))
+    assert cached.reads["parquet"] == 0 and cached.reads["cache"] > 0
 
 
 def test_cache_is_reused_and_keyed_by_the_file(smoke_data, tmp_path):
@@ -73,13 +74,14 @@ def test_cache_maps_file_rows_around_rejected_ones(tmp_path):
         rejects_path=tmp_path / "rej.parquet",
     )  # fmt: skip
     assert list(plan.cache) == [str(path)]
-    cached = TaskReader(plan.meta, cache=plan.cache)
+    cached = TaskReader(plan.meta, columns=ROLLOUT_COLUMNS, cache=plan.cache)
     parquet = TaskReader(plan.meta)
     ids = []
     for t in plan.rounds[0]:
         _same(cached.load(t), parquet.load(t))
         ids += cached.load(t).request_id.tolist()
     assert sorted(ids) == [0, 2, 3, 4, 5]  # row 1 was rejected
+    assert cached.reads == {"cache": 1, "parquet": 0}
 
 
 def test_missing_or_stale_cache(smoke_data, tmp_path, caplog):
@@ -89,14 +91,14 @@ def test_missing_or_stale_cache(smoke_data, tmp_path, caplog):
     os.remove(gone[task.file])  # e.g. a worker on a node without the shared folder
     reader = TaskReader(plan.meta, columns=ROLLOUT_COLUMNS, cache=gone)
     _same(reader.load(task), TaskReader(plan.meta).load(task))
-    assert "not found here" in caplog.text
+    assert "unreadable here" in caplog.text
     # a cache file that lacks rows the plan names is refused, not silently misread
     other = DataPlan.build(smoke_data[0], rounds=1, batch_size=128, cache_dir=tmp_path / "d")
     table = pa.ipc.open_file(other.cache[task.file]).read_all()
     with pa.ipc.new_file(other.cache[task.file], table.schema) as w:
         w.write_table(table.slice(5))
     with pytest.raises(RuntimeError, match="lacks rows"):
-        TaskReader(plan.meta, cache=other.cache).load(task)
+        TaskReader(plan.meta, columns=ROLLOUT_COLUMNS, cache=other.cache).load(task)
 
 
 def test_cache_skipped_when_the_disk_is_short(smoke_data, tmp_path, monkeypatch, caplog):
@@ -110,3 +112,32 @@ def test_cache_skipped_when_the_disk_is_short(smoke_data, tmp_path, monkeypatch,
     assert plan.cache == {} and "decoded cache skipped" in caplog.text
     reader = TaskReader(plan.meta, columns=ROLLOUT_COLUMNS, cache=plan.cache)
     assert sum(len(reader.load(t)) for t in plan.rounds[0]) == plan.report.rows_used
+
+
+def test_damaged_cache_file_is_not_reused(smoke_data, tmp_path, caplog):
+    a = DataPlan.build(smoke_data[0], rounds=1, batch_size=128, cache_dir=tmp_path / "c")
+    victim = sorted(a.cache.values())[0]
+    with open(victim, "r+b") as f:
+        f.truncate(os.path.getsize(victim) // 2)
+    b = DataPlan.build(smoke_data[0], rounds=1, batch_size=128, cache_dir=tmp_path / "c")
+    assert victim not in b.cache.values() and "does not match" in caplog.text
+    assert len(b.cache) == len(a.cache) - 1
+    c = DataPlan.build(smoke_data[0], rounds=1, batch_size=128, cache_dir=tmp_path / "c")
+    assert c.cache == a.cache  # rewritten by the next plan
+    # a reader handed an unreadable cache file reads Parquet instead
+    with open(victim, "r+b") as f:
+        f.truncate(10)
+    task = next(t for t in c.rounds[0] if c.cache[t.file] == victim)
+    reader = TaskReader(c.meta, columns=ROLLOUT_COLUMNS, cache=c.cache)
+    _same(reader.load(task), TaskReader(c.meta).load(task))
+    assert reader.reads == {"cache": 0, "parquet": 1} and "unreadable" in caplog.text
+
+
+def test_cache_only_serves_rollout_columns(smoke_data, tmp_path):
+    plan = DataPlan.build(smoke_data[0], rounds=1, batch_size=128, cache_dir=tmp_path / "c")
+    task = plan.rounds[0][0]
+    full = TaskReader(plan.meta, cache=plan.cache)  # all columns: item ids are not cached
+    assert full.load(task).item_ids.any() and full.reads == {"cache": 0, "parquet": 1}
+    lean = TaskReader(plan.meta, columns=ROLLOUT_COLUMNS, cache=plan.cache)
+    lean.load(task)
+    assert lean.reads == {"cache": 1, "parquet": 0}

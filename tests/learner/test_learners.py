@@ -124,9 +124,9 @@ def test_lanes_are_contiguous_balanced_and_cover_every_task():
     dealt = lanes(tasks, 2)
     assert [t.index for lane in dealt for t in lane] == list(range(8))  # contiguous, in order
     assert [len(lane) for lane in dealt] == [4, 4]
-    assert [len(lane) for lane in lanes(tasks, 3)] == [2, 3, 3]
+    assert [len(lane) for lane in lanes(tasks, 3)] == [3, 3, 2]  # longer lanes first
     assert [len(lane) for lane in lanes(tasks, 8)] == [1] * 8
-    assert [len(lane) for lane in lanes(tasks[:3], 5)] == [0, 1, 0, 1, 1]  # more lanes
+    assert [len(lane) for lane in lanes(tasks[:3], 5)] == [1, 1, 1, 0, 0]  # more lanes
     assert lanes([], 3) == [[], [], []]
     with pytest.raises(ValueError, match="lane"):
         lanes(tasks, 0)
@@ -140,3 +140,21 @@ def test_rollout_reader_skips_item_ids(smoke_data):
     assert full.item_ids.any() and not lean.item_ids.any()
     for name in ("request_id", "context", "scores", "labels", "mask", "position"):
         np.testing.assert_array_equal(getattr(lean, name), getattr(full, name))
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_each_lane_reads_its_files_once_per_round(smoke_cfg, smoke_data, workers):
+    """A single local reader serving every lane of the steps decodes each file once."""
+    from grade_ray.learner.loop import GRPOTrainer
+    from grade_ray.rollout.backend import LocalRollout
+
+    cfg = smoke_cfg.replace(**{"rollout.num_workers": workers, "rollout.batch_size": 128})
+    plan = DataPlan.build(smoke_data[0], rounds=1, batch_size=128)
+    assert len(plan.files) > 1 and len(plan.rounds[0]) > 2 * workers
+    policy = new_policy(cfg, plan.meta, smoke_data[0])
+    backend = LocalRollout(policy, rollout_spec(cfg, plan.meta), plan.meta, lanes=workers)
+    trainer = GRPOTrainer(cfg, plan, None, backend, None, "unused")
+    for step in trainer._step_tasks(0):
+        for task in step:
+            backend.reader.load(task)
+    assert backend.reader.reads["parquet"] == len(plan.files)
