@@ -141,3 +141,21 @@ def test_cache_only_serves_rollout_columns(smoke_data, tmp_path):
     lean = TaskReader(plan.meta, columns=ROLLOUT_COLUMNS, cache=plan.cache)
     lean.load(task)
     assert lean.reads == {"cache": 1, "parquet": 0}
+
+
+def test_concurrent_writers_publish_one_whole_file(smoke_data, tmp_path):
+    """Two plans (e.g. two learner ranks) writing the same shard's cache at once."""
+    from grade_ray.data.plan import DecodedCache
+    from grade_ray.data.schema import iter_validated
+
+    chunks = list(iter_validated(smoke_data[0]))
+    a, b = DecodedCache(tmp_path / "c"), DecodedCache(tmp_path / "c")
+    for ch in chunks:  # interleaved: both start before either finishes
+        rows = np.flatnonzero(ch.kept) + ch.offset
+        a.add(ch.file, ch.good, rows)
+        b.add(ch.file, ch.good, rows)
+    pa_, pb = a.close(), b.close()
+    assert pa_ == pb and len(pa_) == len({ch.file for ch in chunks})
+    assert not list((tmp_path / "c").glob("*.tmp"))
+    plan = DataPlan.build(smoke_data[0], rounds=1, batch_size=128, cache_dir=tmp_path / "c")
+    assert plan.cache == pa_  # the published files pass the reuse check
