@@ -156,28 +156,27 @@ def bench_kernel(cfg: Config, train_path: str, repeats: int) -> dict[str, float]
     from grade_ray.rollout.worker import RolloutWorker
 
     torch.set_num_threads(1)
-    plan = DataPlan.build(train_path, rounds=1, batch_size=cfg.rollout.batch_size)
-    batch = TaskReader(plan.meta).load(plan.rounds[0][0])
+    with tempfile.TemporaryDirectory() as tmp:
+        plan = DataPlan.build(
+            train_path, rounds=1, batch_size=cfg.rollout.batch_size, cache_dir=tmp
+        )
+        first = plan.rounds[0][0]
+        reader = TaskReader(plan.meta)
+        batch = reader.load(first)  # decodes the file once; steady state is a gather
+        dt_read = _median_time(lambda: reader.load(first), repeats)
+
+        def decode() -> None:  # what an actor does for each new shard: columns, one thread
+            TaskReader(plan.meta, columns=ROLLOUT_COLUMNS, use_threads=False).load(first)
+
+        def mapped() -> None:  # the same from the plan's decoded cache (memory-mapped)
+            TaskReader(plan.meta, columns=ROLLOUT_COLUMNS, cache=plan.cache).load(first)
+
+        dt_decode = _median_time(decode, repeats)
+        dt_mapped = _median_time(mapped, repeats)
+    shard_rows = pq.ParquetFile(first.file).metadata.num_rows
     policy = new_policy(cfg, plan.meta, train_path)
     worker = RolloutWorker(policy, rollout_spec(cfg, plan.meta))
     worker.set_weights(policy.state_dict(), 0)
-    first = plan.rounds[0][0]
-    reader = TaskReader(plan.meta)
-    reader.load(first)  # decode the file once; steady state is a gather
-    dt_read = _median_time(lambda: reader.load(first), repeats)
-
-    def decode() -> None:  # what an actor does for each new shard: columns, one thread
-        TaskReader(plan.meta, columns=ROLLOUT_COLUMNS, use_threads=False).load(first)
-
-    dt_decode = _median_time(decode, repeats)
-    shard_rows = pq.ParquetFile(first.file).metadata.num_rows
-    with tempfile.TemporaryDirectory() as tmp:
-        cached = DataPlan.build(train_path, rounds=1, batch_size=len(first), cache_dir=tmp)
-
-        def mapped() -> None:  # the same from the plan's decoded cache (memory-mapped)
-            TaskReader(plan.meta, columns=ROLLOUT_COLUMNS, cache=cached.cache).load(first)
-
-        dt_mapped = _median_time(mapped, repeats)
     dt = _median_time(lambda: worker.rollout(batch, 10.0), repeats)
     rb = worker.rollout(batch, 10.0)
     learner = GRPOLearner(policy, GRPOSettings.from_config(cfg))
