@@ -334,8 +334,7 @@ class GRPOTrainer:
         return [_split_for_ranks(s, self.world)[self.rank :: self.world] for s in steps]
 
     def _num_steps(self, r: int) -> int:
-        per_step = self.cfg.rollout.num_workers * self.world
-        return max(len(lane) for lane in lanes(self.plan.rounds[r], per_step))
+        return len(self._step_tasks(r))
 
     def alpha_hat(self) -> float:
         e = self.cfg.exploration
