@@ -63,7 +63,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from grade_ray.config import Config, load_config
@@ -166,21 +165,13 @@ def _probe(cfg: Config, train_path: str, eval_path: str):
     return Probe(cfg, read_meta(train_path), eval_path, sim)
 
 
-@torch.no_grad()
 def _uniform_north_star(cfg: Config, probe) -> float:
-    """Expected north-star of uniform weights on the probe's requests (as Probe scores)."""
-    from grade_ray.algos.fusion import fuse
-    from grade_ray.spec import as_tensor
+    """Probe north-star of uniform weights: a freshly built policy outputs uniform weights
+    (its last layer starts at zero), so the probe scores it exactly like a trained one."""
+    from grade_ray.models.policy import build_policy
 
-    scores = as_tensor(probe.batch.scores)
-    k = scores.shape[-1]
-    w = torch.full((scores.shape[0], k), 1.0 / k, dtype=scores.dtype)
-    fused = fuse(cfg.policy.fusion, scores, w, cfg.policy.fusion_eps)
-    return float(
-        np.mean(
-            probe.simulator.expected_outcomes(probe.batch, probe.truth, fused.numpy())["north_star"]
-        )
-    )
+    meta = probe.meta
+    return float(probe(build_policy(cfg.policy, meta.context_dim, meta.num_tasks))[PROBE_KEY])
 
 
 def train_grade_variant(cfg: Config, name: str, ns_start: float) -> TrainedArm:
