@@ -297,16 +297,13 @@ def train_variants(cfg: Config, names: Sequence[str]) -> dict[str, dict[str, Any
 
     Returns name -> {'path': policy file} or {'skipped': reason}.
     """
-    from grade_ray.compare import VARIANTS
-    from grade_ray.learner.loop import POLICY_FILE, PRETRAIN_CKPT
-    from grade_ray.runlog import CHECKPOINT_DIR
+    from grade_ray.compare import VARIANTS, variant_config
+    from grade_ray.learner.loop import POLICY_FILE
     from grade_ray.train import run_train_local
 
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; valid: {list(VARIANTS)}")
-    run_dir = Path(cfg.run_dir)
-    sp = run_dir / CHECKPOINT_DIR / f"{PRETRAIN_CKPT}.pt"
     out: dict[str, dict[str, Any]] = {}
     for name in names:
         if name == "GRADE":
@@ -314,14 +311,12 @@ def train_variants(cfg: Config, names: Sequence[str]) -> dict[str, dict[str, Any
         if name == "GRADE-no-format" and (cfg.reward.l3 == 0 or not cfg.reward.format_rules):
             out[name] = {"skipped": "identical to GRADE (no format rules or reward.l3 = 0)"}
             continue
-        vdir = run_dir / "variants" / name
-        (vdir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
-        shutil.copy(sp, vdir / CHECKPOINT_DIR / sp.name)
-        log.info("training variant %s in %s", name, vdir)
+        vcfg = variant_config(cfg, name)  # RUN's Stage 1 copied in, RUN's decoded cache
+        log.info("training variant %s in %s", name, vcfg.run_dir)
         t0 = time.perf_counter()
-        run_train_local(cfg.replace(run_dir=str(vdir), **VARIANTS[name]))
+        run_train_local(vcfg)
         out[name] = {
-            "path": str(vdir / POLICY_FILE),
+            "path": str(Path(vcfg.run_dir) / POLICY_FILE),
             "overrides": VARIANTS[name],
             "seconds": round(time.perf_counter() - t0, 1),
         }
