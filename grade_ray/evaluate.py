@@ -32,7 +32,6 @@ import torch
 
 from grade_ray.algos.fusion import fuse
 from grade_ray.algos.metrics import gauc, ndcg_at_k
-from grade_ray.algos.rewards import group_rewards
 from grade_ray.config import Config
 from grade_ray.data.schema import SessionBatch, SessionMeta, read_sessions
 from grade_ray.data.simulator import simplex_grid
@@ -59,20 +58,15 @@ def ranking_reward(
     for s in range(0, len(batch), chunk):
         b = batch.slice(s, min(s + chunk, len(batch)))
         scores = as_tensor(b.scores)
-        r = group_rewards(
+        r = spec.group_rewards(
             scores,
             w.expand(len(b), *w.shape),
             spec.post_gain(as_tensor(b.labels), as_tensor(b.position)),
             spec.prior_gain(scores),
             as_tensor(b.mask),
             fusion=fusion,
-            k=spec.k,
-            rules=list(spec.rules),
-            l1=spec.l1,
-            l2=spec.l2,
-            l3=0.0,
-            tau=spec.tau,
             fusion_eps=eps,
+            l3=0.0,
         )
         out.append(r["reward"].numpy())
     return np.concatenate(out)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from grade_ray.algos.metrics import label_gains, product_gains
+from grade_ray.algos.rewards import group_rewards
 from grade_ray.config import ConfigError, RewardConfig
 from grade_ray.data.schema import SessionMeta
 
@@ -99,6 +100,36 @@ class RewardSpec:
     def prior_gain(self, scores: torch.Tensor) -> torch.Tensor:
         """scores (B, N, K) -> R_prior gains (B, N) >= 0."""
         return product_gains(scores, list(self.prior_terms)).clamp_min(0)
+
+    def group_rewards(
+        self,
+        scores: torch.Tensor,
+        weights: torch.Tensor,
+        post_gain: torch.Tensor,
+        prior_gain: torch.Tensor,
+        mask: torch.Tensor,
+        *,
+        fusion: str,
+        fusion_eps: float,
+        l3: float | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """:func:`grade_ray.algos.rewards.group_rewards` with this spec's k, rules, l1, l2,
+        l3 and tau; ``l3`` overrides the format weight (0 scores the ranking alone)."""
+        return group_rewards(
+            scores,
+            weights,
+            post_gain,
+            prior_gain,
+            mask,
+            fusion=fusion,
+            k=self.k,
+            rules=list(self.rules),
+            l1=self.l1,
+            l2=self.l2,
+            l3=self.l3 if l3 is None else l3,
+            tau=self.tau,
+            fusion_eps=fusion_eps,
+        )
 
 
 def as_tensor(a: np.ndarray) -> torch.Tensor:

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from grade_ray.algos.rewards import FORMAT, POST, PRIOR, REWARD, group_rewards
+from grade_ray.algos.rewards import FORMAT, POST, PRIOR, REWARD
 from grade_ray.config import Config, PolicyConfig, from_dict
 from grade_ray.data.schema import SessionBatch, SessionMeta, read_sessions
 from grade_ray.models.policy import FusionPolicy, build_policy
@@ -146,20 +146,13 @@ class LoggedRequests:
         return int(self.scores.shape[-1])
 
     def _reward(self, scores, weights, post, prior, mask) -> dict[str, torch.Tensor]:
-        s = self.spec
-        out = group_rewards(
+        out = self.spec.group_rewards(
             scores,
             weights[:, None, :].to(scores.dtype),
             post,
             prior,
             mask,
             fusion=self.fusion,
-            k=s.k,
-            rules=list(s.rules),
-            l1=s.l1,
-            l2=s.l2,
-            l3=s.l3,
-            tau=s.tau,
             fusion_eps=self.fusion_eps,
         )
         return {k: v[:, 0] for k, v in out.items()}

@@ -20,7 +20,6 @@ import torch
 from grade_ray import keys
 from grade_ray.algos.advantages import group_advantages
 from grade_ray.algos.exploration import EXPLORATIONS
-from grade_ray.algos.rewards import group_rewards
 from grade_ray.data.schema import SessionBatch
 from grade_ray.models.policy import FusionPolicy
 from grade_ray.spec import RewardSpec, as_tensor
@@ -76,19 +75,13 @@ class RolloutWorker:
             generator=self.generator,
         )
         old_logp = self.explore.log_prob(pi, w, alpha_hat, floor=s.alpha_floor, sigma=s.sigma)
-        r = group_rewards(
+        r = s.reward.group_rewards(
             scores,
             w,
             s.reward.post_gain(as_tensor(batch.labels), as_tensor(batch.position)),
             s.reward.prior_gain(scores),
             mask,
             fusion=s.fusion,
-            k=s.reward.k,
-            rules=list(s.reward.rules),
-            l1=s.reward.l1,
-            l2=s.reward.l2,
-            l3=s.reward.l3,
-            tau=s.reward.tau,
             fusion_eps=s.fusion_eps,
         )
         adv, zero_var = group_advantages(r["reward"], s.advantage)
