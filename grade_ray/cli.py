@@ -15,22 +15,16 @@ import logging
 import sys
 from pathlib import Path
 
-from grade_ray.config import Config, ConfigError, load_config
+from grade_ray.config import ConfigError
+from grade_ray.options import COMMAND_MODULES, add_common_args, config_from_args
 
 log = logging.getLogger("grade_ray")
-
-
-def _config(args: argparse.Namespace) -> Config:
-    overrides = list(args.set or [])
-    if getattr(args, "run_dir", None):
-        overrides.append(f"run_dir={args.run_dir}")
-    return load_config(args.config or [], overrides)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from grade_ray.data.simulator import MarketplaceSimulator
 
-    cfg = _config(args)
+    cfg = config_from_args(args)
     sim = MarketplaceSimulator(cfg.simulator)
     out = Path(args.out or Path(cfg.run_dir) / "data")
     for split, n in (
@@ -51,35 +45,35 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from grade_ray.train import run_pretrain
+    from grade_ray.jobs.train import run_pretrain
 
-    path = run_pretrain(_config(args))
+    path = run_pretrain(config_from_args(args))
     print(f"Stage 1 policy: {path}")
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = _config(args)
+    cfg = config_from_args(args)
     if args.local:
-        from grade_ray.train import run_train_local
+        from grade_ray.jobs.train import run_train_local
 
         path = run_train_local(cfg, resume=args.resume)
     else:
-        from grade_ray.distributed import run_train_ray
+        from grade_ray.jobs.train_ray import run_train_ray
 
         path = run_train_ray(cfg, resume=args.resume, address=args.address)
     print(f"policy: {path}")
     if args.evaluate:
-        from grade_ray.evaluate import run_evaluate
+        from grade_ray.jobs.evaluate import run_evaluate
 
         print(run_evaluate(cfg, Path(cfg.run_dir), baselines=not args.no_baselines).markdown)
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from grade_ray.evaluate import run_evaluate
+    from grade_ray.jobs.evaluate import run_evaluate
 
-    cfg = _config(args)
+    cfg = config_from_args(args)
     run = Path(args.run) if args.run else Path(cfg.run_dir)
     result = run_evaluate(cfg, run, eval_path=args.data, baselines=not args.no_baselines)
     print(result.markdown)
@@ -87,16 +81,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from grade_ray.compare import run_compare
+    from grade_ray.jobs.compare import run_compare
 
-    cfg = _config(args)
+    cfg = config_from_args(args)
     result = run_compare(cfg, variants=args.variants, local=not args.ray, address=args.address)
     print(result.markdown)
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from grade_ray.bench import run_bench
+    from grade_ray.jobs.bench.throughput import run_bench
 
     parts = ("quality",) if args.quality_only else ("throughput",)
     if not (args.no_quality or args.quality_only):
@@ -109,28 +103,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _common(p: argparse.ArgumentParser, ray: bool = False) -> None:
-    p.add_argument(
-        "--config",
-        action="append",
-        metavar="FILE",
-        help="config YAML (repeatable; later files override earlier ones)",
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override any config key, e.g. --set exploration.group_size=10",
-    )
-    p.add_argument("--run-dir", help="shortcut for --set run_dir=DIR")
-    if ray:
-        p.add_argument(
-            "--address",
-            default=None,
-            help="Ray cluster address (default: RAY_ADDRESS or an embedded local Ray)",
-        )
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="grade-ray", description="GRADE personalized multi-task fusion on Ray"
@@ -139,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("simulate", help="generate logged sessions with the marketplace simulator")
-    _common(p)
+    add_common_args(p)
     p.add_argument("--out", help="output directory (default RUN_DIR/data)")
     p.add_argument(
         "--headroom",
@@ -149,11 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_simulate)
 
     p = sub.add_parser("pretrain", help="Stage 1: supervised LambdaLoss (single process)")
-    _common(p)
+    add_common_args(p)
     p.set_defaults(fn=cmd_pretrain)
 
     p = sub.add_parser("train", help="Stage 1 + Stage 2 GRPO (Ray by default, --local: no Ray)")
-    _common(p, ray=True)
+    add_common_args(p, ray=True)
     p.add_argument("--local", action="store_true", help="single process, no Ray")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--evaluate", action="store_true", help="evaluate against baselines after")
@@ -161,14 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("evaluate", help="offline metrics and simulated A/B test vs baselines")
-    _common(p)
+    add_common_args(p)
     p.add_argument("run", nargs="?", help="run directory holding policy.pt (default run_dir)")
     p.add_argument("--data", help="held-out session file/dir (default: the run's eval data)")
     p.add_argument("--no-baselines", action="store_true", help="evaluate the policy only")
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("compare", help="train GRADE and its ablations, evaluate all together")
-    _common(p, ray=True)
+    add_common_args(p, ray=True)
     p.add_argument(
         "--variants",
         nargs="+",
@@ -193,18 +165,6 @@ def build_parser() -> argparse.ArgumentParser:
     for module in COMMAND_MODULES:
         importlib.import_module(module).add_parser(sub)
     return parser
-
-
-# Modules that add their own subcommands: each defines ``add_parser(subparsers)``.
-COMMAND_MODULES: tuple[str, ...] = (
-    "grade_ray.report",
-    "grade_ray.jobs",
-    "grade_ray.export",
-    "grade_ray.serving",
-    "grade_ray.realdata",
-    "grade_ray.tune",
-    "grade_ray.baselines.rllib_ppo",
-)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,12 +64,12 @@ def kernels(results: dict) -> None:
 
 
 def learner(results: dict, out: Path) -> None:
-    from grade_ray.bench import bench_config
     from grade_ray.data.plan import DataPlan, TaskReader
+    from grade_ray.jobs.bench.throughput import bench_config
+    from grade_ray.jobs.train import prepare_data
     from grade_ray.learner.grpo import GRPOLearner, GRPOSettings
     from grade_ray.learner.loop import new_policy, rollout_spec
     from grade_ray.rollout.worker import RolloutWorker
-    from grade_ray.train import prepare_data
 
     cfg = bench_config(str(out / "bench_data"), 16384)
     train_path, _ = prepare_data(cfg)
@@ -127,7 +127,7 @@ def ray_train(results: dict, out: Path) -> None:
     import ray
 
     from grade_ray.config import load_config
-    from grade_ray.distributed import run_train_ray
+    from grade_ray.jobs.train_ray import run_train_ray
     from grade_ray.runlog import read_metrics
 
     gpus = 1 if DEVICE == "cuda" else 0

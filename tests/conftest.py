@@ -36,6 +36,6 @@ def smoke_cfg(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smoke_data(smoke_cfg):
     """(train_path, eval_path) simulated once per session for the smoke config."""
-    from grade_ray.train import prepare_data
+    from grade_ray.jobs.train import prepare_data
 
     return prepare_data(smoke_cfg)

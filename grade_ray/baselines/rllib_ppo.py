@@ -662,7 +662,7 @@ def train_rllib_ppo(
     policy_path = out / POLICY_FILE
     _check_overwrite(policy_path, overwrite)
     if train_path is None:
-        from grade_ray.train import prepare_data
+        from grade_ray.jobs.train import prepare_data
 
         train_path, _ = prepare_data(cfg)
     train_path = str(train_path)
@@ -824,10 +824,10 @@ def bench_rllib_ppo(
 
 
 def cmd_rllib_ppo(args: argparse.Namespace) -> int:
-    from grade_ray.cli import _config
-    from grade_ray.distributed import init_ray
+    from grade_ray.options import config_from_args
+    from grade_ray.raysession import init_ray
 
-    cfg = _config(args)
+    cfg = config_from_args(args)
     settings = PPOSettings(
         train_batch=args.train_batch,
         minibatch=min(args.minibatch, args.train_batch),
@@ -864,7 +864,7 @@ DEFAULT_STEPS = 100_000
 
 def add_parser(subparsers) -> None:
     """Add ``grade-ray baseline rllib-ppo``."""
-    from grade_ray.cli import _common
+    from grade_ray.options import add_common_args
 
     p = subparsers.add_parser(
         "baseline", help="train a peer baseline on the same logs and reward as GRADE"
@@ -881,7 +881,7 @@ def add_parser(subparsers) -> None:
             "OUT/rllib_ppo/metrics.csv."
         ),
     )
-    _common(q, ray=True)
+    add_common_args(q, ray=True)
     budget = q.add_mutually_exclusive_group()
     budget.add_argument(
         "--steps", type=int, help=f"env steps (requests) to train on (default {DEFAULT_STEPS})"

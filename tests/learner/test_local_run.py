@@ -9,8 +9,8 @@ import pytest
 
 from grade_ray import keys
 from grade_ray.cli import main
+from grade_ray.jobs.train import run_train_local
 from grade_ray.runlog import read_metrics
-from grade_ray.train import run_train_local
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_resume_at_round_boundary_runs_the_rest(local_run, tmp_path):
 
 
 def test_evaluate_all_arms(local_run):
-    from grade_ray.evaluate import run_evaluate
+    from grade_ray.jobs.evaluate import run_evaluate
 
     res = run_evaluate(local_run, local_run.run_dir)
     assert set(res.offline) == {"uniform", "best_static", "SP", "GRADE"}

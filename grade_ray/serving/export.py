@@ -11,7 +11,7 @@ An export directory holds::
 
 Loading never unpickles Python objects: TorchScript archives are read with
 ``torch.jit.load`` (TorchScript's own restricted format) and metadata is JSON.
-:class:`grade_ray.serving.FusionService` is the reader.
+:class:`grade_ray.serving.service.FusionService` is the reader.
 """
 
 from __future__ import annotations

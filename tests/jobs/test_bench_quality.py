@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from grade_ray.bench_quality import (
+from grade_ray.jobs.bench.quality import (
     AB_KEYS,
     BASELINES,
     PPO,
@@ -17,7 +17,7 @@ from grade_ray.bench_quality import (
     quality_markdown,
     time_to_fraction,
 )
-from grade_ray.compare import VARIANTS
+from grade_ray.jobs.compare import VARIANTS
 
 
 def test_time_to_fraction_hand_values():
@@ -101,7 +101,7 @@ def test_quality_config_modes(tmp_path):
 @pytest.mark.ray
 def test_bench_quality_smoke_end_to_end(ray_session, smoke_cfg, tmp_path):
     from grade_ray.baselines.rllib_ppo import PPOSettings
-    from grade_ray.bench_quality import _probe
+    from grade_ray.jobs.bench.quality import _probe
     from grade_ray.learner.loop import load_policy
 
     settings = PPOSettings(train_batch=500, minibatch=250, num_epochs=1)

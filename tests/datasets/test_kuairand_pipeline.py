@@ -1,4 +1,4 @@
-"""Real-data pipeline (grade_ray.realdata) end to end on a hand-made KuaiRand-layout slice.
+"""Real-data pipeline (grade_ray.datasets.kuairand.pipeline) end to end on a hand-made KuaiRand-layout slice.
 
 The slice is written to tmp_path in the original KuaiRand-Pure layout (log, user
 table, basic video table). It is synthetic: no KuaiRand rows are copied.
@@ -17,15 +17,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from grade_ray import realdata as R
 from grade_ray.cli import main
 from grade_ray.config import load_config
-from grade_ray.data import kuairand as K
 from grade_ray.data.schema import SessionMeta, read_meta, read_sessions
+from grade_ray.datasets.kuairand import convert as K
+from grade_ray.datasets.kuairand import pipeline as R
 from grade_ray.learner.loop import INERT_STD, fit_normalization
 from grade_ray.models.policy import FusionPolicy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 REAL = ROOT.parent / "shared" / "data" / "kuairand-pure"
 T0 = 1_650_816_000_000  # 2022-04-25 00:00 Beijing time, in ms
 DAY_MS = 86_400_000

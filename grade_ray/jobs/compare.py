@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from grade_ray.config import Config
-from grade_ray.evaluate import EvalResult, run_evaluate
+from grade_ray.jobs.evaluate import EvalResult, run_evaluate
 from grade_ray.learner.loop import POLICY_FILE, PRETRAIN_CKPT
 from grade_ray.runlog import CHECKPOINT_DIR
 
@@ -52,7 +52,7 @@ def run_compare(
     cfg: Config, variants: list[str] | None = None, local: bool = True, address: str | None = None
 ) -> EvalResult:
     """Train each variant under RUN_DIR/variants/NAME, then evaluate all together."""
-    from grade_ray.train import run_pretrain, run_train_local
+    from grade_ray.jobs.train import run_pretrain, run_train_local
 
     names = variants or list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
@@ -69,7 +69,7 @@ def run_compare(
         if local:
             run_train_local(vcfg)
         else:
-            from grade_ray.distributed import run_train_ray
+            from grade_ray.jobs.train_ray import run_train_ray
 
             run_train_ray(vcfg, address=address)
         arms[name] = str(vdir / POLICY_FILE)

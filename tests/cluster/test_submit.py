@@ -32,7 +32,8 @@ from pathlib import Path
 
 import pytest
 
-from grade_ray import cli, jobs
+from grade_ray import cli
+from grade_ray.cluster import submit
 from grade_ray.config import load_config
 from grade_ray.runlog import read_metrics
 
@@ -187,7 +188,7 @@ class LocalCluster:
             try:
                 alive = self.nodes()
                 if len(alive) >= n:
-                    jobs.connect(self.address, token=self.token)  # the job server is up too
+                    submit.connect(self.address, token=self.token)  # the job server is up too
                     return alive
             except Exception as e:  # noqa: BLE001 - not up yet
                 err = e
@@ -352,8 +353,8 @@ def test_submit_smoke_training_runs_rollouts_on_the_rollout_node(client_env, cap
     assert len(cluster.rollout_node_ids) == 1
     assert {a["node_id"] for a in actors} == set(cluster.rollout_node_ids)
 
-    assert jobs.job_status(job_id, address=cluster.address).status == "SUCCEEDED"
-    listed = {j["job_id"]: j for j in jobs.list_jobs(address=cluster.address)}
+    assert submit.job_status(job_id, address=cluster.address).status == "SUCCEEDED"
+    listed = {j["job_id"]: j for j in submit.list_jobs(address=cluster.address)}
     assert listed[job_id]["status"] == "SUCCEEDED"
     assert "python -m grade_ray train" in listed[job_id]["entrypoint"]
 
@@ -372,7 +373,7 @@ def test_failed_job_reports_status_and_the_error(client_env, capsys):
     assert "exit code 2" in tail  # Ray's status message
     assert "grpo.rounds must be >= 1" in tail  # the config error, in the last log lines
 
-    outcome = jobs.job_status(job_id, address=cluster.address)
+    outcome = submit.job_status(job_id, address=cluster.address)
     assert (outcome.status, outcome.ok) == ("FAILED", False)
     assert "grpo.rounds must be >= 1" in outcome.logs_tail
     assert cli.main(["jobs", "status", job_id, "--address", cluster.address]) == 1
@@ -380,24 +381,24 @@ def test_failed_job_reports_status_and_the_error(client_env, capsys):
 
 def test_stop_and_auth_errors(client_env, tmp_path, monkeypatch, capsys):
     cluster = client_env
-    job_id = jobs.submit_job(
+    job_id = submit.submit_job(
         ["simulate", "--config", SMOKE, "--set", "simulator.num_requests=2000000"]
         + ["--set", f"run_dir={cluster.root / 'stopped'}"],
         address=cluster.address,
     )
     assert cli.main(["jobs", "stop", job_id, "--wait", "60", "--address", cluster.address]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "STOPPED"
-    outcome = jobs.wait_for_job(job_id, address=cluster.address, timeout=60)
+    outcome = submit.wait_for_job(job_id, address=cluster.address, timeout=60)
     assert outcome.status == "STOPPED"
     assert cli.main(["jobs", "list", "--address", cluster.address]) == 0
     assert re.search(rf"^{job_id}\s+STOPPED\s", capsys.readouterr().out, re.M)
 
-    with pytest.raises(jobs.JobError, match="token was refused"):
-        jobs.connect(cluster.address, token="not-the-token")
+    with pytest.raises(submit.JobError, match="token was refused"):
+        submit.connect(cluster.address, token="not-the-token")
     monkeypatch.delenv("RAY_AUTH_TOKEN")
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token either
-    with pytest.raises(jobs.JobError, match="no token was found"):
-        jobs.connect(cluster.address)
+    with pytest.raises(submit.JobError, match="no token was found"):
+        submit.connect(cluster.address)
     assert cli.main(["jobs", "list", "--address", cluster.address]) == 2
     assert "no token was found" in capsys.readouterr().err
 
@@ -411,42 +412,42 @@ def test_auth_token_lookup_follows_ray(tmp_path):
     (home / ".ray" / "auth_token").write_text("from-home\n")
     f = tmp_path / "tok"
     f.write_text("from-path\n")
-    look = jobs.resolve_auth_token
+    look = submit.resolve_auth_token
     assert look({}, home) == "from-home"
     assert look({"RAY_AUTH_TOKEN_PATH": str(f)}, home) == "from-path"
     assert look({"RAY_AUTH_TOKEN": "env", "RAY_AUTH_TOKEN_PATH": str(f)}, home) == "env"
     assert look({"RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN": "env"}, home) is None
     assert look({}, tmp_path / "nobody") is None
-    with pytest.raises(jobs.JobError, match="cannot be read"):
+    with pytest.raises(submit.JobError, match="cannot be read"):
         look({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")}, home)
 
 
 def test_address_entrypoint_and_runtime_env(tmp_path):
-    with pytest.raises(jobs.JobError, match="--address"):
-        jobs.resolve_address(None, {})
-    assert jobs.resolve_address(None, {"RAY_ADDRESS": "http://h:8265/"}) == "http://h:8265"
-    assert jobs.resolve_address("http://a:1", {"RAY_ADDRESS": "http://b:2"}) == "http://a:1"
+    with pytest.raises(submit.JobError, match="--address"):
+        submit.resolve_address(None, {})
+    assert submit.resolve_address(None, {"RAY_ADDRESS": "http://h:8265/"}) == "http://h:8265"
+    assert submit.resolve_address("http://a:1", {"RAY_ADDRESS": "http://b:2"}) == "http://a:1"
 
-    ep = jobs.build_entrypoint(["--", "train", "--set", "run_dir=/x y"])
+    ep = submit.build_entrypoint(["--", "train", "--set", "run_dir=/x y"])
     assert ep == "python -m grade_ray train --set 'run_dir=/x y'"
-    with pytest.raises(jobs.JobError, match="nothing to run"):
-        jobs.build_entrypoint(["--"])
+    with pytest.raises(submit.JobError, match="nothing to run"):
+        submit.build_entrypoint(["--"])
 
-    env = jobs.build_runtime_env()
+    env = submit.build_runtime_env()
     assert env["working_dir"] == str(ROOT)
     assert {".venv/", "runs/", ".git/", "__pycache__/"} <= set(env["excludes"])
 
     wheel = tmp_path / "grade_ray-0.1.0-py3-none-any.whl"
     wheel.write_bytes(b"PK")
     staged = tmp_path / "wd"
-    env = jobs.build_runtime_env(wheel=str(wheel), staging=staged, env_vars={"A": "1"})
+    env = submit.build_runtime_env(wheel=str(wheel), staging=staged, env_vars={"A": "1"})
     assert env["working_dir"] == str(staged)
     assert env["pip"] == [f"${{RAY_RUNTIME_ENV_CREATE_WORKING_DIR}}/.wheels/{wheel.name}"]
     assert (staged / ".wheels" / wheel.name).exists()
     assert (staged / "configs" / "smoke.yaml").exists()
     assert not (staged / "grade_ray").exists()  # the wheel's package runs, not the checkout's
     assert env["env_vars"] == {"A": "1"}
-    remote = jobs.build_runtime_env(wheel="https://example.com/grade_ray-0.1.0-py3-none-any.whl")
+    remote = submit.build_runtime_env(wheel="https://example.com/grade_ray-0.1.0-py3-none-any.whl")
     assert remote["pip"] == ["https://example.com/grade_ray-0.1.0-py3-none-any.whl"]
     assert "/grade_ray/" in remote["excludes"]
 

@@ -67,7 +67,7 @@ from grade_ray.config import (
 
 log = logging.getLogger(__name__)
 
-SWEEP_FILE = "sweep_results.json"  # read by grade_ray.report
+SWEEP_FILE = "sweep_results.json"  # read by grade_ray.jobs.report
 SPEC_FILE = "tune_spec.json"
 TRIALS_DIR = "trials"
 TRIAL_RESULT = "tune_result.json"
@@ -366,7 +366,7 @@ def load_tune_spec(path: str | Path, overrides: list[str] | None = None) -> Tune
 
 def check_sweep_resources(spec: TuneSpec, resources: dict[str, float]) -> None:
     """Fail before starting if concurrent trials cannot fit the cluster, naming the setting."""
-    from grade_ray.distributed import DATA_CPU_RESERVE, ResourceError, check_resources
+    from grade_ray.raysession import DATA_CPU_RESERVE, ResourceError, check_resources
 
     n, cpus = spec.max_concurrent_trials, resources.get("CPU", 0.0)
     share = {
@@ -409,7 +409,7 @@ def _fit_stage2(cfg: Config, callbacks: list, fail_at_round: int | None = None) 
 
     ``resume`` is always on: a restarted trial continues from its own last round.
     """
-    from grade_ray.distributed import run_train_ray
+    from grade_ray.jobs.train_ray import run_train_ray
 
     return run_train_ray(cfg, resume=True, fail_at_round=fail_at_round, callbacks=callbacks)
 
@@ -420,7 +420,7 @@ def _evaluate_trial(cfg: Config, eval_reward: dict[str, Any]) -> dict[str, float
     The control is searched with the sweep's base reward, so every trial is compared
     with the same best-static arm even when reward weights are swept.
     """
-    from grade_ray.evaluate import run_evaluate
+    from grade_ray.jobs.evaluate import run_evaluate
 
     eval_cfg = from_dict(Config, {**cfg.to_dict(), "reward": eval_reward})
     res = run_evaluate(eval_cfg, cfg.run_dir)
@@ -579,9 +579,9 @@ def _scheduler(spec: TuneSpec):
 def prepare_shared(spec: TuneSpec) -> None:
     """Simulate the sweep's data and train its Stage 1 policy once, in the driver."""
     from grade_ray.data.schema import read_meta
+    from grade_ray.jobs.train import initial_policy, prepare_data
     from grade_ray.learner.loop import PRETRAIN_CKPT, save_policy
     from grade_ray.runlog import CHECKPOINT_DIR
-    from grade_ray.train import initial_policy, prepare_data
 
     cfg = spec.cfg.replace(run_dir=str(spec.sweep_dir))
     if not (spec.shares_data() or spec.shares_stage1()):
@@ -619,7 +619,7 @@ def run_tune(
     """Run (or ``resume``) the sweep; write the results table, JSON and best config."""
     from ray import tune
 
-    from grade_ray.distributed import init_ray
+    from grade_ray.raysession import init_ray
 
     sweep_dir = spec.sweep_dir
     exists = sweep_dir.exists() and tune.Tuner.can_restore(str(sweep_dir))
@@ -881,7 +881,7 @@ def add_parser(sub) -> None:
     )
 
     def handler(args) -> int:
-        from grade_ray.distributed import ResourceError
+        from grade_ray.raysession import ResourceError
 
         try:
             spec = load_tune_spec(args.config, args.set)

@@ -17,10 +17,10 @@
 
 KuaiRand (Gao et al., CIKM 2022, https://kuairand.com) is licensed CC BY-SA 4.0;
 everything written here is derived from it and carries the notice and attribution
-(:data:`grade_ray.data.kuairand.LICENCE_NOTICE`).
+(:data:`grade_ray.datasets.kuairand.convert.LICENCE_NOTICE`).
 
 A trained policy can be evaluated on further days: convert them with the saved
-upstream model (:func:`grade_ray.data.kuairand.convert_more`, or
+upstream model (:func:`grade_ray.datasets.kuairand.convert.convert_more`, or
 ``grade-ray data kuairand-more``), then ``grade-ray evaluate RUN --data DIR
 --config configs/kuairand.yaml``.
 
@@ -54,9 +54,9 @@ import torch
 from grade_ray.algos.fusion import fuse
 from grade_ray.algos.metrics import ndcg_at_k, request_auc
 from grade_ray.config import Config, save_config
-from grade_ray.data import kuairand as K
 from grade_ray.data.schema import SessionBatch, SessionMeta, read_sessions
 from grade_ray.data.simulator import simplex_grid
+from grade_ray.datasets.kuairand import convert as K
 from grade_ray.spec import RewardSpec, as_tensor
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ _RUN_ARTIFACTS = (
 
 def default_data_dir() -> Path:
     """``../shared/data/kuairand-pure`` relative to the repository root."""
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kuairand-pure"
+    return Path(__file__).resolve().parents[3].parent / "shared" / "data" / "kuairand-pure"
 
 
 def resolve_data_dir(data_dir: str | Path | None) -> Path:
@@ -226,7 +226,7 @@ def convert(
 def check_split_dates(train_meta: SessionMeta, eval_meta: SessionMeta) -> dict[str, list[int]]:
     """Dates of the upstream model, the policy's training split and the eval split.
 
-    Raises :class:`grade_ray.data.kuairand.LeakageError` unless
+    Raises :class:`grade_ray.datasets.kuairand.convert.LeakageError` unless
     upstream dates < train dates < eval dates.
     """
     up = [int(d) for d in train_meta.source.get("upstream_train_dates", [])]
@@ -297,9 +297,9 @@ def train_variants(cfg: Config, names: Sequence[str]) -> dict[str, dict[str, Any
 
     Returns name -> {'path': policy file} or {'skipped': reason}.
     """
-    from grade_ray.compare import VARIANTS, variant_config
+    from grade_ray.jobs.compare import VARIANTS, variant_config
+    from grade_ray.jobs.train import run_train_local
     from grade_ray.learner.loop import POLICY_FILE
-    from grade_ray.train import run_train_local
 
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
@@ -460,7 +460,7 @@ def grid_rewards(
     batch: SessionBatch, spec: RewardSpec, cfg: Config, grid: np.ndarray, l2: float | None = None
 ) -> np.ndarray:
     """(B, P) l1*R_post + l2*R_prior per request for each grid vector (P, K)."""
-    from grade_ray.evaluate import ranking_reward
+    from grade_ray.jobs.evaluate import ranking_reward
 
     s = spec if l2 is None else dataclasses.replace(spec, l2=l2)
     return ranking_reward(batch, grid, s, cfg.policy.fusion, cfg.policy.fusion_eps)
@@ -628,7 +628,7 @@ def run_kuairand_pipeline(
     ``OUT/results.{json,md}``. The upstream model's seed is ``upstream_seed`` (not
     ``cfg.seed``), so policy seeds can be varied on one conversion. Returns the results dict.
     """
-    from grade_ray.compare import VARIANTS
+    from grade_ray.jobs.compare import VARIANTS
 
     unknown = [n for n in variants if n not in VARIANTS]
     if unknown:  # before the (minutes of) conversion and training
@@ -662,7 +662,7 @@ def run_kuairand_pipeline(
     t0 = time.perf_counter()
     stage1 = run_stage1(cfg, train, meta)
     timings["stage1_s"] = round(time.perf_counter() - t0, 1)
-    from grade_ray.train import run_train_local
+    from grade_ray.jobs.train import run_train_local
 
     t0 = time.perf_counter()
     run_train_local(cfg)
@@ -724,7 +724,7 @@ def evaluate_replay(
     variants: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
     """All arms on the held-out requests, with CIs, weight statistics and the evidence."""
-    from grade_ray.evaluate import default_arms, policy_arm
+    from grade_ray.jobs.evaluate import default_arms, policy_arm
 
     run_dir = Path(cfg.run_dir)
     arms, statics = default_arms(cfg, run_dir, cfg.data.train_path, baselines=True)
@@ -1240,9 +1240,9 @@ def cmd_data_kuairand_more(args: argparse.Namespace) -> int:
 
 
 def cmd_kuairand(args: argparse.Namespace) -> int:
-    from grade_ray.cli import _config
+    from grade_ray.options import config_from_args
 
-    cfg = _config(args)
+    cfg = config_from_args(args)
     variants = [] if args.variants == ["none"] else (args.variants or list(DEFAULT_VARIANTS))
     results = run_kuairand_pipeline(
         cfg,
@@ -1264,7 +1264,7 @@ def cmd_kuairand(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     """``grade-ray data kuairand|kuairand-more`` and ``grade-ray kuairand``."""
-    from grade_ray.cli import _common
+    from grade_ray.options import add_common_args
 
     p = sub.add_parser("data", help="convert real logs into logged-session Parquet")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -1294,7 +1294,7 @@ def add_parser(sub) -> None:
         "kuairand",
         help="real-data replay: convert KuaiRand-Pure, train GRADE + ablations, evaluate",
     )
-    _common(k)
+    add_common_args(k)
     _split_args(k)
     k.add_argument("--out", help="run directory (default run_dir from the config)")
     k.add_argument(

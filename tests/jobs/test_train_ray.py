@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from grade_ray import keys
-from grade_ray.distributed import ResourceError, check_resources, run_train_ray
+from grade_ray.jobs.train_ray import run_train_ray
+from grade_ray.raysession import ResourceError, check_resources
 from grade_ray.runlog import read_metrics
 
 pytestmark = pytest.mark.ray
@@ -67,7 +68,7 @@ def test_killed_actor_task_is_redone_exactly_once(ray_session, smoke_cfg, smoke_
 
 
 def test_two_actor_ray_run_matches_local(ray_session, smoke_cfg, smoke_data, tmp_path):
-    from grade_ray.train import run_train_local
+    from grade_ray.jobs.train import run_train_local
 
     base = smoke_cfg.replace(**{"data.train_path": smoke_data[0], "data.eval_path": smoke_data[1]})
     local = base.replace(run_dir=str(tmp_path / "local"))

@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from grade_ray.data import kuairand as K
 from grade_ray.data.schema import read_meta, read_sessions
-from grade_ray.models.upstream import (
+from grade_ray.datasets.kuairand import convert as K
+from grade_ray.datasets.kuairand.upstream import (
     UpstreamConfig,
     binary_auc,
     fit_mmoe,

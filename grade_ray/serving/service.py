@@ -1,7 +1,7 @@
 """Serving an exported policy: per-request fusion weights, fused scores and rankings.
 
 :class:`FusionService` reads an export directory written by
-:func:`grade_ray.export.export_policy` (TorchScript + JSON; nothing is
+:func:`grade_ray.serving.export.export_policy` (TorchScript + JSON; nothing is
 unpickled) and answers, for a batch of requests::
 
     weights(context)                  context (B, D) -> w (B, K) on the simplex
@@ -57,15 +57,15 @@ from grade_ray.data.schema import (
     list_files,
     read_meta,
 )
-from grade_ray.export import (
+from grade_ray.models.policy import FusionPolicy
+from grade_ray.runlog import Progress
+from grade_ray.serving.export import (
     EXPORT_FORMAT_VERSION,
     METADATA_FILE,
     ONNX_FILE,
     TORCHSCRIPT_FILE,
     sha256_file,
 )
-from grade_ray.models.policy import FusionPolicy
-from grade_ray.runlog import Progress
 
 log = logging.getLogger(__name__)
 

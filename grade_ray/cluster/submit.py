@@ -45,6 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from grade_ray.options import command_names
+
 log = logging.getLogger(__name__)
 
 # gitignore-style patterns left out of the uploaded working dir
@@ -96,7 +98,7 @@ class JobOutcome:
 
 def project_root() -> Path:
     """The source checkout holding this package, else the current directory."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     return root if (root / "pyproject.toml").exists() else Path.cwd()
 
 
@@ -415,15 +417,6 @@ def report(outcome: JobOutcome, err: IO[str] | None = None) -> None:
     print(f"==== end of job {outcome.job_id} ({outcome.status}) ====", file=err)
 
 
-def _known_commands() -> list[str]:
-    from grade_ray.cli import build_parser
-
-    for action in build_parser()._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return sorted(action.choices)
-    return []
-
-
 def _env_pairs(items: Sequence[str] | None) -> dict[str, str]:
     out = {}
     for item in items or []:
@@ -441,7 +434,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     try:
         if not command:
             raise JobError("nothing to run: give a grade-ray command after --, e.g. -- train ...")
-        known = _known_commands()
+        known = command_names()
         if known and command[0] not in known:
             raise JobError(f"unknown grade-ray command {command[0]!r}; one of {known}")
         if command[0] in ("submit", "jobs"):

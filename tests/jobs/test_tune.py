@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from grade_ray.config import load_config
-from grade_ray.tune import (
+from grade_ray.jobs.tune import (
     TuneError,
     check_sweep_resources,
     load_tune_spec,
@@ -16,7 +16,7 @@ from grade_ray.tune import (
     run_tune,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 
 
@@ -125,7 +125,7 @@ def test_overrides_reach_config_and_tune_section(tmp_path):
 
 
 def test_resources_checked_per_trial_naming_the_setting(tmp_path):
-    from grade_ray.distributed import ResourceError
+    from grade_ray.raysession import ResourceError
 
     spec = spec_of(tmp_path, {**GRID, "max_concurrent_trials": 2})
     with pytest.raises(ResourceError, match="tune.max_concurrent_trials=2.*rollout.num_workers"):
@@ -138,7 +138,7 @@ def test_resources_checked_per_trial_naming_the_setting(tmp_path):
 
 def test_model_searcher_without_its_package_is_refused(tmp_path):
     pytest.importorskip("ray.tune")
-    from grade_ray.tune import _search_alg
+    from grade_ray.jobs.tune import _search_alg
 
     spec = spec_of(tmp_path, {"space": {"grpo.lr": {"uniform": [1e-4, 1e-3]}}, "search": "optuna"})
     try:
@@ -209,7 +209,7 @@ def test_sweep_runs_writes_results_and_resumes(ray_session, tmp_path):
     assert best.grpo.rounds == spec.cfg.grpo.rounds
     assert data["best"]["checkpoint"].endswith("policy.pt")
 
-    from grade_ray.report import run_report
+    from grade_ray.jobs.report import run_report
 
     md = run_report(d)
     assert (md.parent / "tradeoff.png").exists() and (md.parent / "sensitivity.png").exists()

@@ -65,9 +65,9 @@ def bench_rollout(cfg: Config, train_path: str, repeats: int) -> dict[str, float
     import ray
 
     from grade_ray.data.plan import DataPlan, lanes
+    from grade_ray.jobs.train import decode_cache_dir
     from grade_ray.learner.loop import new_policy, rollout_spec
     from grade_ray.rollout.actor import RayRollout
-    from grade_ray.train import decode_cache_dir
 
     t0 = time.perf_counter()
     plan = DataPlan.build(
@@ -196,8 +196,8 @@ def _peak_rss_of_run(run_dir: Path, requests: int) -> float:
     """Peak RSS (MiB) of a local training run in a fresh process."""
     code = (
         "import sys\n"
-        "from grade_ray.bench import bench_config\n"
-        "from grade_ray.train import run_train_local\n"
+        "from grade_ray.jobs.bench.throughput import bench_config\n"
+        "from grade_ray.jobs.train import run_train_local\n"
         # shards of a fixed size: streaming memory is bounded by one shard, not the data
         f"cfg = bench_config({str(run_dir)!r}, {requests}).replace(**{{'pretrain.epochs': 1,"
         " 'grpo.rounds': 1, 'exploration.group_size': 8, 'simulator.rows_per_shard': 8192})\n"
@@ -234,9 +234,9 @@ def bench_simulator(root: Path, requests: int) -> dict[str, float]:
 def bench_serving(cfg: Config, train_path: str, root: Path) -> dict[str, float]:
     """p50/p99 latency of the exported policy (TorchScript and eager), one CPU thread."""
     from grade_ray.data.schema import read_meta
-    from grade_ray.export import export_policy
     from grade_ray.learner.loop import POLICY_FILE, new_policy, save_policy
-    from grade_ray.serving import serving_latency
+    from grade_ray.serving.export import export_policy
+    from grade_ray.serving.service import serving_latency
 
     meta = read_meta(train_path)
     run = root / "serving_run"
@@ -257,7 +257,7 @@ def run_bench(
     """Benchmarks; writes JSON (and a Markdown table beside it) when ``out`` is given.
 
     ``parts``: "throughput" (rollout, learner, sync, RLlib PPO steps/s, simulator, memory,
-    serving) and/or "quality" (:func:`grade_ray.bench_quality.bench_quality`: the arms'
+    serving) and/or "quality" (:func:`grade_ray.jobs.bench.quality.bench_quality`: the arms'
     lifts at equal samples and equal time; its run directory is OUT's folder/quality, or a
     temporary one without ``out``).
     """
@@ -268,7 +268,7 @@ def run_bench(
     if "throughput" in parts:
         results.update(_throughput(quick, address))
     if "quality" in parts:
-        from grade_ray.bench_quality import bench_quality
+        from grade_ray.jobs.bench.quality import bench_quality
 
         with tempfile.TemporaryDirectory() as tmp:
             qdir = Path(out).parent / "quality" if out else Path(tmp) / "quality"
@@ -283,8 +283,8 @@ def run_bench(
 
 
 def _throughput(quick: bool, address: str | None) -> dict[str, Any]:
-    from grade_ray.distributed import init_ray
-    from grade_ray.train import prepare_data
+    from grade_ray.jobs.train import prepare_data
+    from grade_ray.raysession import init_ray
 
     repeats = 3 if quick else 7
     requests = 8192 if quick else 32768
@@ -386,7 +386,7 @@ def markdown_table(results: dict[str, Any]) -> str:
     if any(k.startswith("projection.") for k in results):
         lines += ["", "Projected requests/s for N workers:", "", projection_markdown(results)]
     if any(k.startswith("quality.") for k in results):
-        from grade_ray.bench_quality import quality_markdown
+        from grade_ray.jobs.bench.quality import quality_markdown
 
         lines += ["", quality_markdown(results)]
     return "\n".join(lines)

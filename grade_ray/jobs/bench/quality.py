@@ -5,7 +5,7 @@ One call of :func:`bench_quality` (part of ``grade-ray bench``):
 1. Simulates the logs and trains Stage 1 (SP) once in ``out_dir`` (the layout of
    ``grade-ray compare``: ``out_dir/data``, ``out_dir/checkpoints/pretrain.pt``,
    ``out_dir/variants/NAME``).
-2. Trains GRADE and its ablations (:data:`grade_ray.compare.VARIANTS`: GRADE-gaussian,
+2. Trains GRADE and its ablations (:data:`grade_ray.jobs.compare.VARIANTS`: GRADE-gaussian,
    GRADE-no-prior, GRADE-no-format) from that Stage 1 on the same logged requests, in this
    process (``run_train_local``), so every variant sees the same requests (equal sample
    budget; reward evaluations = requests x G).
@@ -13,7 +13,7 @@ One call of :func:`bench_quality` (part of ``grade-ray bench``):
    twice from the same Stage-1 policy: with as many env steps (= logged requests) as GRADE
    saw (``RLlib-PPO@samples``) and for as many seconds as GRADE's Stage 2 took
    (``RLlib-PPO@time``).
-4. Evaluates every arm in ONE paired simulated A/B test (:func:`~grade_ray.evaluate.run_evaluate`
+4. Evaluates every arm in ONE paired simulated A/B test (:func:`~grade_ray.jobs.evaluate.run_evaluate`
    with ``extra_arms``; uniform, best_static and SP come from its default baselines), so the
    lifts over best_static and their 95% paired bootstrap CIs are comparable across arms.
 
@@ -156,8 +156,8 @@ class TrainedArm:
 def _probe(cfg: Config, train_path: str, eval_path: str):
     """The training loop's held-out probe for this config (simulator data only)."""
     from grade_ray.data.schema import read_meta
+    from grade_ray.jobs.train import simulator_for
     from grade_ray.learner.loop import Probe
-    from grade_ray.train import simulator_for
 
     sim = simulator_for(cfg)
     if sim is None:
@@ -175,12 +175,12 @@ def _uniform_north_star(cfg: Config, probe) -> float:
 
 
 def train_grade_variant(cfg: Config, name: str, ns_start: float) -> TrainedArm:
-    """Train one :data:`~grade_ray.compare.VARIANTS` entry under RUN_DIR/variants/NAME from
+    """Train one :data:`~grade_ray.jobs.compare.VARIANTS` entry under RUN_DIR/variants/NAME from
     RUN_DIR's Stage 1 and data (the ``grade-ray compare`` layout), in this process."""
-    from grade_ray.compare import variant_config
+    from grade_ray.jobs.compare import variant_config
+    from grade_ray.jobs.train import run_train_local
     from grade_ray.learner.loop import POLICY_FILE
     from grade_ray.runlog import read_metrics
-    from grade_ray.train import run_train_local
 
     vcfg = variant_config(cfg, name, fresh=True)  # stale rounds would mix into metrics.jsonl
     vdir = Path(vcfg.run_dir)
@@ -295,12 +295,12 @@ def bench_quality(
     given. Writes ``out_dir/quality.json``, ``out_dir/quality.md`` and the evaluation's
     ``out_dir/eval/eval.{json,md}``.
     """
-    from grade_ray.compare import VARIANTS
-    from grade_ray.distributed import init_ray
-    from grade_ray.evaluate import run_evaluate
+    from grade_ray.jobs.compare import VARIANTS
+    from grade_ray.jobs.evaluate import run_evaluate
+    from grade_ray.jobs.train import prepare_data, run_pretrain
     from grade_ray.learner.loop import PRETRAIN_CKPT, load_policy
+    from grade_ray.raysession import init_ray
     from grade_ray.runlog import CHECKPOINT_DIR
-    from grade_ray.train import prepare_data, run_pretrain
 
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0]

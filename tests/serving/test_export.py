@@ -15,9 +15,9 @@ import torch
 from grade_ray.algos.fusion import fuse
 from grade_ray.cli import main
 from grade_ray.data.schema import SessionMeta, read_meta, read_sessions
-from grade_ray.export import METADATA_FILE, TORCHSCRIPT_FILE, export_policy, sha256_file
 from grade_ray.learner.loop import load_policy, new_policy, save_policy
-from grade_ray.serving import (
+from grade_ray.serving.export import METADATA_FILE, TORCHSCRIPT_FILE, export_policy, sha256_file
+from grade_ray.serving.service import (
     EAGER_PREFIX,
     OUT_RANKING,
     OUT_REQUEST_ID,

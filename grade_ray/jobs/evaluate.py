@@ -180,7 +180,7 @@ def run_evaluate(
     extra_arms: dict[str, str] | None = None,
 ) -> EvalResult:
     """Evaluate a run's policy (and baselines) offline and, on simulator data, online."""
-    from grade_ray.train import prepare_data, simulator_for
+    from grade_ray.jobs.train import prepare_data, simulator_for
 
     run_dir = Path(run_dir)
     train_path, default_eval = prepare_data(cfg)

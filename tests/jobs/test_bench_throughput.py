@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from grade_ray.bench import (
+from grade_ray.jobs.bench.throughput import (
     bench_config,
     bench_rollout,
     markdown_table,
@@ -34,7 +34,7 @@ def test_bench_rollout_runs_each_lane_on_its_own_actor(ray_session, tmp_path):
     cfg = bench_config(str(tmp_path / "run"), 2048).replace(
         **{"rollout.batch_size": 256, "rollout.num_cpus_per_worker": 0.5}
     )
-    from grade_ray.train import prepare_data
+    from grade_ray.jobs.train import prepare_data
 
     train_path, _ = prepare_data(cfg)
     out = bench_rollout(cfg, train_path, 1)

@@ -1,0 +1,1 @@
+"""Real logged data sets converted to the session format, with their pipelines."""

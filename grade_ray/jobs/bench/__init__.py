@@ -1,0 +1,3 @@
+"""``grade-ray bench``: ``throughput`` (kernel, rollout actors, learner, weight sync,
+memory, serving, simulator, the N-worker projection) and ``quality`` (GRADE,
+its ablations and RLlib PPO at equal samples and equal wall time)."""
