@@ -24,17 +24,21 @@ CLIP_FRAC = "clip_frac"
 RATIO_MEAN = "ratio_mean"
 
 _LOG_RATIO_CLAMP = 20.0
+K3_BOUND = 10.0
+"""Largest value of one k3 KL sample (see :func:`kl_k3`)."""
 
 
-def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor, bound: float = K3_BOUND) -> torch.Tensor:
     """k3 estimator of KL(pi || ref) at samples drawn from (approximately) pi.
 
-    logp, ref_logp: (B, G) log-densities of the same samples. Returns (B, G) >= 0:
+    logp, ref_logp: (B, G) log-densities of the same samples. Returns (B, G) in [0, bound]:
     k3 = exp(ref - logp) - 1 - (ref - logp), unbiased for KL(pi || ref) when samples ~ pi.
-    ref - logp is clamped to [-20, 20] so that exp cannot overflow.
+    One sample far in the reference's tail (ref - logp = 20 gives k3 ~ 5e8) would swamp the
+    loss, so each value is clamped to ``bound`` (10, as verl does; the clamped samples carry
+    no KL gradient).
     """
     delta = (ref_logp - logp).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
-    return torch.exp(delta) - 1.0 - delta
+    return (torch.exp(delta) - 1.0 - delta).clamp(0.0, bound)
 
 
 @POLICY_LOSSES.register("grpo")

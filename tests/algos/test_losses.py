@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from grade_ray.algos.losses import POLICY_LOSSES, grpo_loss, kl_k3, lambda_loss
+from grade_ray.algos.losses import K3_BOUND, POLICY_LOSSES, grpo_loss, kl_k3, lambda_loss
 from grade_ray.algos.metrics import ndcg_at_k
 
 # ---------------------------------------------------------------- k3 and GRPO
@@ -23,6 +23,21 @@ def test_kl_k3_by_hand_and_unbiased():
     p, q = torch.distributions.Normal(0.0, 1.0), torch.distributions.Normal(1.0, 1.0)
     est = kl_k3(p.log_prob(x), q.log_prob(x))
     assert bool((est >= 0).all()) and est.mean().item() == pytest.approx(0.5, abs=0.02)
+
+
+def test_kl_k3_is_bounded_in_the_reference_tail():
+    # ref - logp = 20: the raw k3 is exp(20) - 21 ~ 4.9e8; one such sample must not swamp the loss
+    logp = torch.tensor([[-25.0, 0.0, 0.0]], requires_grad=True)
+    ref = torch.tensor([[-5.0, 0.0, 5.0]])
+    got = kl_k3(logp, ref)
+    assert got[0, 0].item() == K3_BOUND == 10.0
+    assert got[0, 1].item() == 0.0
+    assert got[0, 2].item() == pytest.approx(min(math.exp(5.0) - 6.0, 10.0))
+    got.sum().backward()
+    assert logp.grad[0, 0].item() == 0.0  # clamped: no gradient from the tail sample
+    assert kl_k3(torch.tensor([0.0]), torch.tensor([2.0]), bound=100.0).item() == pytest.approx(
+        math.exp(2.0) - 3.0
+    )
 
 
 def test_grpo_loss_by_hand():
