@@ -141,7 +141,9 @@ class GRPOLearner:
         tensors = {c: as_tensor(np.asarray(batch[c])).to(self.device) for c in _TRAIN_COLUMNS}
         n = tensors[keys.CONTEXT].shape[0]
         n_mb = _synced_minibatches(n, s.minibatch_size)
-        self.model.train()
+        # Rollouts sample in eval mode; the ratio and the KL must see the same policy (with
+        # dropout, train mode would put the first update off ratio 1 and KL off 0).
+        self.model.eval()
         totals: dict[str, float] = {}
         steps = 0
         for _ in range(s.epochs_per_batch):
