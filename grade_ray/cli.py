@@ -34,7 +34,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         paths = sim.generate(out / split, n, split=split)
         print(f"{split}: {n} requests in {len(paths)} shard(s) under {out / split}")
     if args.headroom:
-        h = sim.headroom(
+        from grade_ray.data.oracles import headroom
+
+        h = headroom(
+            sim,
             cfg.policy.fusion,
             cfg.eval.static_grid_step,
             n_requests=cfg.eval.search_requests,

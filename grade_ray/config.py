@@ -59,7 +59,8 @@ class SimulatorConfig:
     prediction_noise: float = 0.25
     """Base noise (log scale) of the upstream model's predictions (times a segment/task factor)."""
     miscalibration: float = 1.0
-    """Scale of segment- and task-specific miscalibration of the upstream model (0 = calibrated)."""
+    """Scale of the upstream model's segment- and task-specific errors: logit calibration slope
+    and offset, and the share of users' own price/quality taste pCVR misses (0 = calibrated)."""
     logging_weights: tuple[float, ...] = (0.5, 0.3, 0.1, 0.1)
     """Static production log-product weights of the logging policy (pctr, pcvr, pgmv, pprofit)."""
     logging_noise: float = 0.05
@@ -364,7 +365,11 @@ class EvalConfig:
     static_grid_step: float = 0.1
     """Simplex grid step for the best-static-weights search."""
     search_requests: int = 5_000
-    """Training requests used to search the best static weights."""
+    """Training requests used to search the best static weights (and, on simulator data, the
+    fresh requests the true-north-star oracles are searched on)."""
+    oracle_requests: int = 20_000
+    """Simulator data: logged training requests on which the reward oracle (the grid weights
+    that maximise the training reward per segment) is searched."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,8 @@ value, value``; ``gmv``/``profit`` are the predicted value of an order) are the
 truth seen through a segment-specific lens: for each segment and task a
 calibration slope on the logit scale (``1 + miscalibration * (slope_s - 1)``,
 and an offset), log-scale noise ``prediction_noise * noise_s``, and for pCVR
-the share ``rho_s`` of the user's own price/quality taste the model misses (it
+the share ``min(1, miscalibration * rho_s)`` of the user's own price/quality taste
+the model misses (it
 was fit mostly on majority segments, so it predicts bargain hunters' and
 premium buyers' conversion with the population's price response).
 
@@ -37,7 +38,7 @@ of a buyer's is orders, a premium buyer converts on expensive quality items and
 a bargain hunter on cheap ones. (b) The upstream model is worse for some segments and
 tasks: browsers' pCVR is noisy and over-confident (few positives), bargain
 hunters' and premium buyers' pCVR misses their price response. So the best
-log-product weights differ by segment; :meth:`MarketplaceSimulator.headroom`
+log-product weights differ by segment; :func:`grade_ray.data.oracles.headroom`
 measures how much per-segment oracle weights beat the best single static
 weight vector on fresh requests (about 7% with the defaults; sorting each
 request by its true item values would give about 15%).
@@ -53,7 +54,6 @@ after) use disjoint random streams over the same user population.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import math
 import resource
@@ -75,7 +75,6 @@ TASK_KINDS = ("prob", "prob", "value", "value")
 LABEL_NAMES = ("click", "order", "gmv", "profit")
 INTENT_NAMES = ("click_bias", "buy_bias", "price_slope", "quality_slope")
 OUTCOME_KEYS = ("impressions", "clicks", "orders", "gmv", "profit", "north_star")
-AB_METRICS = ("ctr", "cvr", "opm", "gpm", "profit_pm", "orders", "north_star")
 
 CHUNK = 4096
 """Requests generated per step (the unit of seeding and of memory)."""
@@ -157,21 +156,6 @@ def exam_prob(n: int) -> np.ndarray:
     return 1.0 / (1.0 + np.arange(n) / EXAM_SCALE)
 
 
-def simplex_grid(k: int, step: float) -> np.ndarray:
-    """(P, k) float64: every weight vector on the simplex with entries in multiples of ``step``.
-
-    P = C(m + k - 1, k - 1) with m = round(1 / step) (286 for k = 4, step = 0.1).
-    """
-    m = round(1.0 / step)
-    if m < 1 or abs(m * step - 1.0) > 1e-6:
-        raise ValueError(f"grid step {step} must divide 1 (e.g. 0.1, 0.2, 0.25)")
-    pts = []
-    for bars in itertools.combinations(range(m + k - 1), k - 1):
-        edges = (-1, *bars, m + k - 1)
-        pts.append([edges[j + 1] - edges[j] - 1 for j in range(k)])
-    return np.asarray(pts, dtype=np.float64) / m
-
-
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
@@ -218,83 +202,6 @@ def rank_positions(fused: np.ndarray, mask: np.ndarray) -> np.ndarray:
     ranks = np.empty_like(order)
     np.put_along_axis(ranks, order, np.arange(order.shape[1])[None, :], axis=1)
     return ranks
-
-
-@dataclasses.dataclass
-class ABReport:
-    """A paired A/B test. Arrays are (A, M): arms x :data:`AB_METRICS`.
-
-    ``value`` and the lifts use *expected* outcomes given the shown requests
-    (Rao-Blackwellised: no click/order sampling noise); ``ci_low``/``ci_high``
-    are a 95% paired bootstrap over requests of the relative lift over the
-    control. ``sampled_value``/``sampled_lift`` use sampled feedback with common
-    random numbers across arms, as a realism check. Metrics: ctr =
-    clicks/impressions, cvr = orders/clicks, opm/gpm/profit_pm per 1000
-    impressions, orders and north_star per request.
-    """
-
-    arms: tuple[str, ...]
-    control: str
-    value: np.ndarray
-    lift: np.ndarray
-    ci_low: np.ndarray
-    ci_high: np.ndarray
-    sampled_value: np.ndarray
-    sampled_lift: np.ndarray
-    num_requests: int
-    bootstrap: int
-    metrics: tuple[str, ...] = AB_METRICS
-
-    def row(self, arm: str, metric: str) -> dict:
-        """One arm's result on one metric."""
-        a, m = self.arms.index(arm), self.metrics.index(metric)
-        return {
-            "arm": arm,
-            "metric": metric,
-            "value": float(self.value[a, m]),
-            "lift": float(self.lift[a, m]),
-            "ci_low": float(self.ci_low[a, m]),
-            "ci_high": float(self.ci_high[a, m]),
-            "significant": bool(self.ci_low[a, m] > 0 or self.ci_high[a, m] < 0),
-            "sampled_value": float(self.sampled_value[a, m]),
-            "sampled_lift": float(self.sampled_lift[a, m]),
-        }
-
-    def to_rows(self) -> list[dict]:
-        return [self.row(a, m) for a in self.arms for m in self.metrics]
-
-    def to_markdown(self) -> str:
-        lines = [
-            f"A/B test: {self.num_requests} requests, control `{self.control}`, "
-            f"95% paired bootstrap CI ({self.bootstrap} resamples) on expected outcomes",
-            "",
-            "| arm | metric | value | lift | 95% CI | sampled value |",
-            "|---|---|---:|---:|---|---:|",
-        ]
-        for r in self.to_rows():
-            ci = "" if r["arm"] == self.control else f"[{r['ci_low']:+.2%}, {r['ci_high']:+.2%}]"
-            star = "*" if r["significant"] else ""
-            lines.append(
-                f"| {r['arm']} | {r['metric']} | {r['value']:.5g} | {r['lift']:+.2%}{star} | "
-                f"{ci} | {r['sampled_value']:.5g} |"
-            )
-        return "\n".join(lines)
-
-
-def _metrics(sums: np.ndarray, n: int | np.ndarray) -> np.ndarray:
-    """sums (..., 6) over :data:`OUTCOME_KEYS` -> (..., 7) :data:`AB_METRICS`."""
-    imp, clicks, orders, gmv, profit, ns = np.moveaxis(sums, -1, 0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = [
-            clicks / imp,
-            orders / clicks,
-            1000 * orders / imp,
-            1000 * gmv / imp,
-            1000 * profit / imp,
-            orders / n,
-            ns / n,
-        ]
-    return np.stack(out, axis=-1)
 
 
 # ---------------------------------------------------------------------------
@@ -489,7 +396,8 @@ class MarketplaceSimulator:
         noise = np.array([p.noise for p in self._profiles])[seg] * cfg.prediction_noise  # (B, 4)
         slope = 1.0 + cfg.miscalibration * (np.array([p.slope for p in self._profiles])[seg] - 1)
         offset = cfg.miscalibration * np.array([p.offset for p in self._profiles])[seg]
-        rho = np.array([p.rho for p in self._profiles])[seg][:, None]
+        rho = np.minimum(cfg.miscalibration * np.array([p.rho for p in self._profiles]), 1.0)
+        rho = rho[seg][:, None]
         eps = rng.normal(0.0, 1.0, (*items.shape, 4))
         z_dev = truth.intent[:, 2:4].astype(np.float64) - self.users.mean_intent[2:4]
         missed = rho * (
@@ -514,6 +422,26 @@ class MarketplaceSimulator:
             self.cfg.context_signal * signal
             + rng.normal(0.0, 1.0, (len(users), self.cfg.context_dim))
         ).astype(np.float32)
+
+    def segment_posterior(self, context: np.ndarray) -> np.ndarray:
+        """(B, S) p(segment | context) for contexts (B, D), under the generative model.
+
+        Given segment s, x = c (P_seg[s] + z P_int) + e with z ~ N(0, I_4) and
+        e ~ N(0, I_D) (see :meth:`_context`), so x | s ~ N(c P_seg[s], Sigma) with
+        Sigma = I + c^2 P_int' P_int shared by all segments; the prior is
+        ``segment_mix``. This is all a context-only policy can know about the segment.
+        """
+        pop, c = self.users, self.cfg.context_signal
+        means = c * pop.ctx_segment  # (S, D)
+        prec = np.linalg.inv(
+            np.eye(self.cfg.context_dim) + c**2 * pop.ctx_intent.T @ pop.ctx_intent
+        )
+        x = np.asarray(context, dtype=np.float64)
+        prior = np.log(np.maximum(np.asarray(self.cfg.segment_mix, dtype=np.float64), 1e-300))
+        logits = x @ prec @ means.T - 0.5 * np.einsum("sd,de,se->s", means, prec, means) + prior
+        logits -= logits.max(1, keepdims=True)
+        post = np.exp(logits)
+        return post / post.sum(1, keepdims=True)
 
     def _chunk(self, seed_key: list[int], b: int, logged: bool) -> tuple[SessionBatch, Truth]:
         """``b`` requests from the stream ``seed_key``; logged = ranked + labelled by the logger."""
@@ -692,150 +620,6 @@ class MarketplaceSimulator:
         out["north_star"] = sum(g * out[key[lab]] for lab, g in self.cfg.north_star.items())
         return out
 
-    def ab_test(
-        self,
-        batch: SessionBatch,
-        truth: Truth,
-        arms: dict[str, np.ndarray],
-        control: str,
-        seed: int,
-        bootstrap: int = 200,
-    ) -> ABReport:
-        """Paired A/B test of arms (name -> fused scores (B, N)) on the same requests.
-
-        Point estimates and CIs use expected outcomes; the bootstrap resamples
-        requests (the same resample for every arm).
-        """
-        if control not in arms:
-            raise ValueError(f"control {control!r} is not an arm; arms: {list(arms)}")
-        names = tuple(arms)
-        exp = np.stack(
-            [_outcome_matrix(self.expected_outcomes(batch, truth, arms[a])) for a in names]
-        )  # (A, B, 6)
-        smp = np.stack(
-            [_outcome_matrix(self.sample_outcomes(batch, truth, arms[a], seed)) for a in names]
-        )
-        b, c = len(batch), names.index(control)
-        value = _metrics(exp.sum(1), b)
-        sampled = _metrics(smp.sum(1), b)
-        rng = np.random.default_rng(np.random.SeedSequence([self.cfg.seed, 5, seed]))
-        counts = np.stack(
-            [np.bincount(rng.integers(0, b, b), minlength=b) for _ in range(bootstrap)]
-        )
-        boot = _metrics(np.einsum("rb,abq->raq", counts.astype(np.float64), exp), b)  # (R, A, M)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            boot_lift = boot / boot[:, c : c + 1] - 1
-            lift, s_lift = value / value[c] - 1, sampled / sampled[c] - 1
-        lo, hi = np.nanpercentile(boot_lift, [2.5, 97.5], axis=0)
-        return ABReport(
-            arms=names,
-            control=control,
-            value=value,
-            lift=lift,
-            ci_low=lo,
-            ci_high=hi,
-            sampled_value=sampled,
-            sampled_lift=s_lift,
-            num_requests=b,
-            bootstrap=bootstrap,
-        )
-
-    # -- oracle weights and headroom -----------------------------------------
-
-    def grid_north_star(
-        self, batch: SessionBatch, truth: Truth, fusion: str, weights: np.ndarray, chunk: int = 128
-    ) -> np.ndarray:
-        """(B, P) expected north-star of each request under each weight vector (P, K).
-
-        Vectorised over requests x grid points (fusion by :func:`fuse`, then one
-        SIMD argsort per chunk). Exact ties between real candidates (probability
-        zero with continuous scores) may break in any order here.
-        """
-        value = torch.from_numpy(truth.item_value(self.cfg.north_star).astype(np.float32))
-        exam = torch.from_numpy(exam_prob(batch.mask.shape[1]).astype(np.float32))
-        w = torch.from_numpy(np.asarray(weights, dtype=np.float32))
-        out = []
-        for s in range(0, len(batch), chunk):
-            sc = torch.from_numpy(batch.scores[s : s + chunk])
-            fused = fuse(fusion, sc, w.expand(sc.shape[0], *w.shape)).numpy()  # (b, P, N)
-            key = np.where(batch.mask[s : s + chunk, None, :], -fused, np.inf)
-            order = torch.from_numpy(np.argsort(key, axis=-1))
-            v = torch.gather(value[s : s + chunk, None, :].expand(order.shape), -1, order)
-            out.append((v @ exam).numpy())
-        return np.concatenate(out).astype(np.float64)
-
-    def _search(
-        self, fusion: str, grid_step: float, n_requests: int, seed: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(grid (P, K), mean north-star per segment (S, P), overall (P,)) on fresh requests."""
-        grid = simplex_grid(len(TASK_NAMES), grid_step)
-        batch, truth = self.fresh_requests(n_requests, seed)
-        ns = self.grid_north_star(batch, truth, fusion, grid)
-        per_seg = np.stack(
-            [
-                ns[truth.segment == s].mean(0) if (truth.segment == s).any() else ns.mean(0)
-                for s in range(len(self.segment_names))
-            ]
-        )
-        return grid, per_seg, ns.mean(0)
-
-    def best_weights_per_segment(
-        self, fusion: str, grid_step: float, n_requests: int, seed: int
-    ) -> np.ndarray:
-        """(S, K) oracle weights: per segment, the grid point maximising expected north-star."""
-        grid, per_seg, _ = self._search(fusion, grid_step, n_requests, seed)
-        return grid[per_seg.argmax(1)]
-
-    def best_static_weights(
-        self, fusion: str, grid_step: float, n_requests: int, seed: int
-    ) -> np.ndarray:
-        """(K,) the single grid point maximising mean expected north-star over all users."""
-        grid, _, overall = self._search(fusion, grid_step, n_requests, seed)
-        return grid[overall.argmax()]
-
-    def headroom(
-        self,
-        fusion: str = "log_product",
-        grid_step: float = 0.1,
-        n_requests: int = 5_000,
-        seed: int = 0,
-    ) -> dict:
-        """Best static vs per-segment oracle weights, searched on fresh requests (``seed``)
-        and measured on other fresh requests (``seed + 1``).
-
-        Returns static/oracle/logging north-star per request, the relative gain
-        of the oracle over static, the weights, and (upper bound) the north-star
-        of sorting each request by its true item value.
-        """
-        grid, per_seg, overall = self._search(fusion, grid_step, n_requests, seed)
-        static, oracle = grid[overall.argmax()], grid[per_seg.argmax(1)]
-        batch, truth = self.fresh_requests(n_requests, seed + 1)
-        w_log = np.asarray(self.cfg.logging_weights) / sum(self.cfg.logging_weights)
-        sc = torch.from_numpy(batch.scores)
-
-        def ns(w: np.ndarray) -> float:
-            w = np.ascontiguousarray(w, dtype=np.float32)
-            fused = fuse(fusion, sc, torch.from_numpy(w)).numpy()
-            return float(self.expected_outcomes(batch, truth, fused)["north_star"].mean())
-
-        value = truth.item_value(self.cfg.north_star)
-        result = {
-            "fusion": fusion,
-            "grid_step": grid_step,
-            "search_requests": n_requests,
-            "eval_requests": n_requests,
-            "static_weights": static.tolist(),
-            "oracle_weights": {s: oracle[i].tolist() for i, s in enumerate(self.segment_names)},
-            "logging_north_star": ns(np.broadcast_to(w_log, (len(batch), 4))),
-            "static_north_star": ns(np.broadcast_to(static, (len(batch), 4))),
-            "oracle_north_star": ns(oracle[truth.segment]),
-            "true_value_north_star": float(
-                self.expected_outcomes(batch, truth, value)["north_star"].mean()
-            ),
-        }
-        result["relative_gain"] = result["oracle_north_star"] / result["static_north_star"] - 1
-        return result
-
 
 # ---------------------------------------------------------------------------
 # helpers
@@ -862,11 +646,6 @@ def _labels_from_uniforms(
     click = (u[0] < exam_prob(ranks.shape[1])[ranks] * truth.ctr) & mask
     order = click & (u[1] < truth.cvr)
     return np.stack([click, order, order * truth.gmv, order * truth.profit], -1).astype(np.float32)
-
-
-def _outcome_matrix(out: dict[str, np.ndarray]) -> np.ndarray:
-    """Outcome dict -> (B, 6) in :data:`OUTCOME_KEYS` order."""
-    return np.stack([out[k] for k in OUTCOME_KEYS], -1)
 
 
 def generation_benchmark(

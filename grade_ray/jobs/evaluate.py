@@ -33,8 +33,18 @@ import torch
 from grade_ray.algos.fusion import fuse
 from grade_ray.algos.metrics import gauc, ndcg_at_k
 from grade_ray.config import Config
+from grade_ray.data.abtest import ab_test
+from grade_ray.data.oracles import simplex_grid
 from grade_ray.data.schema import SessionBatch, SessionMeta, read_sessions
-from grade_ray.data.simulator import simplex_grid
+from grade_ray.jobs.headroom import (
+    SEGMENT_ORACLE,
+    STATIC,
+    Headroom,
+    diagnose,
+    headroom,
+    headroom_markdown,
+    oracle_arms,
+)
 from grade_ray.learner.loop import POLICY_FILE, PRETRAIN_CKPT, load_policy
 from grade_ray.runlog import CHECKPOINT_DIR, load_checkpoint
 from grade_ray.spec import RewardSpec, as_tensor
@@ -51,8 +61,10 @@ def ranking_reward(
     fusion: str,
     eps: float,
     chunk: int = 256,
+    l3: float = 0.0,
 ) -> np.ndarray:
-    """(B, P) l1*R_post + l2*R_prior of each request under each weight vector (P, K)."""
+    """(B, P) l1*R_post + l2*R_prior (+ the gated l3*R_format when ``l3`` > 0) of each
+    request under each weight vector (P, K)."""
     out = []
     w = torch.from_numpy(np.asarray(weights, dtype=np.float32))
     for s in range(0, len(batch), chunk):
@@ -66,7 +78,7 @@ def ranking_reward(
             as_tensor(b.mask),
             fusion=fusion,
             fusion_eps=eps,
-            l3=0.0,
+            l3=l3,
         )
         out.append(r["reward"].numpy())
     return np.concatenate(out)
@@ -141,11 +153,20 @@ def offline_metrics(
 
 @dataclasses.dataclass
 class EvalResult:
+    """What ``grade-ray evaluate`` measured (also written to RUN_DIR/eval/eval.json|md).
+
+    headroom: arm -> captured share of the segment oracle's headroom (simulator only);
+    oracles: captured attainable headroom, objective and optimisation gaps, per-segment
+    north-star; warnings: the diagnosis (what limits the policy).
+    """
+
     offline: dict[str, dict[str, float]]
     online: list[dict] | None
     headroom: dict[str, float] | None
     recovery: dict[str, float] | None
     markdown: str
+    oracles: Headroom | None = None
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
 
 def default_arms(
@@ -194,25 +215,38 @@ def run_evaluate(
         raise FileNotFoundError(f"nothing to evaluate: no {POLICY_FILE} in {run_dir}")
     batch, meta, report = read_sessions(eval_path, on_error=cfg.data.on_error)
     spec = RewardSpec.from_config(cfg.reward, meta)
+    weights = {name: fn(batch, None) for name, fn in arms.items()}
     offline = {
         name: offline_metrics(
             batch,
             meta,
-            fn(batch, None),
+            w,
             spec,
             cfg.policy.fusion,
             cfg.policy.fusion_eps,
             cfg.eval.bootstrap,
             cfg.eval.ab_seed,
         )
-        for name, fn in arms.items()
+        for name, w in weights.items()
     }
-    online = headroom = recovery = None
+    online = oracles = recovery = None
     sim = simulator_for(cfg)
     if sim is not None:
-        online, headroom, recovery = _online(cfg, sim, arms, statics)
-    md = _markdown(offline, online, headroom, recovery, report.summary(), spec.k)
-    result = EvalResult(offline, online, headroom, recovery, md)
+        online, oracles, recovery = _online(cfg, sim, arms, statics, train_path)
+    policy = next((a for a in reversed(arms) if a not in ("uniform", "best_static", "SP")), "")
+    warnings = diagnose(oracles, weights, policy)
+    for w in warnings:
+        log.warning("%s", w)
+    md = _markdown(offline, online, oracles, recovery, report.summary(), spec.k, warnings)
+    result = EvalResult(
+        offline,
+        online,
+        None if oracles is None else oracles.captured_segment,
+        recovery,
+        md,
+        oracles,
+        warnings,
+    )
     out = run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(
@@ -220,8 +254,10 @@ def run_evaluate(
             {
                 "offline": offline,
                 "online": online,
-                "headroom": headroom,
+                "headroom": result.headroom,
+                "oracles": None if oracles is None else oracles.to_dict(),
                 "recovery": recovery,
+                "warnings": warnings,
                 "static_weights": statics,
                 "eval_data": report.summary(),
             },
@@ -233,43 +269,37 @@ def run_evaluate(
     return result
 
 
-def _online(cfg: Config, sim, arms: dict[str, WeightFn], statics: dict[str, list[float]]):
-    """Simulated A/B test on fresh users, headroom captured and weight recovery."""
+def _online(
+    cfg: Config, sim, arms: dict[str, WeightFn], statics: dict[str, list[float]], train_path: str
+) -> tuple[list[dict], Headroom, dict[str, float]]:
+    """Simulated A/B test on fresh users with the oracle arms; headroom, gaps and the
+    weights' distance to each segment's oracle."""
     e = cfg.eval
     fusion, eps = cfg.policy.fusion, cfg.policy.fusion_eps
-    static_truth = sim.best_static_weights(
-        fusion, e.static_grid_step, e.search_requests, e.ab_seed + 7
-    )
-    oracle = sim.best_weights_per_segment(
-        fusion, e.static_grid_step, e.search_requests, e.ab_seed + 7
-    )
-    statics["static_truth"] = static_truth.tolist()
-    all_arms = dict(arms)
-    all_arms["static_truth"] = static_arm(static_truth.astype(np.float32))
-    all_arms["oracle"] = lambda batch, truth: oracle[truth.segment].astype(np.float32)
+    all_arms = {**arms, **oracle_arms(cfg, sim, train_path)}
     batch, truth = sim.fresh_requests(e.ab_requests, e.ab_seed)
     sc = as_tensor(batch.scores)
     weights = {n: fn(batch, truth) for n, fn in all_arms.items()}
+    statics["static_truth"] = weights[STATIC][0].tolist()
     fused = {
         n: fuse(fusion, sc, torch.from_numpy(np.ascontiguousarray(w)), eps).numpy()
         for n, w in weights.items()
     }
     control = "best_static" if "best_static" in fused else next(iter(fused))
-    ab = sim.ab_test(batch, truth, fused, control=control, seed=e.ab_seed, bootstrap=e.bootstrap)
-    rows = ab.to_rows()
-    ns = {r["arm"]: r["value"] for r in rows if r["metric"] == "north_star"}
-    gap = ns["oracle"] - ns["static_truth"]
-    headroom = {
-        n: (v - ns["static_truth"]) / gap if gap > 0 else float("nan") for n, v in ns.items()
-    }
+    ab = ab_test(sim, batch, truth, fused, control=control, seed=e.ab_seed, bootstrap=e.bootstrap)
+    hr = headroom(dict(zip(ab.arms, ab.north_star)), truth.segment, sim.segment_names)
+    present = [s for s in range(len(sim.segment_names)) if (truth.segment == s).any()]
+    oracle = np.stack([weights[SEGMENT_ORACLE][truth.segment == s][0] for s in present])
     recovery = {}
     for n, w in weights.items():
-        per_seg = np.stack([w[truth.segment == s].mean(0) for s in range(len(sim.segment_names))])
+        per_seg = np.stack([w[truth.segment == s].mean(0) for s in present])
         recovery[n] = float(np.abs(per_seg - oracle).sum(1).mean() / 2)  # mean TV distance
-    return rows, headroom, recovery
+    return ab.to_rows(), hr, recovery
 
 
-def _markdown(offline, online, headroom, recovery, data_summary: str, k: int) -> str:
+def _markdown(
+    offline, online, oracles: Headroom | None, recovery, data_summary: str, k: int, warnings
+) -> str:
     lines = [
         f"Held-out logs: {data_summary}",
         "",
@@ -292,7 +322,9 @@ def _markdown(offline, online, headroom, recovery, data_summary: str, k: int) ->
             "Simulated online A/B test on fresh users (lift over best_static, "
             "95% paired bootstrap CI; * = CI excludes 0):",
             "",
-            "| arm | " + " | ".join(metrics) + " | headroom captured | weight TV to oracle |",
+            "| arm | "
+            + " | ".join(metrics)
+            + " | attainable headroom captured | weight TV to oracle |",
             "|---|" + "---:|" * (len(metrics) + 2),
         ]
         for a in arms:
@@ -307,6 +339,10 @@ def _markdown(offline, online, headroom, recovery, data_summary: str, k: int) ->
             lines.append(
                 f"| {a} | "
                 + " | ".join(cells)
-                + f" | {headroom.get(a, float('nan')):.2f} | {recovery.get(a, float('nan')):.3f} |"
+                + f" | {oracles.captured.get(a, float('nan')):.2f} | "
+                f"{recovery.get(a, float('nan')):.3f} |"
             )
+        lines += headroom_markdown(oracles, arms)
+    if warnings:
+        lines += ["", "Diagnosis:", ""] + [f"- {w}" for w in warnings]
     return "\n".join(lines)

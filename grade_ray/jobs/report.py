@@ -135,12 +135,14 @@ def _oracle_weights(run_dir: Path) -> dict[str, list[float]] | None:
     cfg = load_config([cfg_path])
     if cfg.data.train_path:
         return None
+    from grade_ray.data.oracles import truth_table
     from grade_ray.data.simulator import MarketplaceSimulator
 
     sim = MarketplaceSimulator(cfg.simulator)
-    w = sim.best_weights_per_segment(
-        cfg.policy.fusion, cfg.eval.static_grid_step, cfg.eval.search_requests, cfg.eval.ab_seed + 7
-    )
+    e = cfg.eval
+    w = truth_table(
+        sim, cfg.policy.fusion, e.static_grid_step, e.search_requests, e.ab_seed + 7
+    ).segment_best()
     return {s: w[i].tolist() for i, s in enumerate(sim.segment_names)}
 
 

@@ -10,7 +10,6 @@ import pytest
 from grade_ray.config import SimulatorConfig
 from grade_ray.data.schema import read_meta, read_sessions
 from grade_ray.data.simulator import (
-    AB_METRICS,
     CHUNK,
     OUTCOME_KEYS,
     START_TS,
@@ -19,7 +18,6 @@ from grade_ray.data.simulator import (
     exam_prob,
     generation_benchmark,
     rank_positions,
-    simplex_grid,
 )
 
 SMALL = SimulatorConfig(
@@ -241,63 +239,6 @@ def test_sampled_outcomes_track_expected(sim, fresh):
     assert smp["orders"].sum() == pytest.approx(exp["orders"].sum(), rel=0.15)
     smp2 = sim.sample_outcomes(batch, truth, fused, seed=2)
     np.testing.assert_array_equal(smp["clicks"], smp2["clicks"])
-
-
-def test_ab_self_is_zero_and_random_is_worse(sim, fresh):
-    batch, truth = fresh
-    base = _fused(sim, batch, (0.8, 0.2, 0.0, 0.0))
-    arms = {
-        "control": base,
-        "same": base.copy(),
-        "random": np.random.default_rng(3).random(base.shape),
-    }
-    rep = sim.ab_test(batch, truth, arms, control="control", seed=7, bootstrap=100)
-    same = rep.row("same", "north_star")
-    assert same["lift"] == 0 and same["ci_low"] <= 0 <= same["ci_high"]
-    assert not same["significant"] and rep.row("same", "ctr")["sampled_lift"] == 0
-    rnd = rep.row("random", "north_star")
-    assert rnd["lift"] < 0 and rnd["ci_high"] < 0 and rnd["significant"]
-    assert rnd["ci_low"] <= rnd["lift"] <= rnd["ci_high"]
-    rows = rep.to_rows()
-    assert len(rows) == 3 * len(AB_METRICS) and {r["metric"] for r in rows} == set(AB_METRICS)
-    md = rep.to_markdown()
-    assert "| random | north_star |" in md and "control" in md
-
-
-def test_simplex_grid():
-    g = simplex_grid(4, 0.1)
-    assert g.shape == (286, 4)
-    np.testing.assert_allclose(g.sum(1), 1.0)
-    assert len(np.unique(np.round(g, 6), axis=0)) == 286 and g.min() >= 0
-    assert simplex_grid(3, 0.5).shape == (6, 3)
-    with pytest.raises(ValueError, match="divide"):
-        simplex_grid(4, 0.3)
-
-
-def test_grid_north_star_matches_expected_outcomes(sim):
-    batch, truth = sim.fresh_requests(40, seed=8)
-    grid = simplex_grid(4, 0.5)
-    ns = sim.grid_north_star(batch, truth, "log_product", grid, chunk=16)
-    for p in (0, 3, len(grid) - 1):
-        ref = sim.expected_outcomes(batch, truth, _fused(sim, batch, grid[p]))["north_star"]
-        np.testing.assert_allclose(ns[:, p], ref, rtol=1e-4)
-
-
-def test_oracle_weights_shapes(sim):
-    per_seg = sim.best_weights_per_segment("log_product", 0.25, n_requests=400, seed=1)
-    static = sim.best_static_weights("log_product", 0.25, n_requests=400, seed=1)
-    assert per_seg.shape == (4, 4) and static.shape == (4,)
-    np.testing.assert_allclose(per_seg.sum(1), 1.0)
-    np.testing.assert_allclose(static.sum(), 1.0)
-
-
-def test_personalization_headroom(sim):
-    h = sim.headroom("log_product", grid_step=0.1, n_requests=1_500, seed=21)
-    assert h["oracle_north_star"] > h["static_north_star"] > h["logging_north_star"]
-    assert h["relative_gain"] > 0.03, h
-    assert h["true_value_north_star"] > h["oracle_north_star"]
-    oracle = np.array(list(h["oracle_weights"].values()))
-    assert len(np.unique(oracle, axis=0)) >= 3  # segments want different weights
 
 
 def test_generation_benchmark(tmp_path):

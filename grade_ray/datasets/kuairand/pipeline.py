@@ -54,8 +54,8 @@ import torch
 from grade_ray.algos.fusion import fuse
 from grade_ray.algos.metrics import ndcg_at_k, request_auc
 from grade_ray.config import Config, save_config
+from grade_ray.data.oracles import simplex_grid
 from grade_ray.data.schema import SessionBatch, SessionMeta, read_sessions
-from grade_ray.data.simulator import simplex_grid
 from grade_ray.datasets.kuairand import convert as K
 from grade_ray.spec import RewardSpec, as_tensor
 
