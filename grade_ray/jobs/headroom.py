@@ -59,32 +59,40 @@ def reward_table(cfg: Config, sim: MarketplaceSimulator, train_path: str) -> Val
     return ValueTable.from_requests(grid, values, segments, len(sim.segment_names))
 
 
-def oracle_arms(cfg: Config, sim: MarketplaceSimulator, train_path: str) -> dict:
-    """Weight functions ``(batch, truth) -> (B, K)`` of S, O_ctx, O_seg and O_rew.
+def posterior_arm(sim: MarketplaceSimulator, table: ValueTable):
+    """Weight function ``(batch, truth) -> (B, K)``: per request the table's best grid point
+    under p(segment | context) (O_ctx for the truth table, O_rew for a reward table)."""
 
-    The truth table is searched on its own fresh requests (seed ``eval.ab_seed + 7``),
-    never on the A/B test's.
-    """
-    e = cfg.eval
-    truth_tab = truth_table(
-        sim, cfg.policy.fusion, e.static_grid_step, e.search_requests, e.ab_seed + 7
-    )
-    reward_tab = reward_table(cfg, sim, train_path)
-    static, per_seg = truth_tab.static_best(), truth_tab.segment_best()
+    def fn(batch, truth) -> np.ndarray:
+        return table.posterior_best(sim.segment_posterior(batch.context)).astype(np.float32)
 
-    def posterior_arm(table: ValueTable):
-        return lambda batch, truth: table.posterior_best(
-            sim.segment_posterior(batch.context)
-        ).astype(np.float32)
+    return fn
 
+
+def truth_oracle_arms(sim: MarketplaceSimulator, table: ValueTable) -> dict:
+    """Weight functions of S, O_ctx and O_seg from a truth table."""
+    static, per_seg = table.static_best(), table.segment_best()
     return {
         STATIC: lambda batch, truth: np.broadcast_to(static, (len(batch), len(static))).astype(
             np.float32
         ),
-        CONTEXT_ORACLE: posterior_arm(truth_tab),
+        CONTEXT_ORACLE: posterior_arm(sim, table),
         SEGMENT_ORACLE: lambda batch, truth: per_seg[truth.segment].astype(np.float32),
-        REWARD_ORACLE: posterior_arm(reward_tab),
     }
+
+
+def world_truth_table(cfg: Config, sim: MarketplaceSimulator) -> ValueTable:
+    """The truth table of ``cfg``'s world, searched on its own fresh requests (seed
+    ``eval.ab_seed + 7``, never the A/B test's)."""
+    e = cfg.eval
+    return truth_table(sim, cfg.policy.fusion, e.static_grid_step, e.search_requests, e.ab_seed + 7)
+
+
+def oracle_arms(cfg: Config, sim: MarketplaceSimulator, train_path: str) -> dict:
+    """Weight functions ``(batch, truth) -> (B, K)`` of S, O_ctx, O_seg and O_rew."""
+    arms = truth_oracle_arms(sim, world_truth_table(cfg, sim))
+    arms[REWARD_ORACLE] = posterior_arm(sim, reward_table(cfg, sim, train_path))
+    return arms
 
 
 @dataclasses.dataclass
