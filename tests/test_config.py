@@ -21,6 +21,14 @@ def test_base_yaml_mirrors_defaults():
 def test_every_config_file_loads(path):
     if "tune" in path.parts:
         pytest.skip("tune spaces are read by grade_ray.jobs.tune")
+    if "suite" in path.parts:
+        from grade_ray.jobs.suite import load_suite
+
+        spec = load_suite(path)  # and every world and arm it names loads as a config
+        for world in spec.worlds.values():
+            for arm in spec.arms:
+                load_config([world, *arm.configs], list(spec.shared + arm.overrides))
+        return
     load_config([path])
 
 
