@@ -24,7 +24,8 @@ from grade_ray.datasets.kuairand.upstream import (
     save_mmoe,
 )
 
-REAL = Path("/work/shared/data/kuairand-pure")
+ROOT = Path(__file__).resolve().parents[2]
+REAL = ROOT.parent / "shared" / "data" / "kuairand-pure"  # ../shared/data next to the checkout
 D1, D2, D3 = 20220425, 20220426, 20220427
 T0 = 1_650_816_000_000  # 2022-04-25 00:00 Beijing time, in ms
 DAY_MS = 86_400_000
