@@ -14,7 +14,13 @@ import pytest
 import torch
 
 from grade_ray.data.schema import read_meta, read_sessions
-from grade_ray.datasets.kuairand import convert as K
+from grade_ray.datasets.kuairand.convert import convert_kuairand, convert_more, score_log
+from grade_ray.datasets.kuairand.dataset import LABEL_NAMES, USER_CATEGORICAL, KuaiRandOptions
+from grade_ray.datasets.kuairand.features import KuaiRandEncoder
+from grade_ray.datasets.kuairand.grouping import group_requests
+from grade_ray.datasets.kuairand.raw import clean_log, read_log, read_users, read_videos
+from grade_ray.datasets.kuairand.scoring import LeakageError, check_no_leakage, load_upstream
+from grade_ray.datasets.kuairand.sessions import session_batch
 from grade_ray.datasets.kuairand.upstream import (
     UpstreamConfig,
     binary_auc,
@@ -123,8 +129,8 @@ def tables(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _load(log: Path, tables: tuple[Path, Path]):
-    users, videos = K.read_users(tables[0]), K.read_videos(tables[1])
-    return K.clean_log(K.read_log(log), users, videos)
+    users, videos = read_users(tables[0]), read_videos(tables[1])
+    return clean_log(read_log(log), users, videos)
 
 
 def _synthetic_log(n_days: int = 4, n_users: int = 6, seed: int = 0) -> list[dict]:
@@ -166,7 +172,7 @@ def test_user_day_grouping_orders_by_time_and_maps_labels(tmp_path, tables):
     ]
     imp, report, rejected = _load(_write(tmp_path / "log.csv", rows), tables)
     assert report["rows_read"] == 5 and report["rows_rejected"] == 0 and rejected is None
-    req = K.group_requests(imp, "user_day")
+    req = group_requests(imp, "user_day")
     assert len(req) == 3
     by_id = {int(r): i for i, r in enumerate(req.request_id)}
     first = by_id[D1 * 10**11 + 1 * 10**4]
@@ -175,11 +181,11 @@ def test_user_day_grouping_orders_by_time_and_maps_labels(tmp_path, tables):
     assert req.ts[first] == (T0 + 1_000) // 1000
     lab = dict(zip(imp.video_id.tolist(), imp.labels.tolist()))
     names = "click long_view like follow comment forward hate watch_ratio"
-    assert tuple(names.split()) == K.LABEL_NAMES
+    assert tuple(names.split()) == LABEL_NAMES
     assert lab[2] == pytest.approx([1, 1, 1, 0, 1, 0, 0, 0.1])
     assert lab[4] == [0, 0, 0, 0, 0, 0, 1, 5.0]  # watch ratio clipped to 5
     assert lab[3][-1] == 1.5 and lab[5] == [0, 0, 0, 1, 0, 1, 0, 0.0]
-    batch = K.session_batch(req, imp, np.zeros((len(imp), 3), np.float32), np.zeros((3, 1)))
+    batch = session_batch(req, imp, np.zeros((len(imp), 3), np.float32), np.zeros((3, 1)))
     row = batch.request_id.tolist().index(D1 * 10**11 + 1 * 10**4)
     assert batch.item_ids[row].tolist() == [2, 4, 3] and batch.mask[row].all()
 
@@ -189,7 +195,7 @@ def test_session_gap_splits_requests_and_never_crosses_a_date(tmp_path, tables):
     rows = [_log_row(1, v, D1, t + dt * 1000) for v, dt in enumerate([0, 10, 2000, 2010, 20])]
     rows.append(_log_row(1, 9, D2, t + 2030 * 1000))  # 20 s later but the next date
     imp, _, _ = _load(_write(tmp_path / "log.csv", rows), tables)
-    req = K.group_requests(imp, "session", session_gap_s=1800)
+    req = group_requests(imp, "session", session_gap_s=1800)
     assert req.lengths.tolist() == [3, 2, 1]
     base = 1 * 10**4
     assert req.request_id.tolist() == [
@@ -198,9 +204,9 @@ def test_session_gap_splits_requests_and_never_crosses_a_date(tmp_path, tables):
         D2 * 10**11 + base,
     ]
     assert imp.video_id[req.order].tolist() == [0, 1, 4, 2, 3, 9]
-    assert len(K.group_requests(imp, "user_day")) == 2
+    assert len(group_requests(imp, "user_day")) == 2
     with pytest.raises(ValueError, match="group_by"):
-        K.group_requests(imp, "hour")
+        group_requests(imp, "hour")
 
 
 def test_provided_watch_ratio_column_is_used(tmp_path, tables):
@@ -242,7 +248,7 @@ def test_missing_column_names_file_and_column(tmp_path, tables):
     path = tmp_path / "log.csv"
     _write(path, [{k: v for k, v in _log_row(1, 1, D1, T0).items() if k != "long_view"}])
     with pytest.raises(ValueError, match=r"log\.csv.*long_view"):
-        K.read_log(path)
+        read_log(path)
 
 
 # ---------------------------------------------------------------------------
@@ -255,7 +261,7 @@ def converted(tmp_path, tables):
     rows.append(_log_row(9, 1, D3, T0 + 2 * DAY_MS + 5))  # a bad row on a scored day
     log = _write(tmp_path / "log_standard_pure.csv", rows)
     out = tmp_path / "out"
-    report = K.convert_kuairand(
+    report = convert_kuairand(
         log, *tables, out, upstream_train_days=2, upstream=TINY, write_rejects=True
     )
     return log, out, report
@@ -271,7 +277,7 @@ def test_convert_writes_valid_sessions_after_the_training_boundary(converted):
         req_dates = batch.request_id // 10**11
         assert (req_dates > boundary).all() and sorted(set(req_dates.tolist())) == dates
         assert meta.task_names == ("click", "long_view", "like") and meta.task_kinds[0] == "prob"
-        assert meta.label_names == K.LABEL_NAMES
+        assert meta.label_names == LABEL_NAMES
         assert batch.context.shape[1] == meta.context_dim == len(meta.context_names)
         assert (batch.mask.sum(1) >= 2).all()
         assert ((batch.scores >= 0) & (batch.scores <= 1)).all()
@@ -291,22 +297,22 @@ def test_convert_writes_valid_sessions_after_the_training_boundary(converted):
 
 def test_scoring_a_training_day_raises(converted, tables):
     log, out, _ = converted
-    bundle = K.load_upstream(out)
-    users, videos = K.read_users(tables[0]), K.read_videos(tables[1])
-    imp, _, _ = K.clean_log(K.read_log(log), users, videos)
+    bundle = load_upstream(out)
+    users, videos = read_users(tables[0]), read_videos(tables[1])
+    imp, _, _ = clean_log(read_log(log), users, videos)
     train_day = imp.take(np.flatnonzero(imp.date == D2))
-    with pytest.raises(K.LeakageError, match="refusing to score"):
+    with pytest.raises(LeakageError, match="refusing to score"):
         bundle.score(users, videos, train_day)
-    with pytest.raises(K.LeakageError):
-        K.convert_more(log, out, out / "more", user_path=tables[0], video_path=tables[1])
-    with pytest.raises(K.LeakageError):
-        K.check_no_leakage(np.array([D1 - 1]), [D1, D2])  # before the window: also refused
-    K.check_no_leakage(np.array([D3]), [D1, D2])
+    with pytest.raises(LeakageError):
+        convert_more(log, out, out / "more", user_path=tables[0], video_path=tables[1])
+    with pytest.raises(LeakageError):
+        check_no_leakage(np.array([D1 - 1]), [D1, D2])  # before the window: also refused
+    check_no_leakage(np.array([D3]), [D1, D2])
 
 
 def test_convert_more_scores_later_days_with_the_saved_model(converted, tables):
     log, out, report = converted
-    more = K.convert_more(
+    more = convert_more(
         log, out, out / "more", user_path=tables[0], video_path=tables[1], dates=[20220428]
     )
     batch, meta, _ = read_sessions(out / "more")
@@ -316,7 +322,7 @@ def test_convert_more_scores_later_days_with_the_saved_model(converted, tables):
     np.testing.assert_allclose(
         np.sort(batch.scores.ravel()), np.sort(ref.scores.ravel()), atol=1e-6
     )
-    table, rep = K.score_log(
+    table, rep = score_log(
         log, out, user_path=tables[0], video_path=tables[1], dates=[D3, 20220428]
     )
     assert set(table["date"].to_pylist()) == {D3, 20220428} and "p_like" in table.column_names
@@ -327,17 +333,17 @@ def test_vocabularies_are_fitted_on_training_days_only(tmp_path, tables):
     rows = _synthetic_log(n_days=3, n_users=4)
     rows = [r for r in rows if not (r["video_id"] == 7 or r["user_id"] == 5)]
     rows += [_log_row(5, 7, D3, T0 + 2 * DAY_MS + i) for i in range(3)]  # only on a scored day
-    users, videos = K.read_users(tables[0]), K.read_videos(tables[1])
-    imp, _, _ = K.clean_log(K.read_log(_write(tmp_path / "log.csv", rows)), users, videos)
+    users, videos = read_users(tables[0]), read_videos(tables[1])
+    imp, _, _ = clean_log(read_log(_write(tmp_path / "log.csv", rows)), users, videos)
     train = imp.take(np.flatnonzero(imp.date < D3))
-    enc = K.KuaiRandEncoder.fit(users, videos, train, K.KuaiRandOptions())
+    enc = KuaiRandEncoder.fit(users, videos, train, KuaiRandOptions())
     assert "7" not in enc.id_vocab["video_id"] and "5" not in enc.id_vocab["user_id"]
     assert enc.train_dates == [D1, D2]
     _, cats, sizes = enc.upstream_inputs(users, videos, imp.take(np.flatnonzero(imp.date == D3)))
     assert cats.shape[1] == len(sizes) and (cats < np.array(sizes)).all()
     scored_only = imp.take(np.flatnonzero(imp.user_id == 5))
     _, cats, _ = enc.upstream_inputs(users, videos, scored_only)
-    names = [*K.USER_CATEGORICAL, *enc.embedding_names()]
+    names = [*USER_CATEGORICAL, *enc.embedding_names()]
     assert (cats[:, names.index("video_id")] == 0).all() and (
         cats[:, names.index("user_id")] == 0
     ).all()
@@ -346,7 +352,7 @@ def test_vocabularies_are_fitted_on_training_days_only(tmp_path, tables):
 def test_too_few_dates_is_a_clear_error(tmp_path, tables):
     log = _write(tmp_path / "log.csv", _synthetic_log(n_days=2))
     with pytest.raises(ValueError, match="at least one date for the train split"):
-        K.convert_kuairand(log, *tables, tmp_path / "o", upstream_train_days=1, upstream=TINY)
+        convert_kuairand(log, *tables, tmp_path / "o", upstream_train_days=1, upstream=TINY)
 
 
 # ---------------------------------------------------------------------------
@@ -378,7 +384,7 @@ def test_mmoe_learns_and_roundtrips_through_a_safe_state_dict(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not REAL.exists(), reason="shipped KuaiRand-Pure copy not present")
 def test_real_kuairand_end_to_end(tmp_path):
-    report = K.convert_kuairand(
+    report = convert_kuairand(
         REAL / "log_2022-04-25_to_04-30.parquet",
         REAL / "user_features.parquet",
         REAL / "video_features_basic_pure.csv",

@@ -20,8 +20,9 @@ import torch
 from grade_ray.cli import main
 from grade_ray.config import load_config
 from grade_ray.data.schema import SessionMeta, read_meta, read_sessions
-from grade_ray.datasets.kuairand import convert as K
 from grade_ray.datasets.kuairand import pipeline as R
+from grade_ray.datasets.kuairand.dataset import ATTRIBUTION, LICENCE_NOTICE
+from grade_ray.datasets.kuairand.scoring import LeakageError
 from grade_ray.learner.loop import INERT_STD, fit_normalization
 from grade_ray.models.policy import FusionPolicy
 
@@ -181,9 +182,9 @@ def test_licence_notice_travels_into_the_outputs(pipeline):
     out, results = pipeline
     saved = json.loads((out / R.RESULTS_JSON).read_text())
     assert saved["licence"]["licence"] == "CC BY-SA 4.0"
-    assert saved["licence"]["notice"] == K.LICENCE_NOTICE
+    assert saved["licence"]["notice"] == LICENCE_NOTICE
     md = (out / R.RESULTS_MD).read_text()
-    assert K.LICENCE_NOTICE in md and K.ATTRIBUTION in md
+    assert LICENCE_NOTICE in md and ATTRIBUTION in md
     assert "CC BY-SA 4.0" in (out / R.SESSIONS_DIR / "README.md").read_text()
     for split in ("train", "eval"):
         assert read_meta(out / R.SESSIONS_DIR / split).source["licence"] == "CC BY-SA 4.0"
@@ -205,7 +206,7 @@ def test_no_leakage_eval_dates_after_training_dates(pipeline):
         ("click",), ("prob",), ("click",), ("x",), {"dates": [DATES[3]], "upstream_train_dates": []}
     )
     late = SessionMeta(("click",), ("prob",), ("click",), ("x",), {"dates": [DATES[2]]})
-    with pytest.raises(K.LeakageError, match="time split"):
+    with pytest.raises(LeakageError, match="time split"):
         R.check_split_dates(meta, late)
 
 

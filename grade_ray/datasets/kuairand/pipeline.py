@@ -17,7 +17,7 @@
 
 KuaiRand (Gao et al., CIKM 2022, https://kuairand.com) is licensed CC BY-SA 4.0;
 everything written here is derived from it and carries the notice and attribution
-(:data:`grade_ray.datasets.kuairand.convert.LICENCE_NOTICE`).
+(:data:`grade_ray.datasets.kuairand.dataset.LICENCE_NOTICE`).
 
 A trained policy can be evaluated on further days: convert them with the saved
 upstream model (:func:`grade_ray.datasets.kuairand.convert.convert_more`, or
@@ -56,7 +56,9 @@ from grade_ray.algos.metrics import ndcg_at_k, request_auc
 from grade_ray.config import Config, save_config
 from grade_ray.data.oracles import simplex_grid
 from grade_ray.data.schema import SessionBatch, SessionMeta, read_sessions
-from grade_ray.datasets.kuairand import convert as K
+from grade_ray.datasets.kuairand.convert import convert_kuairand, convert_more
+from grade_ray.datasets.kuairand.dataset import ATTRIBUTION, GROUP_BY, LICENCE_NOTICE
+from grade_ray.datasets.kuairand.scoring import LeakageError
 from grade_ray.spec import RewardSpec, as_tensor
 
 log = logging.getLogger(__name__)
@@ -204,7 +206,7 @@ def convert(
             "pass --overwrite to replace them"
         )
     stamp_path.unlink(missing_ok=True)
-    report = K.convert_kuairand(
+    report = convert_kuairand(
         [str(p) for p in files["log"]],
         files["users"],
         files["videos"],
@@ -226,21 +228,21 @@ def convert(
 def check_split_dates(train_meta: SessionMeta, eval_meta: SessionMeta) -> dict[str, list[int]]:
     """Dates of the upstream model, the policy's training split and the eval split.
 
-    Raises :class:`grade_ray.datasets.kuairand.convert.LeakageError` unless
+    Raises :class:`grade_ray.datasets.kuairand.scoring.LeakageError` unless
     upstream dates < train dates < eval dates.
     """
     up = [int(d) for d in train_meta.source.get("upstream_train_dates", [])]
     train = [int(d) for d in train_meta.source.get("dates", [])]
     ev = [int(d) for d in eval_meta.source.get("dates", [])]
     if not train or not ev:
-        raise K.LeakageError("session metadata lacks dates; cannot check the time split")
+        raise LeakageError("session metadata lacks dates; cannot check the time split")
     if (up and max(up) >= min(train)) or max(train) >= min(ev):
-        raise K.LeakageError(
+        raise LeakageError(
             f"time split violated: upstream {up}, policy training {train}, eval {ev} "
             "(each must end before the next begins)"
         )
     if eval_meta.source.get("upstream_train_dates", up) != up:
-        raise K.LeakageError("train and eval sessions were scored by different upstream models")
+        raise LeakageError("train and eval sessions were scored by different upstream models")
     return {"upstream_train": up, "policy_train": train, "eval": ev}
 
 
@@ -692,8 +694,8 @@ def run_kuairand_pipeline(
             "licence": {
                 "dataset": "KuaiRand-Pure",
                 "licence": "CC BY-SA 4.0",
-                "notice": K.LICENCE_NOTICE,
-                "attribution": K.ATTRIBUTION,
+                "notice": LICENCE_NOTICE,
+                "attribution": ATTRIBUTION,
                 "url": "https://kuairand.com",
             },
         }
@@ -1187,7 +1189,7 @@ def _split_args(p: argparse.ArgumentParser) -> None:
         help="first N dates train the upstream model (default 3)",
     )
     p.add_argument("--eval-days", type=int, default=1, help="last N dates held out (default 1)")
-    p.add_argument("--group-by", choices=K.GROUP_BY, default="user_day")
+    p.add_argument("--group-by", choices=GROUP_BY, default="user_day")
     p.add_argument(
         "--session-gap-s",
         type=float,
@@ -1215,14 +1217,14 @@ def cmd_data_kuairand(args: argparse.Namespace) -> int:
             f"{s['impressions']} impressions, mean list length {s.get('mean_list_len')}"
         )
     print(f"  upstream AUC (scored days): {report['upstream'].get('auc_scored_days')}")
-    print(f"  licence: {K.LICENCE_NOTICE}")
+    print(f"  licence: {LICENCE_NOTICE}")
     return 0
 
 
 def cmd_data_kuairand_more(args: argparse.Namespace) -> int:
     files = find_kuairand_files(args.data_dir)
     logs = args.log or [str(p) for p in files["log"]]
-    report = K.convert_more(
+    report = convert_more(
         logs,
         args.model,
         args.out,

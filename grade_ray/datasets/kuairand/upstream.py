@@ -3,7 +3,7 @@
 Real logs such as KuaiRand carry no upstream predictions, so we train our own
 multi-gate mixture-of-experts (Ma et al., KDD 2018) on earlier days and score
 later days. The model is data-agnostic: it reads a dense feature matrix and a
-matrix of categorical indices; :mod:`grade_ray.datasets.kuairand.convert` builds both.
+matrix of categorical indices; :mod:`grade_ray.datasets.kuairand.features` builds both.
 
 Architecture, for input ``x = [standardize(dense) ; emb_1(cat_1) ; ... ; emb_C(cat_C)]``::
 
