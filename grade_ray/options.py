@@ -21,7 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "grade_ray.cluster.submit",
     "grade_ray.serving.export",
     "grade_ray.serving.service",
-    "grade_ray.datasets.kuairand.pipeline",
+    "grade_ray.datasets.kuairand.commands",
     "grade_ray.jobs.tune",
     "grade_ray.jobs.suite",
     "grade_ray.baselines.rllib_ppo",

@@ -20,8 +20,22 @@ import torch
 from grade_ray.cli import main
 from grade_ray.config import load_config
 from grade_ray.data.schema import SessionMeta, read_meta, read_sessions
-from grade_ray.datasets.kuairand import pipeline as R
+from grade_ray.datasets.kuairand.datadir import (
+    STAMP_FILE,
+    ConvertOptions,
+    check_split_dates,
+    convert,
+    find_kuairand_files,
+)
 from grade_ray.datasets.kuairand.dataset import ATTRIBUTION, LICENCE_NOTICE
+from grade_ray.datasets.kuairand.pipeline import (
+    MIN_CONTEXT_STD,
+    RESULTS_JSON,
+    RESULTS_MD,
+    SESSIONS_DIR,
+    run_kuairand_pipeline,
+)
+from grade_ray.datasets.kuairand.replay import MEAN_STATIC
 from grade_ray.datasets.kuairand.scoring import LeakageError
 from grade_ray.learner.loop import INERT_STD, fit_normalization
 from grade_ray.models.policy import FusionPolicy
@@ -131,7 +145,7 @@ TINY = [
 def pipeline(slice_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("kuairand_run")
     cfg = load_config([ROOT / "configs" / "kuairand.yaml"], TINY)
-    results = R.run_kuairand_pipeline(
+    results = run_kuairand_pipeline(
         cfg,
         slice_dir,
         out_dir=out,
@@ -148,10 +162,10 @@ def _finite(*xs) -> bool:
 
 def test_pipeline_writes_all_arms_with_finite_metrics_and_cis(pipeline):
     out, results = pipeline
-    saved = json.loads((out / R.RESULTS_JSON).read_text())
+    saved = json.loads((out / RESULTS_JSON).read_text())
     assert saved["arms"].keys() == results["arms"].keys()
     expected = {"uniform", "best_static", "segment_static", "SP", "GRADE", "GRADE-no-prior"}
-    expected.add(R.MEAN_STATIC)
+    expected.add(MEAN_STATIC)
     assert set(saved["arms"]) == expected
     # R_format is off in configs/kuairand.yaml, so the no-format ablation would be GRADE again
     assert "skipped" in saved["variants"]["GRADE-no-format"]
@@ -170,7 +184,7 @@ def test_pipeline_writes_all_arms_with_finite_metrics_and_cis(pipeline):
     assert pers["adj_ci_low"] <= pers["ci_low"] + 1e-9
     for w in saved["weights"].values():
         assert sum(w["mean"].values()) == pytest.approx(1.0, abs=1e-3)
-    md = (out / R.RESULTS_MD).read_text()
+    md = (out / RESULTS_MD).read_text()
     for arm in expected:
         assert f"| {arm} |" in md
     assert "## What this shows" in md and saved["interpretation"] in md
@@ -180,22 +194,22 @@ def test_pipeline_writes_all_arms_with_finite_metrics_and_cis(pipeline):
 
 def test_licence_notice_travels_into_the_outputs(pipeline):
     out, results = pipeline
-    saved = json.loads((out / R.RESULTS_JSON).read_text())
+    saved = json.loads((out / RESULTS_JSON).read_text())
     assert saved["licence"]["licence"] == "CC BY-SA 4.0"
     assert saved["licence"]["notice"] == LICENCE_NOTICE
-    md = (out / R.RESULTS_MD).read_text()
+    md = (out / RESULTS_MD).read_text()
     assert LICENCE_NOTICE in md and ATTRIBUTION in md
-    assert "CC BY-SA 4.0" in (out / R.SESSIONS_DIR / "README.md").read_text()
+    assert "CC BY-SA 4.0" in (out / SESSIONS_DIR / "README.md").read_text()
     for split in ("train", "eval"):
-        assert read_meta(out / R.SESSIONS_DIR / split).source["licence"] == "CC BY-SA 4.0"
+        assert read_meta(out / SESSIONS_DIR / split).source["licence"] == "CC BY-SA 4.0"
 
 
 def test_no_leakage_eval_dates_after_training_dates(pipeline):
     out, results = pipeline
     dates = results["dates"]
     assert dates == {"upstream_train": DATES[:2], "policy_train": [DATES[2]], "eval": [DATES[3]]}
-    train, _, _ = read_sessions(out / R.SESSIONS_DIR / "train")
-    ev, _, _ = read_sessions(out / R.SESSIONS_DIR / "eval")
+    train, _, _ = read_sessions(out / SESSIONS_DIR / "train")
+    ev, _, _ = read_sessions(out / SESSIONS_DIR / "eval")
     train_dates, eval_dates = train.request_id // 10**11, ev.request_id // 10**11
     assert train_dates.min() > max(dates["upstream_train"])
     assert train_dates.max() < eval_dates.min()
@@ -207,7 +221,7 @@ def test_no_leakage_eval_dates_after_training_dates(pipeline):
     )
     late = SessionMeta(("click",), ("prob",), ("click",), ("x",), {"dates": [DATES[2]]})
     with pytest.raises(LeakageError, match="time split"):
-        R.check_split_dates(meta, late)
+        check_split_dates(meta, late)
 
 
 def test_policy_ignores_context_columns_constant_on_training(pipeline):
@@ -217,7 +231,7 @@ def test_policy_ignores_context_columns_constant_on_training(pipeline):
     inert = results["stage1"]["inert_context_columns"]
     assert "dow=thu" in inert  # the eval day (Thursday) never occurs on the training day
     policy, meta, _ = load_policy(out / "policy.pt")
-    ev, _, _ = read_sessions(out / R.SESSIONS_DIR / "eval")
+    ev, _, _ = read_sessions(out / SESSIONS_DIR / "eval")
     x = torch.from_numpy(ev.context.copy())
     assert (x[:, meta.context_names.index("dow=thu")] == 1).all()
     with torch.no_grad():
@@ -230,20 +244,20 @@ def test_policy_ignores_context_columns_constant_on_training(pipeline):
 def test_guarded_normalization_units():
     policy = FusionPolicy(3, 2, num_experts=1, expert_hidden=4)
     x = np.array([[1.0, 0.0, 5.0], [3.0, 0.0, 5.001], [2.0, 0.0, 5.0]], dtype=np.float32)
-    info = fit_normalization(policy, [x[:2], x[2:]], min_std=R.MIN_CONTEXT_STD)
+    info = fit_normalization(policy, [x[:2], x[2:]], min_std=MIN_CONTEXT_STD)
     assert info["inert"] == [1] and info["floored"] == 1
-    assert policy.x_std[1] == INERT_STD and policy.x_std[2] == pytest.approx(R.MIN_CONTEXT_STD)
+    assert policy.x_std[1] == INERT_STD and policy.x_std[2] == pytest.approx(MIN_CONTEXT_STD)
     assert policy.x_mean[0] == pytest.approx(2.0)  # streamed over two arrays
 
 
 def test_conversion_is_reused_and_not_silently_replaced(pipeline, slice_dir):
     out, _ = pipeline
-    opts = R.ConvertOptions(upstream_train_days=2, upstream_epochs=1)
-    _, reused = R.convert(slice_dir, out / R.SESSIONS_DIR, opts)
+    opts = ConvertOptions(upstream_train_days=2, upstream_epochs=1)
+    _, reused = convert(slice_dir, out / SESSIONS_DIR, opts)
     assert reused
-    other = R.ConvertOptions(upstream_train_days=1, upstream_epochs=1)
+    other = ConvertOptions(upstream_train_days=1, upstream_epochs=1)
     with pytest.raises(FileExistsError, match="overwrite"):
-        R.convert(slice_dir, out / R.SESSIONS_DIR, other)
+        convert(slice_dir, out / SESSIONS_DIR, other)
 
 
 def test_cli_data_kuairand_converts_and_missing_dir_errors(slice_dir, tmp_path, capsys):
@@ -252,17 +266,17 @@ def test_cli_data_kuairand_converts_and_missing_dir_errors(slice_dir, tmp_path, 
     assert main([*args, "--upstream-train-days", "2", "--upstream-epochs", "1"]) == 0
     assert "CC BY-SA 4.0" in capsys.readouterr().out
     assert read_meta(out / "eval").source["dates"] == [DATES[3]]
-    assert (out / R.STAMP_FILE).exists() and (out / "upstream" / "upstream.json").exists()
+    assert (out / STAMP_FILE).exists() and (out / "upstream" / "upstream.json").exists()
     assert main(["data", "kuairand", "--data-dir", str(tmp_path / "nope"), "--out", "x"]) == 2
     assert "--data-dir" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="user_features"):
-        R.find_kuairand_files(_only_log(slice_dir, tmp_path))
+        find_kuairand_files(_only_log(slice_dir, tmp_path))
 
 
 def test_unknown_variant_fails_before_any_work(slice_dir, tmp_path):
     cfg = load_config([ROOT / "configs" / "kuairand.yaml"], TINY)
     with pytest.raises(ValueError, match="unknown variant"):
-        R.run_kuairand_pipeline(cfg, slice_dir, out_dir=tmp_path / "run", variants=["GRADE-x"])
+        run_kuairand_pipeline(cfg, slice_dir, out_dir=tmp_path / "run", variants=["GRADE-x"])
     assert not (tmp_path / "run").exists()
 
 
@@ -277,11 +291,11 @@ def _only_log(src: Path, tmp_path: Path) -> Path:
 @pytest.mark.skipif(not REAL.exists(), reason="shipped KuaiRand-Pure copy not present")
 def test_real_kuairand_pipeline(tmp_path):
     cfg = load_config([ROOT / "configs" / "kuairand.yaml"])
-    results = R.run_kuairand_pipeline(cfg, REAL, out_dir=tmp_path, variants=["GRADE-gaussian"])
+    results = run_kuairand_pipeline(cfg, REAL, out_dir=tmp_path, variants=["GRADE-gaussian"])
     assert results["dates"]["eval"] == [20220430]
     assert results["dates"]["policy_train"] == [20220428, 20220429]
     assert results["evidence"]["eval"]["requests"] > 4000
     for row in results["arms"].values():
         m = row["metrics"]["composite"]
         assert _finite(m["value"], m["ci_low"], m["ci_high"])
-    assert "CC BY-SA 4.0" in (tmp_path / R.RESULTS_MD).read_text()
+    assert "CC BY-SA 4.0" in (tmp_path / RESULTS_MD).read_text()
