@@ -42,6 +42,7 @@ from grade_ray.datasets.kuairand.raw import (
     Impressions,
     LogRows,
     UserTable,
+    VideoTable,
     clean_log,
     read_log,
     read_users,
@@ -64,6 +65,24 @@ from grade_ray.datasets.kuairand.sessions import (
 from grade_ray.datasets.kuairand.upstream import DEFAULT_TASKS, UpstreamConfig
 
 log = logging.getLogger(__name__)
+
+
+def _read_tables(
+    log_path: str | Path | Sequence[str | Path], user_path: str | Path, video_path: str | Path
+) -> tuple[LogRows, UserTable, VideoTable, Impressions, dict[str, Any], pa.Table | None]:
+    """Read the log and both tables, clean the log: (rows read, users, videos, valid
+    impressions, row accounting, rejected rows or None)."""
+    rows = read_log(log_path)
+    users, videos = read_users(user_path), read_videos(video_path)
+    return rows, users, videos, *clean_log(rows, users, videos)
+
+
+def _write_report(
+    out: Path, name: str, report: dict[str, Any], rejected: pa.Table | None, write_rejects: bool
+) -> None:
+    """README.md (and, with ``write_rejects``, rejects.parquet), then ``out/name`` (JSON)."""
+    write_docs(out, report, rejected, write_rejects)
+    (out / name).write_text(json.dumps(report, indent=1, sort_keys=True))
 
 
 def _split_dates(date: np.ndarray, upstream_train_days: int, eval_days: int) -> tuple[list, list]:
@@ -117,9 +136,7 @@ def convert_kuairand(
     cfg = upstream or UpstreamConfig(tasks=tuple(tasks), epochs=epochs, seed=seed)
     out = Path(out_dir)
     dirs = {s: prepare_dir(out / s, overwrite) for s in ("train", "eval")}
-    rows = read_log(log_path)
-    users, videos = read_users(user_path), read_videos(video_path)
-    imp, rows_report, rejected = clean_log(rows, users, videos)
+    rows, users, videos, imp, rows_report, rejected = _read_tables(log_path, user_path, video_path)
     train_dates, scored_dates = _split_dates(imp.date, upstream_train_days, eval_days)
     is_train = np.isin(imp.date, train_dates)
     bundle, history = train_upstream(users, videos, imp.take(np.flatnonzero(is_train)), cfg, opts)
@@ -138,8 +155,7 @@ def convert_kuairand(
         "splits": splits,
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    write_docs(out, report, rejected, write_rejects)
-    (out / "upstream_report.json").write_text(json.dumps(report, indent=1, sort_keys=True))
+    _write_report(out, "upstream_report.json", report, rejected, write_rejects)
     log.info("converted KuaiRand in %.1fs: %s", report["seconds"], rows_summary(rows_report))
     return report
 
@@ -180,9 +196,7 @@ def _load_and_score(
     video_path: str | Path,
     dates: Sequence[int] | None,
 ) -> tuple[LogRows, UserTable, Impressions, np.ndarray, dict, pa.Table | None]:
-    rows = read_log(log_path)
-    users, videos = read_users(user_path), read_videos(video_path)
-    imp, report, rejected = clean_log(rows, users, videos)
+    rows, users, videos, imp, report, rejected = _read_tables(log_path, user_path, video_path)
     if dates is not None:
         sel = np.isin(imp.date, np.asarray(list(dates), dtype=np.int64))
         report["rows_outside_dates"] = int((~sel).sum())
@@ -258,7 +272,6 @@ def convert_more(
         "splits": stats,
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    write_docs(out, report, rejected, write_rejects)
-    (out / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True))
+    _write_report(out, "report.json", report, rejected, write_rejects)
     log.info("converted %s in %.1fs: %s", rows.files, report["seconds"], rows_summary(rows_report))
     return report

@@ -37,12 +37,13 @@ inside the saved policy, so every later use (Stage 2, evaluate, export) sees the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,16 @@ RESULTS_MD = "results.md"
 DEFAULT_VARIANTS = ("GRADE-gaussian", "GRADE-no-prior", "GRADE-no-format")
 MIN_CONTEXT_STD = 0.1
 """Floor on the policy's context std (rare one-hot columns stay within ~10 sigma)."""
+LICENCE = {
+    "dataset": "KuaiRand-Pure",
+    "licence": "CC BY-SA 4.0",
+    "notice": LICENCE_NOTICE,
+    "attribution": ATTRIBUTION,
+    "url": "https://kuairand.com",
+}
+"""The licence block of results.json (results.md ends with its notice and attribution)."""
+
+
 # Training artifacts of a previous pipeline run, cleared before retraining.
 _RUN_ARTIFACTS = (
     "policy.pt",
@@ -79,9 +90,6 @@ _RUN_ARTIFACTS = (
     RESULTS_JSON,
     RESULTS_MD,
 )
-
-
-# Training
 
 
 def _clear_run(out: Path) -> None:
@@ -159,7 +167,76 @@ def train_variants(cfg: Config, names: Sequence[str]) -> dict[str, dict[str, Any
     return out
 
 
-# The pipeline
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Store the block's wall-clock seconds (1 decimal) under ``timings[key]``."""
+    t0 = time.perf_counter()
+    yield
+    timings[key] = round(time.perf_counter() - t0, 1)
+
+
+def _check_variants(names: Sequence[str]) -> None:
+    from grade_ray.jobs.compare import VARIANTS
+
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; valid: {list(VARIANTS)}")
+
+
+def _run_config(cfg: Config, out: Path) -> Config:
+    """``cfg`` with the run directory and the converted train / eval splits in it."""
+    sessions = out / SESSIONS_DIR
+    return cfg.replace(
+        run_dir=str(out),
+        **{"data.train_path": str(sessions / "train"), "data.eval_path": str(sessions / "eval")},
+    )
+
+
+def _train(
+    cfg: Config,
+    train: SessionBatch,
+    meta: SessionMeta,
+    variants: Sequence[str],
+    timings: dict[str, float],
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Stage 1, GRADE (Stage 2) and the ablations; returns (Stage 1 info, trained variants)."""
+    from grade_ray.jobs.train import run_train_local
+
+    with _timed(timings, "stage1_s"):
+        stage1 = run_stage1(cfg, train, meta)
+    with _timed(timings, "grade_s"):
+        run_train_local(cfg)
+    with _timed(timings, "variants_s"):
+        trained = train_variants(cfg, variants)
+    return stage1, trained
+
+
+def _run_record(
+    cfg: Config,
+    opts: ConvertOptions,
+    report: dict[str, Any],
+    reused: bool,
+    eval_summary: dict[str, Any],
+) -> dict[str, Any]:
+    """The run's conversion, eval data, config and licence, as stored in results.json."""
+    upstream = report.get("upstream", {})
+    return {
+        "conversion": {
+            "dir": str(Path(cfg.run_dir) / SESSIONS_DIR),
+            "reused": reused,
+            "options": dataclasses.asdict(opts),
+            "rows": report.get("rows", {}),
+            "upstream_auc_scored_days": upstream.get("auc_scored_days"),
+            "upstream_auc_by_date": upstream.get("auc_by_date"),
+        },
+        "eval_data": eval_summary,
+        "config": cfg.to_dict(),
+    }
+
+
+def _write_results(out: Path, results: dict[str, Any]) -> None:
+    (out / RESULTS_JSON).write_text(json.dumps(results, indent=1, default=_json_default))
+    (out / RESULTS_MD).write_text(results_markdown(results))
 
 
 def run_kuairand_pipeline(
@@ -185,14 +262,9 @@ def run_kuairand_pipeline(
     ``OUT/results.{json,md}``. The upstream model's seed is ``upstream_seed`` (not
     ``cfg.seed``), so policy seeds can be varied on one conversion. Returns the results dict.
     """
-    from grade_ray.jobs.compare import VARIANTS
-
-    unknown = [n for n in variants if n not in VARIANTS]
-    if unknown:  # before the (minutes of) conversion and training
-        raise ValueError(f"unknown variant(s) {unknown}; valid: {list(VARIANTS)}")
+    _check_variants(variants)  # before the (minutes of) conversion and training
     t_start = time.perf_counter()
     out = Path(out_dir or cfg.run_dir)
-    sessions = out / SESSIONS_DIR
     opts = ConvertOptions(
         upstream_train_days,
         eval_days,
@@ -203,61 +275,25 @@ def run_kuairand_pipeline(
         upstream_epochs,
     )
     timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    report, reused = convert(data_dir, sessions, opts, reuse=reuse_conversion, overwrite=True)
-    timings["convert_s"] = round(time.perf_counter() - t0, 1)
-    cfg = cfg.replace(
-        run_dir=str(out),
-        **{"data.train_path": str(sessions / "train"), "data.eval_path": str(sessions / "eval")},
-    )
+    with _timed(timings, "convert_s"):
+        report, reused = convert(
+            data_dir, out / SESSIONS_DIR, opts, reuse=reuse_conversion, overwrite=True
+        )
+    cfg = _run_config(cfg, out)
     train, meta, _ = read_sessions(cfg.data.train_path, on_error=cfg.data.on_error)
     ev, eval_meta, eval_read = read_sessions(cfg.data.eval_path, on_error=cfg.data.on_error)
     dates = check_split_dates(meta, eval_meta)
     spec = RewardSpec.from_config(cfg.reward, meta)  # names checked before training
-
     _clear_run(out)
-    t0 = time.perf_counter()
-    stage1 = run_stage1(cfg, train, meta)
-    timings["stage1_s"] = round(time.perf_counter() - t0, 1)
-    from grade_ray.jobs.train import run_train_local
-
-    t0 = time.perf_counter()
-    run_train_local(cfg)
-    timings["grade_s"] = round(time.perf_counter() - t0, 1)
-    t0 = time.perf_counter()
-    trained = train_variants(cfg, variants)
-    timings["variants_s"] = round(time.perf_counter() - t0, 1)
-
-    t0 = time.perf_counter()
-    results = evaluate_replay(cfg, train, meta, ev, eval_meta, spec, stage1, trained)
-    timings["evaluate_s"] = round(time.perf_counter() - t0, 1)
+    stage1, trained = _train(cfg, train, meta, variants, timings)
+    with _timed(timings, "evaluate_s"):
+        results = evaluate_replay(cfg, train, meta, ev, eval_meta, spec, stage1, trained)
     timings["total_s"] = round(time.perf_counter() - t_start, 1)
-    results.update(
-        {
-            "dates": dates,
-            "conversion": {
-                "dir": str(sessions),
-                "reused": reused,
-                "options": dataclasses.asdict(opts),
-                "rows": report.get("rows", {}),
-                "upstream_auc_scored_days": report.get("upstream", {}).get("auc_scored_days"),
-                "upstream_auc_by_date": report.get("upstream", {}).get("auc_by_date"),
-            },
-            "eval_data": eval_read.summary(),
-            "config": cfg.to_dict(),
-            "timings": timings,
-            "licence": {
-                "dataset": "KuaiRand-Pure",
-                "licence": "CC BY-SA 4.0",
-                "notice": LICENCE_NOTICE,
-                "attribution": ATTRIBUTION,
-                "url": "https://kuairand.com",
-            },
-        }
-    )
+    results["dates"] = dates
+    results.update(_run_record(cfg, opts, report, reused, eval_read.summary()))
+    results.update(timings=timings, licence=dict(LICENCE))
     results["interpretation"] = interpret(results)
-    (out / RESULTS_JSON).write_text(json.dumps(results, indent=1, default=_json_default))
-    (out / RESULTS_MD).write_text(results_markdown(results))
+    _write_results(out, results)
     log.info("KuaiRand replay done in %.0fs: %s", timings["total_s"], out / RESULTS_MD)
     return results
 

@@ -1,12 +1,27 @@
-"""results.md and the interpretation paragraph, computed from the results dict."""
+"""results.md and its interpretation paragraph, computed from the results dict.
+
+The report is data first: each table is a header and rows of cells
+(:func:`ranking_table`, :func:`ndcg_table`, ...) rendered by one small
+:func:`markdown_table`; each section is a list of blocks (a heading, a
+paragraph, a table) and :func:`results_markdown` joins them with blank lines.
+The interpretation is one sentence per named part (:func:`interpret`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from grade_ray.datasets.kuairand.metrics import BASELINE
 from grade_ray.datasets.kuairand.replay import SEGMENT_FEATURE
+
+Block = list[str]
+"""Lines of one Markdown block (a heading, a paragraph or a table)."""
+VS = f"vs_{BASELINE}"
+
+
+# ---------------------------------------------------------------------------
+# Numbers as text
 
 
 def _m(results: dict, arm: str, metric: str) -> dict[str, Any]:
@@ -15,7 +30,7 @@ def _m(results: dict, arm: str, metric: str) -> dict[str, Any]:
 
 def _verdict(results: dict, arm: str, metric: str = "composite") -> str:
     """'higher' / 'lower' / 'indistinguishable' vs best static (paired 95% CI)."""
-    d = results["arms"][arm].get(f"vs_{BASELINE}", {}).get(metric)
+    d = results["arms"][arm].get(VS, {}).get(metric)
     if not d or d["diff"] is None:
         return "n/a"
     if not d["significant"]:
@@ -45,12 +60,50 @@ def _ci(d: dict[str, Any]) -> str:
     return f"{_fmt(d['diff'], sign=True)} {_interval(d)}"
 
 
+def _cell(m: dict[str, Any]) -> str:
+    """A metric with its 95% CI: ``value [low, high]``."""
+    if m["value"] is None:
+        return "–"
+    return f"{m['value']:.4f} [{_fmt(m['ci_low'])}, {_fmt(m['ci_high'])}]"
+
+
+def _diff_cell(d: dict[str, Any] | None) -> str:
+    """A paired difference, starred (* 95% CI excludes 0, ** also the adjusted one)."""
+    if not d or d["diff"] is None:
+        return "–"
+    star = "*" * (int(d["significant"]) + int(d.get("significant_adjusted", False)))
+    return (
+        f"{d['diff']:+.4f}{star} [{_fmt(d['ci_low'], sign=True)}, {_fmt(d['ci_high'], sign=True)}]"
+    )
+
+
+def _names(names: Sequence[str], most: int = 8) -> str:
+    if not names:
+        return "none"
+    dow = [n for n in names if n.startswith("dow=")]
+    shown = (dow + [n for n in names if n not in dow])[:most]
+    more = f" and {len(names) - len(shown)} more" if len(names) > len(shown) else ""
+    return f"{len(names)}: {', '.join(shown)}{more}"
+
+
+def _mm(s: dict) -> str:
+    return f"{s['list_length']['median']:g} / {s['list_length']['max']}"
+
+
+def _hist(s: dict) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in s["list_length"]["histogram"].items() if v)
+
+
+# ---------------------------------------------------------------------------
+# The interpretation: one sentence per part
+
+
 def _grade_sentence(results: dict) -> tuple[str, bool]:
     """The GRADE vs best static sentence and whether GRADE is ahead after adjustment."""
     arms = results["arms"]
     g, b = _m(results, "GRADE", "composite"), _m(results, BASELINE, "composite")
-    d = arms["GRADE"][f"vs_{BASELINE}"]["composite"]
-    dp = arms["GRADE"][f"vs_{BASELINE}"]["r_post"]
+    d = arms["GRADE"][VS]["composite"]
+    dp = arms["GRADE"][VS]["r_post"]
     verdict = _verdict(results, "GRADE")
     ahead = verdict == "higher" and d["significant_adjusted"]
     if verdict == "higher" and not d["significant_adjusted"]:
@@ -74,43 +127,48 @@ def _grade_sentence(results: dict) -> tuple[str, bool]:
     return text, ahead
 
 
-def interpret(results: dict) -> str:
-    """An honest paragraph computed from the numbers."""
+def _other_arms_sentence(results: dict) -> str | None:
+    """Every other arm's composite difference to best static and its verdict."""
     arms = results["arms"]
-    ev = results["evidence"]["eval"]
-    ctx = results["evidence"]["context"]
-    hr = results["headroom"]
-    n = ev["requests"]
-    parts = []
-    ahead = False
-    if "GRADE" in arms:
-        text, ahead = _grade_sentence(results)
-        parts.append(text)
     others = [
-        f"{arm} {_fmt(arms[arm][f'vs_{BASELINE}']['composite']['diff'], sign=True)} "
-        f"({_verdict(results, arm)})"
+        f"{arm} {_fmt(arms[arm][VS]['composite']['diff'], sign=True)} ({_verdict(results, arm)})"
         for arm in arms
         if arm not in ("GRADE", BASELINE)
     ]
-    if others:
-        parts.append(
-            "Other arms vs best static (composite, paired 95%): " + "; ".join(others) + "."
-        )
+    if not others:
+        return None
+    return "Other arms vs best static (composite, paired 95%): " + "; ".join(others) + "."
+
+
+def _personalization_gain(results: dict) -> bool:
+    """GRADE beats its own mean weights used as one static vector (paired 95% CI)."""
     pers = results.get("personalization", {}).get("composite")
-    pers_gain = bool(pers and pers["significant"] and pers["diff"] > 0)
-    if pers:
-        what = (
-            "adds a measurable gain"
-            if pers_gain
-            else ("costs" if pers["significant"] else "adds nothing measurable")
-        )
-        gw = results["weights"]["GRADE"]
-        parts.append(
-            f"Personalization itself: GRADE minus its own mean weights (over the training "
-            f"requests) used as one static vector for everyone is {_ci(pers)}, so the "
-            f"per-request variation of its weights (mean std {gw['spread']:.3f} across eval "
-            f"requests, {gw['polarized_frac']:.0%} of them polarized) {what}."
-        )
+    return bool(pers and pers["significant"] and pers["diff"] > 0)
+
+
+def _personalization_sentence(results: dict) -> str | None:
+    """What the per-request variation of GRADE's weights adds over its mean weights."""
+    pers = results.get("personalization", {}).get("composite")
+    if not pers:
+        return None
+    what = (
+        "adds a measurable gain"
+        if _personalization_gain(results)
+        else ("costs" if pers["significant"] else "adds nothing measurable")
+    )
+    gw = results["weights"]["GRADE"]
+    return (
+        f"Personalization itself: GRADE minus its own mean weights (over the training "
+        f"requests) used as one static vector for everyone is {_ci(pers)}, so the "
+        f"per-request variation of its weights (mean std {gw['spread']:.3f} across eval "
+        f"requests, {gw['polarized_frac']:.0%} of them polarized) {what}."
+    )
+
+
+def _headroom_sentence(results: dict) -> str:
+    """How much any weights could add on the eval day, and why (short lists, sparse labels)."""
+    ev, hr = results["evidence"]["eval"], results["headroom"]
+    n = ev["requests"]
     c = hr["composite"]
     gap_static = (c["eval_tuned_static"] or 0) - (c["train_best_static"] or 0)
     gap_oracle = (c["per_request_oracle"] or 0) - (c["train_best_static"] or 0)
@@ -120,7 +178,7 @@ def interpret(results: dict) -> str:
     head = "The measurable headroom is small" if gap_static < width else "There is some headroom"
     with_pos = ev["requests_with_positive_post_gain"]
     labels = ev["labels"]
-    parts.append(
+    return (
         f"{head}: re-tuning one static vector on the eval day itself (in-sample) would add "
         f"{gap_static:+.4f} composite (the best static arm's 95% CI is {width:.4f} wide), the "
         f"whole range from the worst to the best static grid vector is {spread:.4f}, and even "
@@ -134,13 +192,18 @@ def interpret(results: dict) -> str:
         f"{labels.get('like', {}).get('requests_with_positive', 0)} requests, follow on "
         f"{labels.get('follow', {}).get('requests_with_positive', 0)})."
     )
-    seg_v = _verdict(results, "segment_static") if "segment_static" in arms else "n/a"
+
+
+def _context_sentence(results: dict) -> str:
+    """Whether the context carries usable signal for the weights."""
+    ctx = results["evidence"]["context"]
+    seg_v = _verdict(results, "segment_static") if "segment_static" in results["arms"] else "n/a"
     lead = (
         "The context carries some usable signal for the weights"
-        if pers_gain or seg_v == "higher"
+        if _personalization_gain(results) or seg_v == "higher"
         else "There is little evidence that the context carries usable signal for the weights"
     )
-    parts.append(
+    return (
         f"{lead}: it is {ctx['context_dim']} features of static user attributes plus hour, "
         f"day of week and list length; {ctx['eval_users_seen_in_train_split']} of "
         f"{ctx['eval_users']} eval users appear in the policy's training split and only "
@@ -148,164 +211,144 @@ def interpret(results: dict) -> str:
         f"than one request; a per-{SEGMENT_FEATURE} static baseline is {seg_v} vs the global "
         "static."
     )
-    if "GRADE" not in arms:
-        pass
-    elif not ahead and not pers_gain:
-        parts.append(
+
+
+def _conclusion(results: dict, ahead: bool) -> str | None:
+    """What the slice shows about personalized fusion (None without a GRADE arm)."""
+    if "GRADE" not in results["arms"]:
+        return None
+    if not ahead and not _personalization_gain(results):
+        return (
             "So this slice does not show a benefit of personalized fusion: it is too small, "
             "its lists too short and its feedback too sparse to measure one, which says little "
             "about larger logs with longer candidate lists."
         )
-    elif not pers_gain:
-        parts.append(
+    if not _personalization_gain(results):
+        return (
             "What GRADE gains over best static here comes from a better global trade-off (its "
             "mean weights), not from personalization."
         )
-    else:
-        parts.append(
-            "Personalization is measurable on this slice, but small against its bootstrap "
-            "uncertainty; confirm it on further days (convert_more + grade-ray evaluate)."
-        )
-    return " ".join(parts)
-
-
-def _cell(m: dict[str, Any]) -> str:
-    if m["value"] is None:
-        return "–"
-    return f"{m['value']:.4f} [{_fmt(m['ci_low'])}, {_fmt(m['ci_high'])}]"
-
-
-def _diff_cell(d: dict[str, Any] | None) -> str:
-    if not d or d["diff"] is None:
-        return "–"
-    star = "*" * (int(d["significant"]) + int(d.get("significant_adjusted", False)))
     return (
-        f"{d['diff']:+.4f}{star} [{_fmt(d['ci_low'], sign=True)}, {_fmt(d['ci_high'], sign=True)}]"
+        "Personalization is measurable on this slice, but small against its bootstrap "
+        "uncertainty; confirm it on further days (convert_more + grade-ray evaluate)."
     )
 
 
-def results_markdown(results: dict) -> str:
-    """results.md: tables, weights, data evidence, interpretation, licence."""
-    k, arms, labels = results["k"], results["arms"], results["labels"]
-    lic = results["licence"]
-    dates = results["dates"]
-    ev = results["evidence"]
-    lines = [
-        "# GRADE on KuaiRand-Pure: logged replay",
-        "",
-        f"Upstream MMoE trained on {dates['upstream_train']}; policy trained on "
-        f"{dates['policy_train']}; evaluated on {dates['eval']} ({ev['eval']['requests']} "
-        f"requests). 95% bootstrap CIs over requests ({results['bootstrap']['resamples']} "
-        "resamples, the same resamples for every arm); Δ = paired difference to best_static "
-        "(* = its 95% CI excludes 0, ** = also its Bonferroni-adjusted CI over the arms "
-        "compared).",
-        "",
-        "## Ranking quality",
-        "",
-        f"Composite = l1·R_post + l2·R_prior (NDCG@{k}; the objective best_static maximises, "
-        "R_format left out). R_post = NDCG@k with the configured gains over the observed labels.",
-        "",
-        "| arm | composite | Δ composite | R_post | Δ R_post | R_prior |",
-        "|---|---|---|---|---|---|",
-    ]
-    for arm, row in arms.items():
-        m, d = row["metrics"], row.get(f"vs_{BASELINE}", {})
-        lines.append(
-            f"| {arm} | {_cell(m['composite'])} | {_diff_cell(d.get('composite'))} | "
-            f"{_cell(m['r_post'])} | {_diff_cell(d.get('r_post'))} | {_cell(m['r_prior'])} |"
+def interpret(results: dict) -> str:
+    """An honest paragraph computed from the numbers: the parts below that apply, in order."""
+    grade, ahead = _grade_sentence(results) if "GRADE" in results["arms"] else (None, False)
+    parts = (
+        grade,
+        _other_arms_sentence(results),
+        _personalization_sentence(results),
+        _headroom_sentence(results),
+        _context_sentence(results),
+        _conclusion(results, ahead),
+    )
+    return " ".join(p for p in parts if p)
+
+
+# ---------------------------------------------------------------------------
+# results.md: tables as rows of cells, sections as blocks
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Block:
+    """``| a | b |`` lines: the header (an empty header cell stays one space wide), ``|---|``
+    per column, then one line per row."""
+    lines = ["|" + "".join(f" {h} |" if h else " |" for h in header)]
+    lines.append("|" + "---|" * len(header))
+    lines += ["| " + " | ".join(f"{c}" for c in row) + " |" for row in rows]
+    return lines
+
+
+def ranking_table(results: dict) -> Block:
+    """Composite, R_post, R_prior per arm, with paired differences to best static."""
+    rows = []
+    for arm, row in results["arms"].items():
+        m, d = row["metrics"], row.get(VS, {})
+        rows.append(
+            [
+                arm,
+                _cell(m["composite"]),
+                _diff_cell(d.get("composite")),
+                _cell(m["r_post"]),
+                _diff_cell(d.get("r_post")),
+                _cell(m["r_prior"]),
+            ]
         )
-    n_pos = {lab: arms[next(iter(arms))]["metrics"][f"ndcg/{lab}"]["n"] for lab in labels}
-    lines += [
-        "",
-        f"## NDCG@{k} per feedback type",
-        "",
-        "Over the requests with at least one positive of that label (n below); for hate, "
-        "lower is better.",
-        "",
-        "| arm | " + " | ".join(f"{lab} (n={n_pos[lab]})" for lab in labels) + " |",
-        "|---|" + "---|" * len(labels),
-    ]
-    for arm, row in arms.items():
-        cells = [_cell(row["metrics"][f"ndcg/{lab}"]) for lab in labels]
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "Paired Δ NDCG vs best_static:",
-        "",
-        "| arm | " + " | ".join(labels) + " |",
-        "|---|" + "---|" * len(labels),
-    ]
-    for arm, row in arms.items():
-        if f"vs_{BASELINE}" in row:
-            cells = [_diff_cell(row[f"vs_{BASELINE}"].get(f"ndcg/{lab}")) for lab in labels]
-            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    n_gauc = {lab: arms[next(iter(arms))]["metrics"][f"gauc/{lab}"]["n"] for lab in labels}
-    lines += [
-        "",
-        "## GAUC per feedback type",
-        "",
-        "Per-request AUC of the fused score, weighted by list length, over requests with both "
-        "classes (n below).",
-        "",
-        "| arm | " + " | ".join(f"{lab} (n={n_gauc[lab]})" for lab in labels) + " |",
-        "|---|" + "---|" * len(labels),
-    ]
-    for arm, row in arms.items():
-        cells = [_cell(row["metrics"][f"gauc/{lab}"]) for lab in labels]
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    tasks = results["tasks"]
-    lines += [
-        "",
-        "## Fusion weights on the eval requests",
-        "",
-        "| arm | " + " | ".join(f"mean w_{t}" for t in tasks) + " | spread (mean std) | "
-        "share with max w > 0.9 |",
-        "|---|" + "---|" * (len(tasks) + 2),
-    ]
-    for arm, w in results["weights"].items():
-        lines.append(
-            f"| {arm} | "
-            + " | ".join(f"{w['mean'][t]:.3f}" for t in tasks)
-            + f" | {_fmt(w['spread'], 3)} | {_fmt(w['polarized_frac'], 3)} |"
-        )
-    skipped = {n: v["skipped"] for n, v in results["variants"].items() if "skipped" in v}
-    if skipped:
-        lines += ["", "Skipped ablations: " + "; ".join(f"{n}: {r}" for n, r in skipped.items())]
-    hr = results["headroom"]
-    lines += [
-        "",
-        "## Headroom (in-sample references on the eval day, not deployable)",
-        "",
-        "| | composite | R_post |",
-        "|---|---|---|",
-    ]
-    for key, label in (
-        ("worst_static", "worst static grid vector"),
-        ("train_best_static", "best static searched on training days"),
-        ("eval_tuned_static", "best static tuned on the eval day"),
-        ("per_request_oracle", "per-request oracle over the grid"),
-    ):
-        lines.append(f"| {label} | {_fmt(hr['composite'][key])} | {_fmt(hr['r_post'][key])} |")
-    lines += [
-        "",
-        f"Requests whose composite changes at all across the {hr['grid_points']}-point grid: "
-        f"{hr['weight_sensitive_requests']} of {ev['eval']['requests']}.",
-        "",
-        "## Data evidence",
-        "",
-        "| | train split | eval split |",
-        "|---|---|---|",
-    ]
-    tr, te = ev["train"], ev["eval"]
+    header = ["arm", "composite", "Δ composite", "R_post", "Δ R_post", "R_prior"]
+    return markdown_table(header, rows)
+
+
+def per_label_table(results: dict, metric: str) -> Block:
+    """``metric/<label>`` (ndcg or gauc) per arm and label; n = requests it is defined on."""
+    arms, labels = results["arms"], results["labels"]
+    first = arms[next(iter(arms))]["metrics"]
+    header = ["arm", *(f"{lab} (n={first[f'{metric}/{lab}']['n']})" for lab in labels)]
     rows = [
-        ("requests", tr["requests"], te["requests"]),
-        ("impressions", tr["impressions"], te["impressions"]),
-        ("users", tr["users"], te["users"]),
-        (
-            "users with > 1 request",
-            tr["users_with_repeat_requests"],
-            te["users_with_repeat_requests"],
-        ),
+        [arm, *(_cell(row["metrics"][f"{metric}/{lab}"]) for lab in labels)]
+        for arm, row in arms.items()
+    ]
+    return markdown_table(header, rows)
+
+
+def ndcg_diff_table(results: dict) -> Block:
+    """Paired NDCG differences to best static per arm and label."""
+    labels = results["labels"]
+    rows = [
+        [arm, *(_diff_cell(row[VS].get(f"ndcg/{lab}")) for lab in labels)]
+        for arm, row in results["arms"].items()
+        if VS in row
+    ]
+    return markdown_table(["arm", *labels], rows)
+
+
+def weights_table(results: dict) -> Block:
+    """Mean weight per task, spread and polarized share per arm on the eval requests."""
+    tasks = results["tasks"]
+    header = ["arm", *(f"mean w_{t}" for t in tasks), "spread (mean std)"]
+    header.append("share with max w > 0.9")
+    rows = [
+        [
+            arm,
+            *(f"{w['mean'][t]:.3f}" for t in tasks),
+            _fmt(w["spread"], 3),
+            _fmt(w["polarized_frac"], 3),
+        ]
+        for arm, w in results["weights"].items()
+    ]
+    return markdown_table(header, rows)
+
+
+HEADROOM_ROWS = (
+    ("worst_static", "worst static grid vector"),
+    ("train_best_static", "best static searched on training days"),
+    ("eval_tuned_static", "best static tuned on the eval day"),
+    ("per_request_oracle", "per-request oracle over the grid"),
+)
+
+
+def headroom_table(results: dict) -> Block:
+    """In-sample references on the eval day: composite and R_post."""
+    hr = results["headroom"]
+    rows = [
+        [label, _fmt(hr["composite"][key]), _fmt(hr["r_post"][key])] for key, label in HEADROOM_ROWS
+    ]
+    return markdown_table(["", "composite", "R_post"], rows)
+
+
+def evidence_table(results: dict) -> Block:
+    """The train and eval splits side by side: sizes, list lengths, gains, label sparsity."""
+    tr, te = results["evidence"]["train"], results["evidence"]["eval"]
+
+    def both(key: str) -> tuple[Any, Any]:
+        return tr[key], te[key]
+
+    rows = [
+        ("requests", *both("requests")),
+        ("impressions", *both("impressions")),
+        ("users", *both("users")),
+        ("users with > 1 request", *both("users_with_repeat_requests")),
         (
             "mean list length",
             _fmt(tr["list_length"]["mean"], 2),
@@ -313,18 +356,10 @@ def results_markdown(results: dict) -> str:
         ),
         ("median / max list length", _mm(tr), _mm(te)),
         ("list length histogram", _hist(tr), _hist(te)),
-        (
-            "requests with any positive gain",
-            tr["requests_with_positive_post_gain"],
-            te["requests_with_positive_post_gain"],
-        ),
-        (
-            "order-sensitive requests (gains not all equal)",
-            tr["order_sensitive_requests"],
-            te["order_sensitive_requests"],
-        ),
+        ("requests with any positive gain", *both("requests_with_positive_post_gain")),
+        ("order-sensitive requests (gains not all equal)", *both("order_sensitive_requests")),
     ]
-    for lab in labels:
+    for lab in results["labels"]:
         a, b = tr["labels"][lab], te["labels"][lab]
         rows.append(
             (
@@ -333,48 +368,112 @@ def results_markdown(results: dict) -> str:
                 f"{_fmt(b['impression_positive_rate'])} / {b['requests_with_positive']}",
             )
         )
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    ctx = ev["context"]
-    auc = results["conversion"].get("upstream_auc_scored_days") or {}
-    lines += [
-        "",
-        f"Context: {ctx['context_dim']} features, {ctx['distinct_eval_contexts']} distinct "
-        f"vectors among the eval requests; {ctx['eval_users_seen_in_train_split']} of "
-        f"{ctx['eval_users']} eval users appear in the policy's training split. Columns constant "
-        f"on the training split (made inert in the policy): {_names(ctx['constant_on_train'])} "
-        f"({ctx['eval_requests_with_unseen_value_in_a_constant_column']} eval requests take "
-        "another value there).",
-        "",
-        "Upstream MMoE AUC on the scored days: "
-        + (", ".join(f"{t} {v}" for t, v in auc.items()) or "n/a")
-        + ".",
-        "",
-        "## What this shows",
-        "",
-        results["interpretation"],
-        "",
-        "## Licence and attribution",
-        "",
-        lic["notice"],
-        "",
-        f"Please cite: {lic['attribution']}",
-        "",
+    return markdown_table(["", "train split", "eval split"], rows)
+
+
+def _intro(results: dict) -> list[Block]:
+    dates, n = results["dates"], results["evidence"]["eval"]["requests"]
+    return [
+        ["# GRADE on KuaiRand-Pure: logged replay"],
+        [
+            f"Upstream MMoE trained on {dates['upstream_train']}; policy trained on "
+            f"{dates['policy_train']}; evaluated on {dates['eval']} ({n} "
+            f"requests). 95% bootstrap CIs over requests ({results['bootstrap']['resamples']} "
+            "resamples, the same resamples for every arm); Δ = paired difference to best_static "
+            "(* = its 95% CI excludes 0, ** = also its Bonferroni-adjusted CI over the arms "
+            "compared)."
+        ],
     ]
-    return "\n".join(lines)
 
 
-def _names(names: Sequence[str], most: int = 8) -> str:
-    if not names:
-        return "none"
-    dow = [n for n in names if n.startswith("dow=")]
-    shown = (dow + [n for n in names if n not in dow])[:most]
-    more = f" and {len(names) - len(shown)} more" if len(names) > len(shown) else ""
-    return f"{len(names)}: {', '.join(shown)}{more}"
+def _quality_sections(results: dict) -> list[Block]:
+    """Ranking quality, NDCG and GAUC per feedback type."""
+    k = results["k"]
+    return [
+        ["## Ranking quality"],
+        [
+            f"Composite = l1·R_post + l2·R_prior (NDCG@{k}; the objective best_static maximises, "
+            "R_format left out). R_post = NDCG@k with the configured gains over the observed "
+            "labels."
+        ],
+        ranking_table(results),
+        [f"## NDCG@{k} per feedback type"],
+        [
+            "Over the requests with at least one positive of that label (n below); for hate, "
+            "lower is better."
+        ],
+        per_label_table(results, "ndcg"),
+        ["Paired Δ NDCG vs best_static:"],
+        ndcg_diff_table(results),
+        ["## GAUC per feedback type"],
+        [
+            "Per-request AUC of the fused score, weighted by list length, over requests with "
+            "both classes (n below)."
+        ],
+        per_label_table(results, "gauc"),
+    ]
 
 
-def _mm(s: dict) -> str:
-    return f"{s['list_length']['median']:g} / {s['list_length']['max']}"
+def _weights_sections(results: dict) -> list[Block]:
+    """Fusion weights (and skipped ablations), then the headroom references."""
+    skipped = {n: v["skipped"] for n, v in results["variants"].items() if "skipped" in v}
+    hr = results["headroom"]
+    blocks = [["## Fusion weights on the eval requests"], weights_table(results)]
+    if skipped:
+        blocks.append(["Skipped ablations: " + "; ".join(f"{n}: {r}" for n, r in skipped.items())])
+    return [
+        *blocks,
+        ["## Headroom (in-sample references on the eval day, not deployable)"],
+        headroom_table(results),
+        [
+            f"Requests whose composite changes at all across the {hr['grid_points']}-point grid: "
+            f"{hr['weight_sensitive_requests']} of {results['evidence']['eval']['requests']}."
+        ],
+    ]
 
 
-def _hist(s: dict) -> str:
-    return ", ".join(f"{k}: {v}" for k, v in s["list_length"]["histogram"].items() if v)
+def _evidence_sections(results: dict) -> list[Block]:
+    """Data evidence: the split table, the context, the upstream model's AUC."""
+    ctx = results["evidence"]["context"]
+    auc = results["conversion"].get("upstream_auc_scored_days") or {}
+    return [
+        ["## Data evidence"],
+        evidence_table(results),
+        [
+            f"Context: {ctx['context_dim']} features, {ctx['distinct_eval_contexts']} distinct "
+            f"vectors among the eval requests; {ctx['eval_users_seen_in_train_split']} of "
+            f"{ctx['eval_users']} eval users appear in the policy's training split. Columns "
+            f"constant on the training split (made inert in the policy): "
+            f"{_names(ctx['constant_on_train'])} "
+            f"({ctx['eval_requests_with_unseen_value_in_a_constant_column']} eval requests take "
+            "another value there)."
+        ],
+        [
+            "Upstream MMoE AUC on the scored days: "
+            + (", ".join(f"{t} {v}" for t, v in auc.items()) or "n/a")
+            + "."
+        ],
+    ]
+
+
+def _closing_sections(results: dict) -> list[Block]:
+    lic = results["licence"]
+    return [
+        ["## What this shows"],
+        [results["interpretation"]],
+        ["## Licence and attribution"],
+        [lic["notice"]],
+        [f"Please cite: {lic['attribution']}"],
+    ]
+
+
+def results_markdown(results: dict) -> str:
+    """results.md: tables, weights, data evidence, interpretation, licence."""
+    blocks = [
+        *_intro(results),
+        *_quality_sections(results),
+        *_weights_sections(results),
+        *_evidence_sections(results),
+        *_closing_sections(results),
+    ]
+    return "\n\n".join("\n".join(b) for b in blocks) + "\n"
