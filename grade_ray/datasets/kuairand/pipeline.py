@@ -5,15 +5,17 @@
     KuaiRand-Pure log + user/video tables (../shared/data/kuairand-pure)
       -> RUN/sessions: upstream MMoE trained on the first days, later days scored,
          grouped into requests; train split = the middle days, eval = the last day(s)
-         (reused when RUN/sessions/_CONVERSION.json matches the data and options)
+         (reused when RUN/sessions/_CONVERSION.json matches the data and options;
+         ``datadir``)
       -> Stage 1 (SP, LambdaLoss) and Stage 2 (GRPO) on the train split, locally;
          the ablations (GRADE-gaussian, -no-prior, -no-format) with the same Stage 1
+         (here)
       -> offline replay on the held-out day(s): uniform, best static (grid search on
          the *training* days), a per-segment static, SP, GRADE and the ablations;
          NDCG@k per feedback type, composite, GAUC, bootstrap CIs over requests and
-         paired differences against best static
+         paired differences against best static (``replay``, ``metrics``, ``evidence``)
       -> RUN/results.json, RUN/results.md (tables, data evidence, an interpretation
-         computed from the numbers, licence notice)
+         computed from the numbers, licence notice; ``results_text``)
 
 KuaiRand (Gao et al., CIKM 2022, https://kuairand.com) is licensed CC BY-SA 4.0;
 everything written here is derived from it and carries the notice and attribution
