@@ -216,7 +216,8 @@ def score_log(
 
     Returns (table with user_id, video_id, date, time_ms, the labels and one
     ``p_<task>`` column per task, one row per valid impression; row accounting).
-    Raises :class:`LeakageError` for any date the model trained on or before it.
+    Raises :class:`~grade_ray.datasets.kuairand.scoring.LeakageError` for any date the
+    model trained on or before it.
     """
     bundle = load_upstream(model_dir)
     _, _, imp, probs, report, _ = _load_and_score(log_path, bundle, user_path, video_path, dates)
@@ -249,7 +250,8 @@ def convert_more(
     Uses the stored vocabularies and grouping options; writes sessions to
     ``out_path`` plus ``report.json`` and ``README.md``. ``dates`` restricts the
     log to those dates (other rows are counted as ``rows_outside_dates``).
-    Raises :class:`LeakageError` if a date to convert is not after the model's training days.
+    Raises :class:`~grade_ray.datasets.kuairand.scoring.LeakageError` if a date to
+    convert is not after the model's training days.
     """
     t0 = time.perf_counter()
     bundle = load_upstream(model_dir)

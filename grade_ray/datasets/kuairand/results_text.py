@@ -1,7 +1,7 @@
 """results.md and its interpretation paragraph, computed from the results dict.
 
 The report is data first: each table is a header and rows of cells
-(:func:`ranking_table`, :func:`ndcg_table`, ...) rendered by one small
+(:func:`ranking_table`, :func:`per_label_table`, ...) rendered by one small
 :func:`markdown_table`; each section is a list of blocks (a heading, a
 paragraph, a table) and :func:`results_markdown` joins them with blank lines.
 The interpretation is one sentence per named part (:func:`interpret`).
