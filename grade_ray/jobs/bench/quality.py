@@ -9,7 +9,7 @@ One call of :func:`bench_quality` (part of ``grade-ray bench``):
    GRADE-no-prior, GRADE-no-format) from that Stage 1 on the same logged requests, in this
    process (``run_train_local``), so every variant sees the same requests (equal sample
    budget; reward evaluations = requests x G).
-3. Trains RLlib PPO (critic + GAE, :func:`~grade_ray.baselines.rllib_ppo.train_rllib_ppo`)
+3. Trains RLlib PPO (critic + GAE, :func:`~grade_ray.baselines.rllib_ppo.training.train_rllib_ppo`)
    twice from the same Stage-1 policy: with as many env steps (= logged requests) as GRADE
    saw (``RLlib-PPO@samples``) and for as many seconds as GRADE's Stage 2 took
    (``RLlib-PPO@time``).
@@ -217,7 +217,7 @@ def train_ppo_arm(
     train_path: str | None = None,
 ) -> TrainedArm:
     """RLlib PPO from RUN_DIR's Stage 1 into RUN_DIR/variants/NAME, with its probe curve."""
-    from grade_ray.baselines.rllib_ppo import train_rllib_ppo
+    from grade_ray.baselines.rllib_ppo.training import train_rllib_ppo
     from grade_ray.learner.loop import PRETRAIN_CKPT
     from grade_ray.runlog import CHECKPOINT_DIR
 

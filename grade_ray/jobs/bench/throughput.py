@@ -307,7 +307,7 @@ def _throughput(quick: bool, address: str | None) -> dict[str, Any]:
         results.update(bench_serving(cfg, train_path, root))
         init_ray(address, num_cpus=None if address else 2)
         results.update(bench_rollout(cfg, train_path, repeats))
-        from grade_ray.baselines.rllib_ppo import bench_rllib_ppo
+        from grade_ray.baselines.rllib_ppo.training import bench_rllib_ppo
 
         results.update(
             bench_rllib_ppo(
