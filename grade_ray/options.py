@@ -23,7 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "grade_ray.serving.service",
     "grade_ray.datasets.kuairand.pipeline",
     "grade_ray.jobs.tune",
-    "grade_ray.baselines.rllib_ppo.training",
+    "grade_ray.baselines.rllib_ppo.command",
 )
 
 
