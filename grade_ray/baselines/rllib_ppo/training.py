@@ -120,28 +120,17 @@ def build_ppo_config(
     s = settings or PPOSettings()
     train_path = str(train_path)
     init = str(init_policy) if init_policy else None
-    x_mean, x_std = _norm_stats(cfg, train_path, init)
-    env_config = {
-        "train_path": train_path,
-        "config": cfg.to_dict(),
-        "seed": cfg.seed,
-        "max_requests": s.max_requests,
-    }
-    model_config = {
-        "policy": dataclasses.asdict(cfg.policy),
-        "x_mean": x_mean,
-        "x_std": x_std,
-        "init_log_std": s.init_log_std,
-        "vf_hidden": s.vf_hidden,
-        "init_policy": init,
-    }
+    module = RLModuleSpec(
+        module_class=fusion_ppo_module_class(),
+        model_config=_model_config(cfg, s, *_norm_stats(cfg, train_path, init), init),
+    )
     return (
         PPOConfig()
         .api_stack(enable_rl_module_and_learner=True, enable_env_runner_and_connector_v2=True)
         .framework("torch")
         .environment(
             ENV_ID,
-            env_config=env_config,
+            env_config=_env_config(cfg, train_path, s),
             normalize_actions=False,
             clip_actions=False,
         )
@@ -154,32 +143,58 @@ def build_ppo_config(
             rollout_fragment_length="auto",
         )
         .learners(num_learners=0)
-        .training(
-            use_critic=True,
-            use_gae=True,
-            gamma=0.99,
-            lambda_=1.0,
-            lr=s.lr,
-            train_batch_size_per_learner=s.train_batch,
-            minibatch_size=s.minibatch,
-            num_epochs=s.num_epochs,
-            clip_param=s.clip_param,
-            entropy_coeff=s.entropy_coeff,
-            vf_loss_coeff=s.vf_loss_coeff,
-            vf_clip_param=10.0,
-            use_kl_loss=s.kl_coeff > 0,
-            kl_coeff=s.kl_coeff,
-            grad_clip=s.grad_clip,
-            grad_clip_by="global_norm",
-        )
-        .rl_module(
-            rl_module_spec=RLModuleSpec(
-                module_class=fusion_ppo_module_class(), model_config=model_config
-            )
-        )
+        .training(**_ppo_training(s))
+        .rl_module(rl_module_spec=module)
         .debugging(seed=cfg.seed, log_level="WARN")
         .reporting(metrics_num_episodes_for_smoothing=s.train_batch)
     )
+
+
+def _env_config(cfg: Config, train_path: str, s: PPOSettings) -> dict[str, Any]:
+    """What every copy of the env reads (see :class:`~.env.LoggedRequestEnv`)."""
+    return {
+        "train_path": train_path,
+        "config": cfg.to_dict(),
+        "seed": cfg.seed,
+        "max_requests": s.max_requests,
+    }
+
+
+def _model_config(
+    cfg: Config, s: PPOSettings, x_mean: list, x_std: list, init_policy: str | None
+) -> dict[str, Any]:
+    """The RLModule's ``model_config`` (see :func:`~.module.fusion_ppo_module_class`)."""
+    return {
+        "policy": dataclasses.asdict(cfg.policy),
+        "x_mean": x_mean,
+        "x_std": x_std,
+        "init_log_std": s.init_log_std,
+        "vf_hidden": s.vf_hidden,
+        "init_policy": init_policy,
+    }
+
+
+def _ppo_training(s: PPOSettings) -> dict[str, Any]:
+    """``PPOConfig.training`` arguments: critic + GAE over one-step episodes, PPO's clip,
+    RLlib's adaptive KL penalty (off when ``kl_coeff`` is 0) and global-norm clipping."""
+    return {
+        "use_critic": True,
+        "use_gae": True,
+        "gamma": 0.99,
+        "lambda_": 1.0,
+        "lr": s.lr,
+        "train_batch_size_per_learner": s.train_batch,
+        "minibatch_size": s.minibatch,
+        "num_epochs": s.num_epochs,
+        "clip_param": s.clip_param,
+        "entropy_coeff": s.entropy_coeff,
+        "vf_loss_coeff": s.vf_loss_coeff,
+        "vf_clip_param": 10.0,
+        "use_kl_loss": s.kl_coeff > 0,
+        "kl_coeff": s.kl_coeff,
+        "grad_clip": s.grad_clip,
+        "grad_clip_by": "global_norm",
+    }
 
 
 def _nested(d: dict, *path: str, default: float = float("nan")) -> float:
@@ -251,11 +266,7 @@ class PPORun:
 
     path: Path
     policy: FusionPolicy
-    env_steps: int
-    iterations: int
-    train_seconds: float
     build_seconds: float
-    samples_per_s: float
     reward: dict[str, float]
     """Deterministic policy (softmax of the mean logits) on training requests."""
     initial_reward: dict[str, float]
@@ -263,6 +274,24 @@ class PPORun:
     uniform_reward: dict[str, float]
     """Uniform weights, same requests."""
     history: list[dict[str, float]]
+    """Each PPO iteration's metrics (``env_steps`` and ``seconds`` so far); at least one."""
+
+    @property
+    def env_steps(self) -> int:
+        return int(self.history[-1]["env_steps"])
+
+    @property
+    def iterations(self) -> int:
+        return len(self.history)
+
+    @property
+    def train_seconds(self) -> float:
+        """Seconds in ``algo.train()`` (building the algorithm and callbacks not counted)."""
+        return self.history[-1]["seconds"]
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.env_steps / max(self.train_seconds, 1e-9)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -320,7 +349,7 @@ def train_rllib_ppo(
     (optional) is called after every PPO iteration with a copy of the policy network and that
     iteration's metrics (``seconds`` and ``env_steps`` so far), e.g. to score learning curves.
     """
-    from grade_ray.learner.loop import POLICY_FILE, save_policy
+    from grade_ray.learner.loop import POLICY_FILE
     from grade_ray.runlog import MetricsLogger
 
     if steps is None and seconds is None:
@@ -329,55 +358,16 @@ def train_rllib_ppo(
     out = Path(out_dir or cfg.run_dir)
     policy_path = out / POLICY_FILE
     _check_overwrite(policy_path, overwrite)
-    if train_path is None:
-        from grade_ray.jobs.train import prepare_data
-
-        train_path, _ = prepare_data(cfg)
-    train_path = str(train_path)
+    train_path = _train_path(cfg, train_path)
     data = load_requests(train_path, cfg, s.max_requests)
 
     with _torch_threads(s.torch_threads):
-        t0 = time.perf_counter()
-        algo = _build_algo(build_ppo_config(cfg, train_path, s, init_policy))
-        build_s = time.perf_counter() - t0
-        log.info("rllib-ppo: algorithm built in %.1fs", build_s)
+        algo, build_s = _timed_build(build_ppo_config(cfg, train_path, s, init_policy))
         logger = MetricsLogger(out / METRICS_SUBDIR, tensorboard=False)
         try:
-            initial = trained_policy(algo)
-            initial_reward = data.mean_rewards(initial.pi, eval_requests)
-            history: list[dict[str, float]] = []
-            env_steps, t_train, t_callbacks = 0, 0.0, 0.0
-            t_start = time.perf_counter()
-            while True:
-                result = algo.train()
-                t_train = time.perf_counter() - t_start - t_callbacks
-                m = _iteration_metrics(result)
-                env_steps = int(m["env_steps"])
-                m["samples_per_s"] = env_steps / max(t_train, 1e-9)
-                m["seconds"] = t_train
-                history.append(m)
-                logger.log(len(history), {f"rllib_ppo/{k}": v for k, v in m.items()})
-                if on_iteration is not None:  # its time does not count as training time
-                    t_cb = time.perf_counter()
-                    on_iteration(trained_policy(algo), dict(m))
-                    t_callbacks += time.perf_counter() - t_cb
-                log.info(
-                    "rllib-ppo iter %d: %d env steps (%.0f/s) reward %.4f vf_loss %.4f "
-                    "entropy %.3f kl %.4f",
-                    len(history),
-                    env_steps,
-                    m["samples_per_s"],
-                    m["episode_reward"],
-                    m["vf_loss"],
-                    m["entropy"],
-                    m["kl"],
-                )
-                if (steps is not None and env_steps >= steps) or (
-                    seconds is not None and t_train >= seconds
-                ):
-                    break
-            policy = trained_policy(algo)
-            log_std = _learned_log_std(algo)
+            initial_reward = data.mean_rewards(trained_policy(algo).pi, eval_requests)
+            history = _iterate(algo, logger, steps, seconds, on_iteration)
+            policy, log_std = trained_policy(algo), _learned_log_std(algo)
         finally:
             logger.close()
             _stop_algo(algo)
@@ -385,45 +375,113 @@ def train_rllib_ppo(
     run = PPORun(
         path=policy_path,
         policy=policy,
-        env_steps=env_steps,
-        iterations=len(history),
-        train_seconds=t_train,
         build_seconds=build_s,
-        samples_per_s=env_steps / max(t_train, 1e-9),
         reward=data.mean_rewards(policy.pi, eval_requests),
         initial_reward=initial_reward,
-        uniform_reward=data.mean_rewards(
-            lambda x: torch.full((len(x), data.num_tasks), 1.0 / data.num_tasks),
-            eval_requests,
-        ),
+        uniform_reward=data.mean_rewards(_uniform_weights(data.num_tasks), eval_requests),
         history=history,
     )
-    save_policy(
-        policy_path,
-        policy,
-        cfg,
-        data.meta,
-        {
-            "algo": ALGO,
-            "stage": "rllib-ppo",
-            "env_steps": env_steps,
-            "log_std": log_std,
-            "ppo_settings": dataclasses.asdict(s),
-        },
+    _save_run(run, cfg, data.meta, s, log_std, out)
+    return run
+
+
+def _train_path(cfg: Config, train_path: str | Path | None) -> str:
+    """The given training sessions, else the run's (simulated if need be)."""
+    if train_path is None:
+        from grade_ray.jobs.train import prepare_data
+
+        train_path, _ = prepare_data(cfg)
+    return str(train_path)
+
+
+def _timed_build(config) -> tuple[Any, float]:
+    """The algorithm built from ``config`` and the seconds that took."""
+    t0 = time.perf_counter()
+    algo = _build_algo(config)
+    build_s = time.perf_counter() - t0
+    log.info("rllib-ppo: algorithm built in %.1fs", build_s)
+    return algo, build_s
+
+
+def _iterate(
+    algo,
+    logger,
+    steps: int | None,
+    seconds: float | None,
+    on_iteration: Callable[[FusionPolicy, dict[str, float]], None] | None,
+) -> list[dict[str, float]]:
+    """PPO iterations until ``steps`` env steps or ``seconds`` of training (at least one).
+
+    Returns each iteration's metrics, with ``env_steps`` and ``seconds`` so far and
+    ``samples_per_s``; the time spent in ``on_iteration`` does not count as training time.
+    """
+    history: list[dict[str, float]] = []
+    t_callbacks = 0.0
+    t_start = time.perf_counter()
+    while True:
+        result = algo.train()
+        t_train = time.perf_counter() - t_start - t_callbacks
+        m = _iteration_metrics(result)
+        env_steps = int(m["env_steps"])
+        m["samples_per_s"] = env_steps / max(t_train, 1e-9)
+        m["seconds"] = t_train
+        history.append(m)
+        logger.log(len(history), {f"rllib_ppo/{k}": v for k, v in m.items()})
+        if on_iteration is not None:
+            t_cb = time.perf_counter()
+            on_iteration(trained_policy(algo), dict(m))
+            t_callbacks += time.perf_counter() - t_cb
+        _log_iteration(len(history), m)
+        if (steps is not None and env_steps >= steps) or (
+            seconds is not None and t_train >= seconds
+        ):
+            return history
+
+
+def _log_iteration(i: int, m: dict[str, float]) -> None:
+    log.info(
+        "rllib-ppo iter %d: %d env steps (%.0f/s) reward %.4f vf_loss %.4f entropy %.3f kl %.4f",
+        i,
+        m["env_steps"],
+        m["samples_per_s"],
+        m["episode_reward"],
+        m["vf_loss"],
+        m["entropy"],
+        m["kl"],
     )
+
+
+def _uniform_weights(k: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``context (B, D) -> (B, K)`` uniform fusion weights 1/K."""
+    return lambda x: torch.full((len(x), k), 1.0 / k)
+
+
+def _save_run(
+    run: PPORun, cfg: Config, meta, s: PPOSettings, log_std: list[float], out: Path
+) -> None:
+    """``policy.pt`` (a FusionPolicy checkpoint tagged ``algo=rllib-ppo``) and the summary."""
+    from grade_ray.learner.loop import save_policy
+
+    extra = {
+        "algo": ALGO,
+        "stage": "rllib-ppo",
+        "env_steps": run.env_steps,
+        "log_std": log_std,
+        "ppo_settings": dataclasses.asdict(s),
+    }
+    save_policy(run.path, run.policy, cfg, meta, extra)
     (out / SUMMARY_FILE).write_text(json.dumps(run.summary(), indent=2, default=float))
     log.info(
         "rllib-ppo: %d env steps in %.1fs (%.0f/s); training-request reward %.4f "
         "(initial %.4f, uniform %.4f); policy -> %s",
-        env_steps,
-        t_train,
+        run.env_steps,
+        run.train_seconds,
         run.samples_per_s,
         run.reward[REWARD],
         run.initial_reward[REWARD],
         run.uniform_reward[REWARD],
-        policy_path,
+        run.path,
     )
-    return run
 
 
 def bench_rllib_ppo(
