@@ -1,0 +1,1 @@
+"""``grade-ray tune``: hyperparameter sweeps of GRADE training on Ray Tune."""
