@@ -22,7 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "grade_ray.serving.export",
     "grade_ray.serving.service",
     "grade_ray.datasets.kuairand.pipeline",
-    "grade_ray.jobs.tune.spec",
+    "grade_ray.jobs.tune.command",
     "grade_ray.baselines.rllib_ppo.command",
 )
 
