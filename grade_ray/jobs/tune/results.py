@@ -134,43 +134,74 @@ def _markdown(header: list[str], rows: list[list]) -> str:
 
 def write_results(spec: TuneSpec, grid) -> SweepResult:
     """sweep_results.json, results.md/.csv and best_config.yaml from a Tune ResultGrid."""
-    sweep_dir = spec.sweep_dir
+    trials = _ranked(spec, _trial_rows(spec, grid))
+    header, rows = results_table(spec, trials)
+    table_md = _markdown(header, rows)
+    _write_tables(spec, len(trials), header, rows, table_md)
+    best = _best(spec, trials)
+    best_config = _write_best_config(spec, best)
+    incomplete = _warn_incomplete(trials)
+    data = _sweep_json(spec, trials, best, best_config, table_md)
+    (spec.sweep_dir / SWEEP_FILE).write_text(json.dumps(data, indent=2, default=str))
+    log.info("sweep results: %s", spec.sweep_dir / SWEEP_FILE)
+    return SweepResult(spec.sweep_dir, trials, table_md, data["best"], best_config, incomplete)
+
+
+def _trial_rows(spec: TuneSpec, grid) -> list[dict[str, Any]]:
     results = list(grid)
     # Tune's own trial records give ids and states (RUNNING etc. when interrupted)
     tune_trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None)
     if tune_trials is None or len(tune_trials) != len(results):
         tune_trials = [None] * len(results)
-    trials = [_trial_row(spec, r, t) for r, t in zip(results, tune_trials)]
+    return [_trial_row(spec, r, t) for r, t in zip(results, tune_trials)]
+
+
+def _value(spec: TuneSpec, trial: dict[str, Any]) -> float | None:
+    """The trial's tune metric (last round), None when it has none."""
+    v = trial["metrics"].get(spec.metric)
+    return None if v is None or math.isnan(v) else float(v)
+
+
+def _ranked(spec: TuneSpec, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Best first by the metric; trials without it last."""
     sign = 1.0 if spec.mode == "max" else -1.0
+    return sorted(trials, key=lambda t: (_value(spec, t) is None, -sign * (_value(spec, t) or 0.0)))
 
-    def value(t: dict[str, Any]) -> float | None:
-        v = t["metrics"].get(spec.metric)
-        return None if v is None or math.isnan(v) else float(v)
 
-    # best first by the metric (trials without it last)
-    trials.sort(key=lambda t: (value(t) is None, -sign * (value(t) or 0.0)))
-    header, rows = results_table(spec, trials)
-    table_md = _markdown(header, rows)
-    (sweep_dir / "results.md").write_text(
-        f"Sweep `{spec.name}`: {len(trials)} trials, metric `{spec.metric}` ({spec.mode}, last "
+def _write_tables(
+    spec: TuneSpec, n: int, header: list[str], rows: list[list], table_md: str
+) -> None:
+    (spec.sweep_dir / "results.md").write_text(
+        f"Sweep `{spec.name}`: {n} trials, metric `{spec.metric}` ({spec.mode}, last "
         "round); lifts over best static weights in the simulated A/B test.\n\n" + table_md + "\n"
     )
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(header)
     writer.writerows([["" if v is None else v for v in row] for row in rows])
-    (sweep_dir / "results.csv").write_text(buf.getvalue())
+    (spec.sweep_dir / "results.csv").write_text(buf.getvalue())
 
-    # the best trial that finished all rounds (its policy.pt exists), else the best at all
-    scored = [t for t in trials if value(t) is not None]
-    best = next((t for t in scored if t["status"] == "completed"), scored[0] if scored else None)
-    best_config = None
-    if best is not None:
-        cfg = trial_config(spec.cfg, best["config"], sweep_dir / "best_run")
-        best_config = sweep_dir / "best_config.yaml"
-        save_config(cfg, best_config)
-        if best["status"] != "completed":
-            log.warning("the best trial %s did not finish all rounds", best["trial_id"])
+
+def _best(spec: TuneSpec, trials: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The best trial that finished all rounds (its policy.pt exists), else the best at all."""
+    scored = [t for t in trials if _value(spec, t) is not None]
+    return next((t for t in scored if t["status"] == "completed"), scored[0] if scored else None)
+
+
+def _write_best_config(spec: TuneSpec, best: dict[str, Any] | None) -> Path | None:
+    """The best trial's full config as best_config.yaml (its run_dir: SWEEP_DIR/best_run)."""
+    if best is None:
+        return None
+    cfg = trial_config(spec.cfg, best["config"], spec.sweep_dir / "best_run")
+    path = spec.sweep_dir / "best_config.yaml"
+    save_config(cfg, path)
+    if best["status"] != "completed":
+        log.warning("the best trial %s did not finish all rounds", best["trial_id"])
+    return path
+
+
+def _warn_incomplete(trials: list[dict[str, Any]]) -> bool:
+    """Warn about failed and unfinished trials; True if there are any."""
     errors = [t["trial_id"] for t in trials if t["status"] == "error"]
     if errors:
         log.warning("trial(s) %s failed; `grade-ray tune --resume` reruns them", errors)
@@ -180,7 +211,18 @@ def write_results(spec: TuneSpec, grid) -> SweepResult:
             "the sweep was interrupted (%s unfinished); `grade-ray tune --resume` continues it",
             unfinished,
         )
-    data = {
+    return bool(errors or unfinished)
+
+
+def _sweep_json(
+    spec: TuneSpec,
+    trials: list[dict[str, Any]],
+    best: dict[str, Any] | None,
+    best_config: Path | None,
+    table_md: str,
+) -> dict[str, Any]:
+    """sweep_results.json: the sweep's settings, every trial row, the best, the table."""
+    return {
         "name": spec.name,
         "metric": spec.metric,
         "mode": spec.mode,
@@ -199,8 +241,3 @@ def write_results(spec: TuneSpec, grid) -> SweepResult:
         else None,
         "table_md": table_md,
     }
-    (sweep_dir / SWEEP_FILE).write_text(json.dumps(data, indent=2, default=str))
-    log.info("sweep results: %s", sweep_dir / SWEEP_FILE)
-    return SweepResult(
-        sweep_dir, trials, table_md, data["best"], best_config, bool(errors or unfinished)
-    )

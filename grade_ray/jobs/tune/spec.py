@@ -217,12 +217,47 @@ def _check_metric(cfg: Config, metric: str) -> None:
 def parse_tune_spec(
     data: dict[str, Any], root: Path, overrides: list[str] | None = None, stem: str = "sweep"
 ) -> TuneSpec:
-    """A tune YAML's mapping (files relative to ``root``) -> a validated :class:`TuneSpec`."""
+    """A tune YAML's mapping (files relative to ``root``) -> a validated :class:`TuneSpec`.
+
+    The experiment config is resolved like ``--config`` (``base``, the ``experiment``
+    files, the YAML's own keys, then ``overrides``; ``tune.KEY=VALUE`` ones go to the
+    tune section); then the tune keys are checked: names, space, search, metric, mode,
+    scheduler, numbers, and the rules between them.
+    """
     data = dict(data)
     section = data.pop("tune", None)
     if not isinstance(section, dict):
         raise TuneError("a tune config needs a 'tune:' section with at least 'space:'")
     section = dict(section)
+    d = _experiment_dict(data, root)
+    _apply_overrides(d, section, overrides or [])
+    cfg = _resolve_paths(from_dict(Config, d))
+
+    unknown = sorted(set(section) - _TUNE_FIELDS)
+    if unknown:
+        raise TuneError(f"unknown tune key(s) {unknown}; valid: {sorted(_TUNE_FIELDS)}")
+    space = _parse_space(section.pop("space", None))
+    _check_space(cfg, space)
+    search = _check_search(str(section.get("search", "grid")), space)
+    metric = str(section.get("metric") or _default_metric(cfg))
+    _check_metric(cfg, metric)
+    spec = TuneSpec(
+        cfg=cfg,
+        space=space,
+        search=search,
+        metric=metric,
+        mode=_one_of("mode", str(section.get("mode", "max")), ("max", "min")),
+        scheduler=_one_of("scheduler", str(section.get("scheduler") or "none"), ("none", "asha")),
+        **_numbers(section),
+        storage_path=str(Path(section.get("storage_path") or Path(cfg.run_dir) / "tune").resolve()),
+        name=str(section.get("name") or stem),
+    )
+    _check_rules(spec)
+    return spec
+
+
+def _experiment_dict(data: dict[str, Any], root: Path) -> dict[str, Any]:
+    """Defaults <- ``base`` <- ``experiment`` files (relative to ``root``) <- the other keys."""
     experiments = data.pop("experiment", []) or []
     if isinstance(experiments, str):
         experiments = [experiments]
@@ -230,26 +265,31 @@ def parse_tune_spec(
     base = data.pop("base", None)
     for f in ([base] if base else []) + list(experiments):
         d = merge_dicts(d, read_yaml(root / f))
-    d = merge_dicts(d, data)
-    for text in overrides or []:
+    return merge_dicts(d, data)
+
+
+def _apply_overrides(d: dict[str, Any], section: dict[str, Any], overrides: list[str]) -> None:
+    """``KEY=VALUE`` into the config dict ``d``, ``tune.KEY=VALUE`` into the tune ``section``."""
+    for text in overrides:
         key, value = parse_override(text)
         if key.startswith("tune."):
             section[key.removeprefix("tune.")] = value
         else:
             set_dotted(d, key, value)
-    cfg = from_dict(Config, d)
+
+
+def _resolve_paths(cfg: Config) -> Config:
+    """Absolute run_dir and data paths: trials run in other working directories."""
     cfg = cfg.replace(run_dir=str(Path(cfg.run_dir).resolve()))
     for k in ("train_path", "eval_path", "cache_dir"):
         p = getattr(cfg.data, k)
         if p:
             cfg = cfg.replace(**{f"data.{k}": str(Path(p).resolve())})
+    return cfg
 
-    unknown = sorted(set(section) - _TUNE_FIELDS)
-    if unknown:
-        raise TuneError(f"unknown tune key(s) {unknown}; valid: {sorted(_TUNE_FIELDS)}")
-    space = _parse_space(section.pop("space", None))
-    _check_space(cfg, space)
-    search = str(section.get("search", "grid"))
+
+def _check_search(search: str, space: dict[str, dict[str, list]]) -> str:
+    """A known searcher that can take the space's distributions."""
     if search not in SEARCHERS and search not in MODEL_SEARCHERS:
         raise TuneError(
             f"tune.search={search!r}: unknown search; use one of {list(SEARCHERS)} "
@@ -268,49 +308,55 @@ def parse_tune_spec(
             raise TuneError(
                 f"tune.search={search} cannot take grid entries {grids}; use choice instead"
             )
-    metric = str(section.get("metric") or _default_metric(cfg))
-    _check_metric(cfg, metric)
-    mode = str(section.get("mode", "max"))
-    if mode not in ("max", "min"):
-        raise TuneError(f"tune.mode={mode!r}: use 'max' or 'min'")
-    scheduler = str(section.get("scheduler") or "none")
-    if scheduler not in ("none", "asha"):
-        raise TuneError(f"tune.scheduler={scheduler!r}: use 'none' or 'asha'")
+    return search
 
-    def number(name: str, default: Any, kind: type, low: float) -> Any:
-        value = section.get(name, default)
-        try:
-            if isinstance(value, bool):
-                raise ValueError
-            value = kind(value)
-            if kind is int and float(section.get(name, default)) != value:
-                raise ValueError
-        except (TypeError, ValueError):
-            raise TuneError(f"tune.{name} must be a {kind.__name__}, got {value!r}") from None
-        if value < low:
-            raise TuneError(f"tune.{name}={value} must be >= {low}")
-        return value
 
-    storage = section.get("storage_path") or str(Path(cfg.run_dir) / "tune")
-    spec = TuneSpec(
-        cfg=cfg,
-        space=space,
-        search=search,
-        num_samples=number("num_samples", 1, int, 1),
-        metric=metric,
-        mode=mode,
-        scheduler=scheduler,
-        grace_period=number("grace_period", 1, int, 1),
-        reduction_factor=number("reduction_factor", 2.0, float, 1.0),
-        max_concurrent_trials=number("max_concurrent_trials", 1, int, 1),
-        cpus_per_trial=number("cpus_per_trial", 0.1, float, 0.0),
-        storage_path=str(Path(storage).resolve()),
-        name=str(section.get("name") or stem),
-        seed=number("seed", 0, int, 0),
-    )
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise TuneError(f"tune.{name}={value!r}: use " + " or ".join(map(repr, allowed)))
+    return value
+
+
+# Numeric tune keys -> (type, lowest allowed value); their defaults are TuneSpec's.
+_NUMBERS: dict[str, tuple[type, float]] = {
+    "num_samples": (int, 1),
+    "grace_period": (int, 1),
+    "reduction_factor": (float, 1.0),
+    "max_concurrent_trials": (int, 1),
+    "cpus_per_trial": (float, 0.0),
+    "seed": (int, 0),
+}
+
+
+def _numbers(section: dict[str, Any]) -> dict[str, Any]:
+    defaults = {f.name: f.default for f in dataclasses.fields(TuneSpec)}
+    return {
+        name: _number(section, name, defaults[name], kind, low)
+        for name, (kind, low) in _NUMBERS.items()
+    }
+
+
+def _number(section: dict[str, Any], name: str, default: Any, kind: type, low: float) -> Any:
+    value = section.get(name, default)
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        value = kind(value)
+        if kind is int and float(section.get(name, default)) != value:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise TuneError(f"tune.{name} must be a {kind.__name__}, got {value!r}") from None
+    if value < low:
+        raise TuneError(f"tune.{name}={value} must be >= {low}")
+    return value
+
+
+def _check_rules(spec: TuneSpec) -> None:
+    """The rules between keys: Ray needs CPUs per trial, ASHA needs rungs before the last
+    round, the name is a directory name."""
     if spec.cpus_per_trial <= 0:
         raise TuneError("tune.cpus_per_trial must be > 0 (Ray refuses 0; 0.1 is enough)")
-    if scheduler == "asha":
+    if spec.scheduler == "asha":
         if spec.reduction_factor <= 1:
             raise TuneError("tune.reduction_factor must be > 1")
         if spec.grace_period >= spec.max_rounds:
@@ -320,7 +366,6 @@ def parse_tune_spec(
             )
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", spec.name):
         raise TuneError(f"tune.name={spec.name!r}: use letters, digits, '.', '_' or '-'")
-    return spec
 
 
 def load_tune_spec(path: str | Path, overrides: list[str] | None = None) -> TuneSpec:

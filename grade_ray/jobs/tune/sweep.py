@@ -19,11 +19,113 @@ from grade_ray.jobs.tune.spec import (
     TuneSpec,
     check_sweep_resources,
 )
-from grade_ray.jobs.tune.trial import _run_trial
+from grade_ray.jobs.tune.trial import _run_trial, trial_context
 
 log = logging.getLogger(__name__)
 
 SPEC_FILE = "tune_spec.json"
+
+
+def run_tune(
+    spec: TuneSpec,
+    resume: bool = False,
+    address: str | None = None,
+    inject_failure: tuple[int, int] | None = None,
+) -> SweepResult:
+    """Run (or ``resume``) the sweep; write the results table, JSON and best config.
+
+    ``inject_failure=(trial_index, round)``: that trial fails once after that round (a
+    fault-injection hook for tests).
+    """
+    from ray import tune
+
+    from grade_ray.raysession import init_ray
+
+    _check_start(spec, resume)
+    init_ray(address)
+    import ray
+
+    check_sweep_resources(spec, ray.cluster_resources())
+    _prepare(spec)
+    trainable = tune.with_resources(
+        tune.with_parameters(_run_trial, ctx=trial_context(spec, inject_failure)),
+        {"cpu": spec.cpus_per_trial},
+    )
+    tuner = _restored_tuner(spec, trainable) if resume else _new_tuner(spec, trainable)
+    grid = tuner.fit()
+    return write_results(spec, grid)
+
+
+def _check_start(spec: TuneSpec, resume: bool) -> None:
+    """A new sweep needs a free directory; a resumed one its Tune experiment, unchanged."""
+    from ray import tune
+
+    sweep_dir = spec.sweep_dir
+    exists = sweep_dir.exists() and tune.Tuner.can_restore(str(sweep_dir))
+    if resume and not exists:
+        raise FileNotFoundError(
+            f"--resume: no Tune experiment to resume at {sweep_dir} "
+            "(tune.storage_path / tune.name); run without --resume to start the sweep"
+        )
+    if not resume and exists:
+        raise TuneError(
+            f"{sweep_dir} already holds a sweep: pass --resume to continue it, or set another "
+            "tune.name (or delete the directory) to start over"
+        )
+    spec_file = sweep_dir / SPEC_FILE
+    if resume and spec_file.exists():
+        saved = json.loads(spec_file.read_text())
+        now = json.loads(json.dumps(spec.fingerprint()))
+        if saved != now:
+            raise TuneError(
+                f"--resume: the tune config changed since {sweep_dir} started (space, search or "
+                f"base config); saved: {saved}, now: {now}"
+            )
+
+
+def _prepare(spec: TuneSpec) -> None:
+    """The sweep directory: its fingerprint, base config, shared data and Stage 1."""
+    spec.sweep_dir.mkdir(parents=True, exist_ok=True)
+    (spec.sweep_dir / SPEC_FILE).write_text(json.dumps(spec.fingerprint(), indent=2, default=str))
+    save_config(spec.cfg, spec.sweep_dir / "base_config.yaml")
+    prepare_shared(spec)
+
+
+def _new_tuner(spec: TuneSpec, trainable):
+    from ray import tune
+
+    log.info(
+        "sweep %s: %s search over %s (%d sample(s)), metric %s (%s), scheduler %s",
+        spec.name,
+        spec.search,
+        list(spec.space),
+        spec.num_samples,
+        spec.metric,
+        spec.mode,
+        spec.scheduler,
+    )
+    return tune.Tuner(
+        trainable,
+        param_space=_param_space(spec),
+        tune_config=tune.TuneConfig(
+            metric=spec.metric,
+            mode=spec.mode,
+            search_alg=_search_alg(spec),
+            scheduler=_scheduler(spec),
+            num_samples=spec.num_samples,  # concurrency: capped by the search_alg
+        ),
+        run_config=tune.RunConfig(name=spec.name, storage_path=spec.storage_path, verbose=1),
+    )
+
+
+def _restored_tuner(spec: TuneSpec, trainable):
+    """The sweep's Tune experiment; its unfinished and errored trials go on."""
+    from ray import tune
+
+    log.info("resuming the sweep in %s", spec.sweep_dir)
+    return tune.Tuner.restore(
+        str(spec.sweep_dir), trainable, resume_unfinished=True, resume_errored=True
+    )
 
 
 def _param_space(spec: TuneSpec) -> dict[str, Any]:
@@ -104,88 +206,3 @@ def prepare_shared(spec: TuneSpec) -> None:
             policy = initial_policy(cfg, meta, train_path, None)
             if not ckpt.exists():  # pretrain.epochs == 0
                 save_policy(ckpt, policy, cfg, meta)
-
-
-def run_tune(
-    spec: TuneSpec,
-    resume: bool = False,
-    address: str | None = None,
-    inject_failure: tuple[int, int] | None = None,
-) -> SweepResult:
-    """Run (or ``resume``) the sweep; write the results table, JSON and best config."""
-    from ray import tune
-
-    from grade_ray.raysession import init_ray
-
-    sweep_dir = spec.sweep_dir
-    exists = sweep_dir.exists() and tune.Tuner.can_restore(str(sweep_dir))
-    if resume and not exists:
-        raise FileNotFoundError(
-            f"--resume: no Tune experiment to resume at {sweep_dir} "
-            "(tune.storage_path / tune.name); run without --resume to start the sweep"
-        )
-    if not resume and exists:
-        raise TuneError(
-            f"{sweep_dir} already holds a sweep: pass --resume to continue it, or set another "
-            "tune.name (or delete the directory) to start over"
-        )
-    spec_file = sweep_dir / SPEC_FILE
-    if resume and spec_file.exists():
-        saved = json.loads(spec_file.read_text())
-        now = json.loads(json.dumps(spec.fingerprint()))
-        if saved != now:
-            raise TuneError(
-                f"--resume: the tune config changed since {sweep_dir} started (space, search or "
-                f"base config); saved: {saved}, now: {now}"
-            )
-    init_ray(address)
-    import ray
-
-    check_sweep_resources(spec, ray.cluster_resources())
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    spec_file.write_text(json.dumps(spec.fingerprint(), indent=2, default=str))
-    save_config(spec.cfg, sweep_dir / "base_config.yaml")
-    prepare_shared(spec)
-
-    ctx = {
-        "base": spec.cfg.to_dict(),
-        "sweep_dir": str(sweep_dir),
-        "shared_data": spec.shares_data(),
-        "shared_stage1": spec.shares_stage1(),
-        "eval_reward": spec.cfg.to_dict()["reward"],
-        "evaluate": True,
-        "inject_failure": list(inject_failure) if inject_failure else None,
-    }
-    trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, ctx=ctx), {"cpu": spec.cpus_per_trial}
-    )
-    if resume:
-        log.info("resuming the sweep in %s", sweep_dir)
-        tuner = tune.Tuner.restore(
-            str(sweep_dir), trainable, resume_unfinished=True, resume_errored=True
-        )
-    else:
-        log.info(
-            "sweep %s: %s search over %s (%d sample(s)), metric %s (%s), scheduler %s",
-            spec.name,
-            spec.search,
-            list(spec.space),
-            spec.num_samples,
-            spec.metric,
-            spec.mode,
-            spec.scheduler,
-        )
-        tuner = tune.Tuner(
-            trainable,
-            param_space=_param_space(spec),
-            tune_config=tune.TuneConfig(
-                metric=spec.metric,
-                mode=spec.mode,
-                search_alg=_search_alg(spec),
-                scheduler=_scheduler(spec),
-                num_samples=spec.num_samples,  # concurrency: capped by the search_alg
-            ),
-            run_config=tune.RunConfig(name=spec.name, storage_path=spec.storage_path, verbose=1),
-        )
-    grid = tuner.fit()
-    return write_results(spec, grid)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from grade_ray.config import Config, from_dict
+from grade_ray.jobs.tune.spec import TuneSpec
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +118,25 @@ def _fit_outside_trial_group(cfg: Config, callbacks: list, fail_at: int | None) 
         ray.kill(driver)
 
 
+def trial_context(spec: TuneSpec, inject_failure: tuple[int, int] | None) -> dict[str, Any]:
+    """What every trial of the sweep reads (plain values: it travels to the trial)."""
+    return {
+        "base": spec.cfg.to_dict(),
+        "sweep_dir": str(spec.sweep_dir),
+        "shared_data": spec.shares_data(),
+        "shared_stage1": spec.shares_stage1(),
+        "eval_reward": spec.cfg.to_dict()["reward"],
+        "evaluate": True,
+        "inject_failure": list(inject_failure) if inject_failure else None,
+    }
+
+
 def _run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
-    """Tune trainable: one GRADE training run for one point of the space."""
+    """Tune trainable: one GRADE training run for one point of the space.
+
+    ``ctx`` is :func:`trial_context`. Tune names each trial's directory after this
+    function, so the name stays (a sweep started before a rename still resumes).
+    """
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
