@@ -23,7 +23,7 @@ from grade_ray.jobs.tune.trial import LIFT_METRICS, TRIAL_RESULT, TRIALS_DIR, tr
 
 log = logging.getLogger(__name__)
 
-SWEEP_FILE = "sweep_results.json"  # read by grade_ray.jobs.report
+SWEEP_FILE = "sweep_results.json"  # also read by grade_ray.jobs.report
 
 
 @dataclasses.dataclass
