@@ -6,8 +6,8 @@ reports reach Tune through ``TuneReportCallback``, so ASHA can stop trials on th
 metric. Trials share the sweep's simulated data and, when no swept key affects it, its
 Stage 1 policy. A trial that finishes all rounds is then evaluated (simulated A/B test
 against best static weights, searched with the base reward so every trial faces the same
-control) and its lifts are written to ``TRIALS_DIR/ID/tune_result.json``. Each trial's Train
-job is started from a helper actor outside the trial's placement group (see
+control) and its lifts are written to ``SWEEP_DIR/trials/ID/tune_result.json``. Each
+trial's Train job is started from a helper actor outside the trial's placement group (see
 :class:`_TrialDriver`).
 """
 
