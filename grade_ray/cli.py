@@ -112,7 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_simulate, _add_pretrain, _add_train, _add_evaluate, _add_compare, _add_bench):
+        add(sub)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_parser(sub)
+    return parser
 
+
+def _add_simulate(sub) -> None:
     p = sub.add_parser("simulate", help="generate logged sessions with the marketplace simulator")
     add_common_args(p)
     p.add_argument("--out", help="output directory (default RUN_DIR/data)")
@@ -123,10 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(fn=cmd_simulate)
 
+
+def _add_pretrain(sub) -> None:
     p = sub.add_parser("pretrain", help="Stage 1: supervised LambdaLoss (single process)")
     add_common_args(p)
     p.set_defaults(fn=cmd_pretrain)
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="Stage 1 + Stage 2 GRPO (Ray by default, --local: no Ray)")
     add_common_args(p, ray=True)
     p.add_argument("--local", action="store_true", help="single process, no Ray")
@@ -135,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baselines", action="store_true", help="with --evaluate: policy only")
     p.set_defaults(fn=cmd_train)
 
+
+def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="offline metrics and simulated A/B test vs baselines")
     add_common_args(p)
     p.add_argument("run", nargs="?", help="run directory holding policy.pt (default run_dir)")
@@ -142,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baselines", action="store_true", help="evaluate the policy only")
     p.set_defaults(fn=cmd_evaluate)
 
+
+def _add_compare(sub) -> None:
     p = sub.add_parser("compare", help="train GRADE and its ablations, evaluate all together")
     add_common_args(p, ray=True)
     p.add_argument(
@@ -152,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray", action="store_true", help="train variants on Ray (default local)")
     p.set_defaults(fn=cmd_compare)
 
+
+def _add_bench(sub) -> None:
     p = sub.add_parser(
         "bench",
         help="throughput, scaling, memory and the quality table (GRADE, ablations, RLlib PPO)",
@@ -165,9 +182,6 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--quality-only", action="store_true", help="the quality table only")
     p.add_argument("--address", default=None)
     p.set_defaults(fn=cmd_bench)
-    for module in COMMAND_MODULES:
-        importlib.import_module(module).add_parser(sub)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,9 +22,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "grade_ray.serving.export",
     "grade_ray.serving.service",
     "grade_ray.datasets.kuairand.commands",
-    "grade_ray.jobs.tune",
+    "grade_ray.jobs.tune.command",
     "grade_ray.jobs.suite",
-    "grade_ray.baselines.rllib_ppo",
+    "grade_ray.baselines.rllib_ppo.command",
 )
 
 

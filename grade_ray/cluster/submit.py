@@ -529,7 +529,11 @@ def add_parser(sub) -> None:
         default=None,
         help="Ray dashboard address, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)",
     )
+    _add_submit(sub, address)
+    _add_jobs(sub, address)
 
+
+def _add_submit(sub, address: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "submit",
         parents=[address],
@@ -576,6 +580,8 @@ def add_parser(sub) -> None:
     )
     p.set_defaults(fn=cmd_submit)
 
+
+def _add_jobs(sub, address: argparse.ArgumentParser) -> None:
     p = sub.add_parser("jobs", help="list, follow, inspect or stop submitted Ray jobs")
     js = p.add_subparsers(dest="jobs_command", required=True)
     js.add_parser("list", parents=[address], help="submitted jobs, oldest first")

@@ -22,11 +22,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from grade_ray import keys  # noqa: E402
+from grade_ray.jobs.tune.results import SWEEP_FILE  # noqa: E402
 from grade_ray.runlog import read_metrics  # noqa: E402
 
 log = logging.getLogger(__name__)
-
-SWEEP_FILE = "sweep_results.json"
 
 
 def _series(rows: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -52,67 +51,72 @@ def _panel(ax, rows, series: list[tuple[str, str]], title: str) -> bool:
     return drawn
 
 
-def plot_training(run_dir: Path, rows: list[dict[str, Any]], out: Path) -> list[Path]:
-    """Per-round training curves -> PNG files in ``out``."""
-    paths = []
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    _panel(
-        axes[0, 0],
-        rows,
+# training.png: a 2 x 2 grid of panels, each (title, [(metric key, legend label), ...])
+TRAINING_PANELS = (
+    (
+        "rollout reward components",
         [
             (keys.ROLLOUT_REWARD, "composite R"),
             (keys.ROLLOUT_R_POST, "R_post"),
             (keys.ROLLOUT_R_PRIOR, "R_prior"),
             (keys.ROLLOUT_R_FORMAT, "R_format"),
         ],
-        "rollout reward components",
-    )
-    _panel(axes[0, 1], rows, [(keys.LEARNER_KL, "KL(pi || pi_ref)")], "KL to reference")
-    _panel(
-        axes[1, 0],
-        rows,
-        [(keys.ROLLOUT_ALPHA_HAT, "alpha_hat (mean over round)")],
+    ),
+    ("KL to reference", [(keys.LEARNER_KL, "KL(pi || pi_ref)")]),
+    (
         "Dirichlet concentration schedule",
-    )
-    _panel(
-        axes[1, 1],
-        rows,
+        [(keys.ROLLOUT_ALPHA_HAT, "alpha_hat (mean over round)")],
+    ),
+    (
+        "clipping, zero-variance, polarization",
         [
             (keys.LEARNER_CLIP_FRAC, "clip fraction"),
             (keys.ROLLOUT_ZERO_VAR_FRAC, "zero-variance groups"),
             (keys.POLICY_POLARIZED, "polarized (max w > 0.9)"),
         ],
-        "clipping, zero-variance, polarization",
-    )
-    fig.suptitle(f"GRADE training: {run_dir.name}")
-    fig.tight_layout()
-    p = out / "training.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    ),
+)
+# diagnostics.png, right panel
+PERSONALIZATION = [
+    (keys.POLICY_ENTROPY, "weight entropy"),
+    (keys.POLICY_SPREAD, "user spread (std of w across users)"),
+]
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    business = [k for k in ("eval/north_star", keys.EVAL_NDCG) if any(k in r for r in rows)]
-    _panel(axes[0], rows, [(k, k) for k in business], "held-out business metric")
-    _panel(
-        axes[1],
-        rows,
-        [
-            (keys.POLICY_ENTROPY, "weight entropy"),
-            (keys.POLICY_SPREAD, "user spread (std of w across users)"),
-        ],
-        "personalization",
-    )
-    fig.tight_layout()
-    p = out / "diagnostics.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
 
+def plot_training(run_dir: Path, rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    """Per-round training curves -> PNG files in ``out``."""
+    paths = [
+        _plot_training_curves(run_dir, rows, out / "training.png"),
+        _plot_diagnostics(rows, out / "diagnostics.png"),
+    ]
     seg = _segment_weights(rows[-1]) if rows else {}
     if seg:
         paths.append(_plot_segments(seg, out / "segment_weights.png", _oracle_weights(run_dir)))
     return paths
+
+
+def _plot_training_curves(run_dir: Path, rows: list[dict[str, Any]], path: Path) -> Path:
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for ax, (title, series) in zip(axes.flat, TRAINING_PANELS):
+        _panel(ax, rows, series, title)
+    fig.suptitle(f"GRADE training: {run_dir.name}")
+    return _save(fig, path)
+
+
+def _plot_diagnostics(rows: list[dict[str, Any]], path: Path) -> Path:
+    """The held-out business metric and the personalization diagnostics."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    business = [k for k in ("eval/north_star", keys.EVAL_NDCG) if any(k in r for r in rows)]
+    _panel(axes[0], rows, [(k, k) for k in business], "held-out business metric")
+    _panel(axes[1], rows, PERSONALIZATION, "personalization")
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _segment_weights(row: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -170,10 +174,7 @@ def _plot_segments(
     ax.set_ylabel("mean weight")
     ax.set_title("learned fusion weights per user segment (black: per-segment oracle)")
     ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def pareto_front(points: np.ndarray) -> np.ndarray:
@@ -186,80 +187,82 @@ def pareto_front(points: np.ndarray) -> np.ndarray:
     return keep
 
 
+TRADEOFF_LIFTS = ("lift/ctr", "lift/cvr", "lift/opm")
+"""Axes of the trade-off plot (x, y, colour), when every A/B-tested trial has them."""
+SENSITIVITY_PARAMS = (
+    "exploration.group_size",
+    "exploration.alpha_start",
+    "exploration.alpha_end",
+    "exploration.schedule",
+    "reward.l2",
+    "exploration.kind",
+)
+"""Swept keys the sensitivity plot shows, when a sweep varies them."""
+
+
 def plot_sweep(results: list[dict[str, Any]], out: Path, metric: str) -> list[Path]:
     """Trade-off (Pareto) and sensitivity plots for a sweep's trials."""
-    paths = []
     trials = [r for r in results if r.get("metrics", {}).get(metric) is not None]
     if not trials:
-        return paths
-    # trade-off over the trials that finished and were A/B tested (early-stopped ones
-    # have no lifts)
-    tested = [t for t in trials if all(k in t["metrics"] for k in ("lift/ctr", "lift/cvr"))]
-    lift_keys = [
-        k
-        for k in ("lift/ctr", "lift/cvr", "lift/opm")
-        if tested and all(k in t["metrics"] for t in tested)
+        return []
+    plots = [
+        _plot_tradeoff(trials, out / "tradeoff.png"),
+        _plot_sensitivity(trials, metric, out / "sensitivity.png"),
     ]
-    if len(lift_keys) >= 2:
-        pts = np.array([[t["metrics"][k] for k in lift_keys] for t in tested])
-        front = pareto_front(pts)
-        fig, ax = plt.subplots(figsize=(6.5, 5))
-        c = pts[:, 2] if pts.shape[1] > 2 else None
-        sc = ax.scatter(pts[:, 0], pts[:, 1], c=c, cmap="viridis", s=40)
-        ax.scatter(
-            pts[front, 0],
-            pts[front, 1],
-            facecolors="none",
-            edgecolors="red",
-            s=140,
-            label="Pareto front",
-        )
-        if c is not None:
-            fig.colorbar(sc, label=lift_keys[2])
-        ax.set_xlabel(lift_keys[0])
-        ax.set_ylabel(lift_keys[1])
-        ax.set_title("objective trade-off across trials (lift over best static)")
-        ax.legend()
+    return [p for p in plots if p is not None]
+
+
+def _plot_tradeoff(trials: list[dict[str, Any]], path: Path) -> Path | None:
+    """Lifts of the trials that finished and were A/B tested (early-stopped ones have no
+    lifts), Pareto front circled; None with fewer than two lifts to plot."""
+    tested = [t for t in trials if all(k in t["metrics"] for k in TRADEOFF_LIFTS[:2])]
+    lift_keys = [k for k in TRADEOFF_LIFTS if tested and all(k in t["metrics"] for t in tested)]
+    if len(lift_keys) < 2:
+        return None
+    pts = np.array([[t["metrics"][k] for k in lift_keys] for t in tested])
+    front = pareto_front(pts)
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    c = pts[:, 2] if pts.shape[1] > 2 else None
+    sc = ax.scatter(pts[:, 0], pts[:, 1], c=c, cmap="viridis", s=40)
+    ax.scatter(
+        pts[front, 0],
+        pts[front, 1],
+        facecolors="none",
+        edgecolors="red",
+        s=140,
+        label="Pareto front",
+    )
+    if c is not None:
+        fig.colorbar(sc, label=lift_keys[2])
+    ax.set_xlabel(lift_keys[0])
+    ax.set_ylabel(lift_keys[1])
+    ax.set_title("objective trade-off across trials (lift over best static)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _plot_sensitivity(trials: list[dict[str, Any]], metric: str, path: Path) -> Path | None:
+    """``metric`` per value of each swept :data:`SENSITIVITY_PARAMS` key (red: the mean)."""
+    params = [k for k in SENSITIVITY_PARAMS if any(k in t["config"] for t in trials)]
+    if not params:
+        return None
+    fig, axes = plt.subplots(1, len(params), figsize=(4 * len(params), 3.6), squeeze=False)
+    for ax, k in zip(axes[0], params):
+        xs = [t["config"].get(k) for t in trials]
+        ys = [t["metrics"][metric] for t in trials]
+        cats = sorted({str(x) for x in xs}, key=lambda s: (len(s), s))
+        pos = {c: i for i, c in enumerate(cats)}
+        ax.scatter([pos[str(x)] for x in xs], ys)
+        for c in cats:
+            v = [y for x, y in zip(xs, ys) if str(x) == c]
+            ax.hlines(np.mean(v), pos[c] - 0.3, pos[c] + 0.3, color="red")
+        ax.set_xticks(range(len(cats)), cats)
+        ax.set_xlabel(k)
+        ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        p = out / "tradeoff.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
-    params = [
-        k
-        for k in (
-            "exploration.group_size",
-            "exploration.alpha_start",
-            "exploration.alpha_end",
-            "exploration.schedule",
-            "reward.l2",
-            "exploration.kind",
-        )
-        if any(k in t["config"] for t in trials)
-    ]
-    if params:
-        fig, axes = plt.subplots(1, len(params), figsize=(4 * len(params), 3.6), squeeze=False)
-        for ax, k in zip(axes[0], params):
-            xs = [t["config"].get(k) for t in trials]
-            ys = [t["metrics"][metric] for t in trials]
-            cats = sorted({str(x) for x in xs}, key=lambda s: (len(s), s))
-            pos = {c: i for i, c in enumerate(cats)}
-            ax.scatter([pos[str(x)] for x in xs], ys)
-            for c in cats:
-                v = [y for x, y in zip(xs, ys) if str(x) == c]
-                ax.hlines(np.mean(v), pos[c] - 0.3, pos[c] + 0.3, color="red")
-            ax.set_xticks(range(len(cats)), cats)
-            ax.set_xlabel(k)
-            ax.set_ylabel(metric)
-            ax.grid(alpha=0.3)
-        fig.suptitle(f"sensitivity of {metric} (red: mean per value)")
-        fig.tight_layout()
-        p = out / "sensitivity.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
-    return paths
+    fig.suptitle(f"sensitivity of {metric} (red: mean per value)")
+    return _save(fig, path)
 
 
 def run_report(path: str | Path) -> Path:

@@ -429,32 +429,10 @@ def run_infer(
     total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     progress = Progress("infer", total)
     report = ReadReport()
-    schema = OUT_SCHEMA.with_metadata(
-        {
-            OUT_META_KEY: json.dumps(
-                {
-                    "tasks": list(service.task_names),
-                    "fusion": service.metadata["fusion"],
-                    "config_hash": service.metadata["training"]["config_hash"],
-                    "export_dir": str(export_dir),
-                    "data": str(data),
-                }
-            ).encode()
-        }
-    )
-    tmp = out.with_name(out.name + ".tmp")
-    t0, written, seen = time.perf_counter(), 0, 0
-    with pq.ParquetWriter(tmp, schema) as writer:
-        for b in iter_batches(data, batch_size, on_error, rejects_path, report, files):
-            w = service.weights(b.context)
-            order = service.order(service.fuse(w, b.scores, b.mask))
-            writer.write_table(
-                _result_table(b.request_id, w, order, b.mask.sum(axis=1)).cast(schema)
-            )
-            written += len(b)
-            progress.update(report.rows_read - seen)
-            seen = report.rows_read
-    tmp.replace(out)
+    schema = _out_schema(service, export_dir, data)
+    t0 = time.perf_counter()
+    batches = iter_batches(data, batch_size, on_error, rejects_path, report, files)
+    written = _write_scored(service, batches, report, progress, schema, out)
     seconds = time.perf_counter() - t0
     log.info("infer: %s; wrote %d rows to %s in %.1fs", report.summary(), written, out, seconds)
     return {
@@ -466,6 +444,44 @@ def run_infer(
         "out": str(out),
         "seconds": seconds,
     }
+
+
+def _out_schema(service: FusionService, export_dir: str | Path, data: str | Path) -> pa.Schema:
+    """:data:`OUT_SCHEMA` with what produced the scores (tasks, fusion, config hash, inputs)."""
+    provenance = {
+        "tasks": list(service.task_names),
+        "fusion": service.metadata["fusion"],
+        "config_hash": service.metadata["training"]["config_hash"],
+        "export_dir": str(export_dir),
+        "data": str(data),
+    }
+    return OUT_SCHEMA.with_metadata({OUT_META_KEY: json.dumps(provenance).encode()})
+
+
+def _write_scored(
+    service: FusionService,
+    batches,
+    report: ReadReport,
+    progress: Progress,
+    schema: pa.Schema,
+    out: Path,
+) -> int:
+    """Weights and rankings of every batch into ``out`` (written aside, then moved into
+    place); returns the rows written. Progress counts the rows read (rejects included)."""
+    tmp = out.with_name(out.name + ".tmp")
+    written, seen = 0, 0
+    with pq.ParquetWriter(tmp, schema) as writer:
+        for b in batches:
+            w = service.weights(b.context)
+            order = service.order(service.fuse(w, b.scores, b.mask))
+            writer.write_table(
+                _result_table(b.request_id, w, order, b.mask.sum(axis=1)).cast(schema)
+            )
+            written += len(b)
+            progress.update(report.rows_read - seen)
+            seen = report.rows_read
+    tmp.replace(out)
+    return written
 
 
 # ---------------------------------------------------------------------------

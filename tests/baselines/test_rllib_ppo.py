@@ -7,15 +7,13 @@ import pytest
 import torch
 
 from grade_ray.algos.rewards import group_rewards
-from grade_ray.baselines.rllib_ppo import (
+from grade_ray.baselines.rllib_ppo.env import (
     LoggedRequestEnv,
     LoggedRequestVectorEnv,
-    PPOSettings,
-    bench_rllib_ppo,
     load_requests,
     make_logged_request_env,
-    train_rllib_ppo,
 )
+from grade_ray.baselines.rllib_ppo.training import PPOSettings, bench_rllib_ppo, train_rllib_ppo
 from grade_ray.data.schema import read_sessions
 from grade_ray.spec import RewardSpec, as_tensor
 
@@ -157,7 +155,7 @@ def test_rl_module_wraps_fusion_policy(smoke_cfg, smoke_data, tmp_path):
 
     from ray.rllib.core.columns import Columns
 
-    from grade_ray.baselines.rllib_ppo import fusion_ppo_module_class
+    from grade_ray.baselines.rllib_ppo.module import fusion_ppo_module_class
     from grade_ray.data.schema import read_meta
     from grade_ray.learner.loop import new_policy, save_policy
     from grade_ray.models.policy import FusionPolicy

@@ -100,7 +100,7 @@ def test_quality_config_modes(tmp_path):
 
 @pytest.mark.ray
 def test_bench_quality_smoke_end_to_end(ray_session, smoke_cfg, tmp_path):
-    from grade_ray.baselines.rllib_ppo import PPOSettings
+    from grade_ray.baselines.rllib_ppo.training import PPOSettings
     from grade_ray.jobs.bench.quality import _probe
     from grade_ray.learner.loop import load_policy
 

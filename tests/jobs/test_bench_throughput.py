@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from grade_ray.jobs.bench.table import md_table
 from grade_ray.jobs.bench.throughput import (
     bench_config,
     bench_rollout,
@@ -64,3 +65,10 @@ def test_scaling_projection_by_hand():
     assert p["projection.pipelined.4"] == pytest.approx(20_480)  # learner-bound
     md = markdown_table({**measured, **p})
     assert "| 4 | 40,960 | 13,653 | 20,480 |" in md
+
+
+def test_md_table_aligns_columns_and_checks_them():
+    md = md_table(("arm", "value"), "lr", [["a", "1"], ["b", "2"]])
+    assert md.splitlines() == ["| arm | value |", "|---|---:|", "| a | 1 |", "| b | 2 |"]
+    with pytest.raises(ValueError, match="one 'l' or 'r' per column"):
+        md_table(("arm", "value"), "l", [])

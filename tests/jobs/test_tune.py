@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 from grade_ray.config import load_config
-from grade_ray.jobs.tune import (
+from grade_ray.jobs.tune.spec import (
     TuneError,
     check_sweep_resources,
     load_tune_spec,
     parse_tune_spec,
-    run_tune,
 )
+from grade_ray.jobs.tune.sweep import run_tune
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
@@ -138,7 +138,7 @@ def test_resources_checked_per_trial_naming_the_setting(tmp_path):
 
 def test_model_searcher_without_its_package_is_refused(tmp_path):
     pytest.importorskip("ray.tune")
-    from grade_ray.jobs.tune import _search_alg
+    from grade_ray.jobs.tune.sweep import _search_alg
 
     spec = spec_of(tmp_path, {"space": {"grpo.lr": {"uniform": [1e-4, 1e-3]}}, "search": "optuna"})
     try:

@@ -9,7 +9,7 @@ One call of :func:`bench_quality` (part of ``grade-ray bench``):
    GRADE-no-prior, GRADE-no-format) from that Stage 1 on the same logged requests, in this
    process (``run_train_local``), so every variant sees the same requests (equal sample
    budget; reward evaluations = requests x G).
-3. Trains RLlib PPO (critic + GAE, :func:`~grade_ray.baselines.rllib_ppo.train_rllib_ppo`)
+3. Trains RLlib PPO (critic + GAE, :func:`~grade_ray.baselines.rllib_ppo.training.train_rllib_ppo`)
    twice from the same Stage-1 policy: with as many env steps (= logged requests) as GRADE
    saw (``RLlib-PPO@samples``) and for as many seconds as GRADE's Stage 2 took
    (``RLlib-PPO@time``).
@@ -66,6 +66,7 @@ from typing import Any
 import torch
 
 from grade_ray.config import Config, load_config
+from grade_ray.jobs.bench.table import md_table
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ def train_ppo_arm(
     train_path: str | None = None,
 ) -> TrainedArm:
     """RLlib PPO from RUN_DIR's Stage 1 into RUN_DIR/variants/NAME, with its probe curve."""
-    from grade_ray.baselines.rllib_ppo import train_rllib_ppo
+    from grade_ray.baselines.rllib_ppo.training import train_rllib_ppo
     from grade_ray.learner.loop import PRETRAIN_CKPT
     from grade_ray.runlog import CHECKPOINT_DIR
 
@@ -295,87 +296,22 @@ def bench_quality(
     given. Writes ``out_dir/quality.json``, ``out_dir/quality.md`` and the evaluation's
     ``out_dir/eval/eval.{json,md}``.
     """
-    from grade_ray.jobs.compare import VARIANTS
     from grade_ray.jobs.evaluate import run_evaluate
-    from grade_ray.jobs.train import prepare_data, run_pretrain
-    from grade_ray.learner.loop import PRETRAIN_CKPT, load_policy
-    from grade_ray.raysession import init_ray
-    from grade_ray.runlog import CHECKPOINT_DIR
 
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0]
     out_dir = Path(out_dir)
     cfg = quality_config(quick, out_dir) if cfg is None else cfg.replace(run_dir=str(out_dir))
-    train_path, eval_path = prepare_data(cfg)
-    probe = _probe(cfg, train_path, eval_path)  # before training: fail fast on real data
-    run_pretrain(cfg)  # Stage 1 once, shared by every trained arm
-    sp_policy, _, _ = load_policy(out_dir / CHECKPOINT_DIR / f"{PRETRAIN_CKPT}.pt")
-    ns_sp = float(probe(sp_policy)[PROBE_KEY])
-    ns_uniform = _uniform_north_star(cfg, probe)
-
-    trained: dict[str, TrainedArm] = {}
-    for name in VARIANTS:
-        trained[name] = train_grade_variant(cfg, name, ns_sp)
-    grade = trained[GRADE]
-
-    init_ray(address, num_cpus=None if address else 2)
-    trained[PPO_SAMPLES] = train_ppo_arm(
-        cfg, PPO_SAMPLES, probe, ns_sp,
-        steps=grade.requests, settings=ppo_settings, train_path=train_path,
-    )  # fmt: skip
-    trained[PPO_TIME] = train_ppo_arm(
-        cfg, PPO_TIME, probe, ns_sp,
-        seconds=grade.train_s, settings=ppo_settings, train_path=train_path,
-    )  # fmt: skip
+    start = _shared_start(cfg, out_dir)
+    trained = _train_arms(cfg, start, ppo_settings, address)
 
     t_eval = time.perf_counter()
     result = run_evaluate(cfg, out_dir, extra_arms={n: str(a.policy) for n, a in trained.items()})
     eval_s = time.perf_counter() - t_eval
     if not result.online:
         raise RuntimeError("the evaluation ran no simulated A/B test")
-    rows = _arm_rows(result.online)
-    headroom = result.headroom or {}
 
-    ns_final = grade.curve[-1][1]
-    res: dict[str, Any] = {
-        "quality.setup.quick": quick,
-        "quality.setup.config_hash": cfg.hash(),
-        "quality.setup.train_requests": cfg.simulator.num_requests,
-        "quality.setup.candidates": cfg.simulator.num_candidates,
-        "quality.setup.group_size": cfg.exploration.group_size,
-        "quality.setup.rounds": cfg.grpo.rounds,
-        "quality.setup.data_passes": cfg.grpo.data_passes,
-        "quality.setup.ab_requests": cfg.eval.ab_requests,
-        "quality.setup.bootstrap": cfg.eval.bootstrap,
-        "quality.setup.probe_requests": len(probe.batch),
-        "quality.setup.fraction": FRACTION,
-        "quality.setup.torch_threads": torch.get_num_threads(),
-        "quality.probe.north_star_uniform": ns_uniform,
-        "quality.probe.north_star_sp": ns_sp,
-        "quality.probe.north_star_grade_final": ns_final,
-        "quality.probe.target_north_star": ns_uniform + FRACTION * (ns_final - ns_uniform),
-        "quality.probe.target_north_star_over_sp": ns_sp + FRACTION * (ns_final - ns_sp),
-    }
-    groups = [("baseline", a, a) for a in BASELINES]
-    groups += [("equal_budget", n, n) for n in VARIANTS]
-    groups += [("equal_budget", PPO, PPO_SAMPLES), ("equal_time", GRADE, GRADE)]
-    groups += [("equal_time", PPO, PPO_TIME)]
-    for group, label, arm in groups:
-        prefix = f"quality.{group}.{label}"
-        res.update(_ab_keys(prefix, rows[arm]))
-        res[f"{prefix}.headroom_captured"] = headroom.get(arm, float("nan"))
-        if arm in trained:
-            a = trained[arm]
-            res[f"{prefix}.train_s"] = a.train_s
-            res[f"{prefix}.wall_s"] = a.wall_s
-            res[f"{prefix}.requests"] = a.requests
-            res[f"{prefix}.reward_evals"] = a.reward_evals
-            res[f"{prefix}.time_to_95pct_s"] = time_to_fraction(a.curve, ns_uniform, ns_final)
-            res[f"{prefix}.time_to_95pct_over_sp_s"] = time_to_fraction(a.curve, ns_sp, ns_final)
-    for arm, a in trained.items():
-        res[f"quality.time_to_95pct_s.{arm}"] = time_to_fraction(a.curve, ns_uniform, ns_final)
-        res[f"quality.time_to_95pct_over_sp_s.{arm}"] = time_to_fraction(a.curve, ns_sp, ns_final)
-        res[f"quality.curves.{arm}"] = [[t, ns] for t, ns in a.curve]
+    res = _results(cfg, quick, start, trained, result)
     res["quality.eval_s"] = eval_s
     # wall-time arms are only comparable on a quiet machine: record how busy it was
     res["quality.setup.load_avg_1m_start"] = load_start
@@ -387,6 +323,123 @@ def bench_quality(
     (out_dir / "quality.md").write_text(md + "\n")
     log.info("quality bench done in %.0fs:\n%s", res["quality.total_s"], md)
     return res
+
+
+@dataclasses.dataclass
+class SharedStart:
+    """Where every trained arm starts: the shared data and Stage 1, scored by the probe."""
+
+    train_path: str
+    probe: Any
+    """The training loop's held-out :class:`~grade_ray.learner.loop.Probe`."""
+    ns_sp: float
+    """Probe north-star of the shared Stage-1 policy (t = 0 of every curve)."""
+    ns_uniform: float
+    """Probe north-star of uniform weights."""
+
+
+def _shared_start(cfg: Config, out_dir: Path) -> SharedStart:
+    """Simulate the logs, build the probe (before training: fail fast on real data) and
+    train Stage 1 once for every arm."""
+    from grade_ray.jobs.train import prepare_data, run_pretrain
+    from grade_ray.learner.loop import PRETRAIN_CKPT, load_policy
+    from grade_ray.runlog import CHECKPOINT_DIR
+
+    train_path, eval_path = prepare_data(cfg)
+    probe = _probe(cfg, train_path, eval_path)
+    run_pretrain(cfg)
+    sp_policy, _, _ = load_policy(out_dir / CHECKPOINT_DIR / f"{PRETRAIN_CKPT}.pt")
+    return SharedStart(
+        train_path=train_path,
+        probe=probe,
+        ns_sp=float(probe(sp_policy)[PROBE_KEY]),
+        ns_uniform=_uniform_north_star(cfg, probe),
+    )
+
+
+def _train_arms(
+    cfg: Config, start: SharedStart, ppo_settings, address: str | None
+) -> dict[str, TrainedArm]:
+    """GRADE and its ablations in this process, then PPO at GRADE's samples and seconds."""
+    from grade_ray.jobs.compare import VARIANTS
+    from grade_ray.raysession import init_ray
+
+    trained = {name: train_grade_variant(cfg, name, start.ns_sp) for name in VARIANTS}
+    grade = trained[GRADE]
+    init_ray(address, num_cpus=None if address else 2)
+    trained[PPO_SAMPLES] = train_ppo_arm(
+        cfg, PPO_SAMPLES, start.probe, start.ns_sp,
+        steps=grade.requests, settings=ppo_settings, train_path=start.train_path,
+    )  # fmt: skip
+    trained[PPO_TIME] = train_ppo_arm(
+        cfg, PPO_TIME, start.probe, start.ns_sp,
+        seconds=grade.train_s, settings=ppo_settings, train_path=start.train_path,
+    )  # fmt: skip
+    return trained
+
+
+def _arm_groups() -> list[tuple[str, str, str]]:
+    """(group, label, evaluation arm) of every arm in the results, in order."""
+    from grade_ray.jobs.compare import VARIANTS
+
+    groups = [("baseline", a, a) for a in BASELINES]
+    groups += [("equal_budget", n, n) for n in VARIANTS]
+    groups += [("equal_budget", PPO, PPO_SAMPLES), ("equal_time", GRADE, GRADE)]
+    groups += [("equal_time", PPO, PPO_TIME)]
+    return groups
+
+
+def _results(
+    cfg: Config, quick: bool, start: SharedStart, trained: dict[str, TrainedArm], evaluation
+) -> dict[str, Any]:
+    """The flat results: setup, probe north-stars, each arm's A/B figures (and budget and
+    time to 95% when trained), then each trained arm's time to 95% and curve."""
+    ns_final = trained[GRADE].curve[-1][1]
+    ns_uniform, ns_sp = start.ns_uniform, start.ns_sp
+    res: dict[str, Any] = {
+        "quality.setup.quick": quick,
+        "quality.setup.config_hash": cfg.hash(),
+        "quality.setup.train_requests": cfg.simulator.num_requests,
+        "quality.setup.candidates": cfg.simulator.num_candidates,
+        "quality.setup.group_size": cfg.exploration.group_size,
+        "quality.setup.rounds": cfg.grpo.rounds,
+        "quality.setup.data_passes": cfg.grpo.data_passes,
+        "quality.setup.ab_requests": cfg.eval.ab_requests,
+        "quality.setup.bootstrap": cfg.eval.bootstrap,
+        "quality.setup.probe_requests": len(start.probe.batch),
+        "quality.setup.fraction": FRACTION,
+        "quality.setup.torch_threads": torch.get_num_threads(),
+        "quality.probe.north_star_uniform": ns_uniform,
+        "quality.probe.north_star_sp": ns_sp,
+        "quality.probe.north_star_grade_final": ns_final,
+        "quality.probe.target_north_star": ns_uniform + FRACTION * (ns_final - ns_uniform),
+        "quality.probe.target_north_star_over_sp": ns_sp + FRACTION * (ns_final - ns_sp),
+    }
+    rows = _arm_rows(evaluation.online)
+    headroom = evaluation.headroom or {}
+    for group, label, arm in _arm_groups():
+        prefix = f"quality.{group}.{label}"
+        res.update(_ab_keys(prefix, rows[arm]))
+        res[f"{prefix}.headroom_captured"] = headroom.get(arm, float("nan"))
+        if arm in trained:
+            res.update(_budget_keys(prefix, trained[arm], start, ns_final))
+    for arm, a in trained.items():
+        res[f"quality.time_to_95pct_s.{arm}"] = time_to_fraction(a.curve, ns_uniform, ns_final)
+        res[f"quality.time_to_95pct_over_sp_s.{arm}"] = time_to_fraction(a.curve, ns_sp, ns_final)
+        res[f"quality.curves.{arm}"] = [[t, ns] for t, ns in a.curve]
+    return res
+
+
+def _budget_keys(prefix: str, a: TrainedArm, start: SharedStart, ns_final: float) -> dict[str, Any]:
+    """A trained arm's budget used and its time to 95% (over uniform and over SP)."""
+    return {
+        f"{prefix}.train_s": a.train_s,
+        f"{prefix}.wall_s": a.wall_s,
+        f"{prefix}.requests": a.requests,
+        f"{prefix}.reward_evals": a.reward_evals,
+        f"{prefix}.time_to_95pct_s": time_to_fraction(a.curve, start.ns_uniform, ns_final),
+        f"{prefix}.time_to_95pct_over_sp_s": time_to_fraction(a.curve, start.ns_sp, ns_final),
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -405,53 +458,76 @@ def _seconds(x: float | None) -> str:
     return "never" if x is None else f"{x:,.1f}"
 
 
+QUALITY_COLUMNS = (
+    "arm",
+    "budget",
+    "requests (reward evals)",
+    "north-star/request",
+    "lift vs best static [95% CI]",
+    *(m.upper() for m in TABLE_METRICS),
+    "train seconds",
+    "time to 95% (over uniform / over SP)",
+)
+QUALITY_ALIGN = "llrrl" + "r" * len(TABLE_METRICS) + "rr"
+# (results group, arm key, row label, budget) of the table's rows, in order
+TABLE_ROWS = (
+    *[("baseline", a, a, "—") for a in BASELINES],
+    ("equal_budget", GRADE, GRADE, "reference"),
+    *[
+        ("equal_budget", n, n, "equal samples")
+        for n in ("GRADE-gaussian", "GRADE-no-prior", "GRADE-no-format")
+    ],
+    ("equal_budget", PPO, f"{PPO} (equal samples)", "equal samples"),
+    ("equal_time", PPO, f"{PPO} (equal time)", "equal time"),
+)
+
+
 def quality_markdown(results: dict[str, Any]) -> str:
     """The quality table from :func:`bench_quality`'s flat results (rows whose keys exist)."""
-    head = (
-        "| arm | budget | requests (reward evals) | north-star/request "
-        "| lift vs best static [95% CI] | CTR | CVR | OPM | GPM | train seconds "
-        "| time to 95% (over uniform / over SP) |"
-    )
-    lines = [head, "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
-    rows = [("baseline", a, a, "—") for a in BASELINES]
-    rows += [
-        ("equal_budget", GRADE, GRADE, "reference"),
-        *[
-            ("equal_budget", n, n, "equal samples")
-            for n in ("GRADE-gaussian", "GRADE-no-prior", "GRADE-no-format")
-        ],
-        ("equal_budget", PPO, f"{PPO} (equal samples)", "equal samples"),
-        ("equal_time", PPO, f"{PPO} (equal time)", "equal time"),
-    ]
-    for group, key, label, budget in rows:
+    table = md_table(QUALITY_COLUMNS, QUALITY_ALIGN, quality_rows(results))
+    notes = quality_notes(results)
+    return "\n".join([table] + ([""] + notes if notes else []))
+
+
+def quality_rows(results: dict[str, Any]) -> list[list[str]]:
+    """The table's cells, one row per arm in :data:`TABLE_ROWS` that has results."""
+    rows = []
+    for group, key, label, budget in TABLE_ROWS:
         p = f"quality.{group}.{key}"
-        if f"{p}.north_star" not in results:
-            continue
-        g = lambda m, p=p: results[f"{p}.{m}"]  # noqa: E731
-        if key == "best_static":
-            lift = "control"
-            cells = ["—"] * len(TABLE_METRICS)
-        else:
-            lo, hi = g("north_star_lift_pct_ci_low"), g("north_star_lift_pct_ci_high")
-            lift = f"{_pct(g('north_star_lift_pct'))}{_sig(lo, hi)} [{_pct(lo)}, {_pct(hi)}]"
-            cells = [
-                _pct(g(f"{m}_lift_pct"))
-                + _sig(g(f"{m}_lift_pct_ci_low"), g(f"{m}_lift_pct_ci_high"))
-                for m in TABLE_METRICS
-            ]
-        if f"{p}.requests" in results:
-            req = f"{results[f'{p}.requests']:,} ({results[f'{p}.reward_evals']:,})"
-            train = _seconds(results[f"{p}.train_s"])
-            t95 = _seconds(results[f"{p}.time_to_95pct_s"])
-            if f"{p}.time_to_95pct_over_sp_s" in results:
-                t95 += " / " + _seconds(results[f"{p}.time_to_95pct_over_sp_s"])
-        else:
-            req = train = t95 = "—"
-        lines.append(
-            f"| {label} | {budget} | {req} | {g('north_star'):.4f} | {lift} | "
-            + " | ".join(cells)
-            + f" | {train} | {t95} |"
-        )
+        if f"{p}.north_star" in results:
+            ns = f"{results[f'{p}.north_star']:.4f}"
+            lifts = ["control"] + ["—"] * len(TABLE_METRICS)
+            if key != "best_static":
+                lifts = _lift_cells(results, p)
+            req, train, t95 = _budget_cells(results, p)
+            rows.append([label, budget, req, ns, *lifts, train, t95])
+    return rows
+
+
+def _lift_cells(results: dict[str, Any], p: str) -> list[str]:
+    """North-star lift with its CI, then each table metric's lift (* = CI excludes 0)."""
+
+    def lift(m: str) -> str:
+        lo, hi = results[f"{p}.{m}_lift_pct_ci_low"], results[f"{p}.{m}_lift_pct_ci_high"]
+        return _pct(results[f"{p}.{m}_lift_pct"]) + _sig(lo, hi)
+
+    lo, hi = results[f"{p}.north_star_lift_pct_ci_low"], results[f"{p}.north_star_lift_pct_ci_high"]
+    return [f"{lift('north_star')} [{_pct(lo)}, {_pct(hi)}]"] + [lift(m) for m in TABLE_METRICS]
+
+
+def _budget_cells(results: dict[str, Any], p: str) -> tuple[str, str, str]:
+    """Requests (reward evals), train seconds, time to 95%: "—" for untrained arms."""
+    if f"{p}.requests" not in results:
+        return "—", "—", "—"
+    req = f"{results[f'{p}.requests']:,} ({results[f'{p}.reward_evals']:,})"
+    t95 = _seconds(results[f"{p}.time_to_95pct_s"])
+    if f"{p}.time_to_95pct_over_sp_s" in results:
+        t95 += " / " + _seconds(results[f"{p}.time_to_95pct_over_sp_s"])
+    return req, _seconds(results[f"{p}.train_s"]), t95
+
+
+def quality_notes(results: dict[str, Any]) -> list[str]:
+    """The paragraphs under the table: how time to 95% and the lifts were measured."""
     notes = []
     if "quality.probe.north_star_uniform" in results:
         notes.append(
@@ -470,4 +546,4 @@ def quality_markdown(results: dict[str, Any]) -> str:
             f"fresh requests (expected outcomes), control best_static, 95% paired bootstrap CI "
             f"({results['quality.setup.bootstrap']} resamples); * = CI excludes 0."
         )
-    return "\n".join(lines + ([""] + notes if notes else []))
+    return notes

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from grade_ray.config import Config, load_config
+from grade_ray.jobs.bench.table import md_table
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,7 @@ def bench_rollout(cfg: Config, train_path: str, repeats: int) -> dict[str, float
     actors. ``rollout.requests_per_s_per_worker_parquet`` is one actor decoding the
     Parquet shards itself (``data.cache=false``), measured after.
     """
-    import ray
-
-    from grade_ray.data.plan import DataPlan, lanes
+    from grade_ray.data.plan import DataPlan
     from grade_ray.jobs.train import decode_cache_dir
     from grade_ray.learner.loop import new_policy, rollout_spec
     from grade_ray.rollout.actor import RayRollout
@@ -80,53 +79,15 @@ def bench_rollout(cfg: Config, train_path: str, repeats: int) -> dict[str, float
     spec = rollout_spec(cfg, meta)
     state = {k: v.clone() for k, v in policy.state_dict().items()}
     out: dict[str, float] = {"plan.build_requests_per_s": plan.num_requests / plan_s}
+    one, two = _schedule(tasks, 1, out), _schedule(tasks, 2, out)
 
-    def schedule(n: int) -> list:
-        # as in training: actor j runs lane j (a contiguous run of the round's tasks), so
-        # each shard is read by one actor; task i of a submit goes to actor i mod n
-        dealt = lanes(tasks, n)
-        steps = min(len(lane) for lane in dealt)
-        out[f"rollout.files_per_actor_{n}_workers"] = max(
-            len({t.file for t in lane[:steps]}) for lane in dealt
-        )
-        return [lane[s] for s in range(steps) for lane in dealt]
-
-    one, two = schedule(1), schedule(2)
     # One pool of 2 actors measures both: 1 worker = all tasks to actor 0 (actor 1 idle),
     # 2 workers = each its lane; the two alternate, so load on the shared machine hits both.
     pool = RayRollout(cfg.replace(**{"rollout.num_workers": 2}), meta, spec, cache=plan.cache)
     pool.set_weights(state, 0)
-
-    def run1() -> None:
-        ray.get(pool.actors[0].run.remote(one, pool._weights, 0, 10.0, list(range(len(one)))))
-
-    def run2() -> None:
-        pool.collect(pool.submit(two, 10.0, 0, list(range(len(two)))))
-
-    pool.collect(pool.submit(two[:2], 10.0, 0, [0, 1]))  # warm-up (imports, first reads)
-    times: dict[int, list[float]] = {1: [], 2: []}
-    for _ in range(repeats):
-        for n, fn in ((1, run1), (2, run2)):
-            t0 = time.perf_counter()
-            fn()
-            times[n].append(time.perf_counter() - t0)
-    rate1 = sum(len(t) for t in one) / statistics.median(times[1])
-    rate2 = sum(len(t) for t in two) / statistics.median(times[2])
-
-    def sync() -> None:
-        pool.set_weights(state, pool._version + 1)
-        ray.get(pool.actors[0].run.remote([], pool._weights, pool._version, 10.0, []))
-
-    out["sync.actor_roundtrip_ms"] = 1000 * _median_time(
-        lambda: ray.get(pool.actors[0].info.remote()), 5
-    )
-    out["sync.weights_ms"] = 1000 * _median_time(sync, 9)
-    # what the actors really read (a cache they cannot see, e.g. on other nodes, is skipped)
-    reads = [i["file_reads"] for i in pool.infos()]
-    cached_reads = sum(r["cache"] for r in reads)
-    out["rollout.decoded_cache"] = cached_reads / max(
-        cached_reads + sum(r["parquet"] for r in reads), 1
-    )
+    rate1, rate2 = _pool_rates(pool, one, two, repeats)
+    out.update(_sync_times(pool, state))
+    out["rollout.decoded_cache"] = _cached_share(pool)
     pool.close()
 
     # the same single worker decoding Parquet itself (data.cache=false)
@@ -144,6 +105,65 @@ def bench_rollout(cfg: Config, train_path: str, repeats: int) -> dict[str, float
     out["rollout.scaling_2_workers"] = rate2 / rate1
     out["rollout.requests_per_s_per_worker_parquet"] = rate_parquet
     return out
+
+
+def _schedule(tasks: list, n: int, out: dict[str, float]) -> list:
+    """The order one step submits ``tasks`` to ``n`` actors, as in training: actor j runs
+    lane j (a contiguous run of the round's tasks), so each shard is read by one actor;
+    task i of a submit goes to actor i mod n. Records the files each actor reads."""
+    from grade_ray.data.plan import lanes
+
+    dealt = lanes(tasks, n)
+    steps = min(len(lane) for lane in dealt)
+    out[f"rollout.files_per_actor_{n}_workers"] = max(
+        len({t.file for t in lane[:steps]}) for lane in dealt
+    )
+    return [lane[s] for s in range(steps) for lane in dealt]
+
+
+def _pool_rates(pool, one: list, two: list, repeats: int) -> tuple[float, float]:
+    """Requests/s of 1 worker (every task to actor 0) and of 2 workers, alternating."""
+    import ray
+
+    def run1() -> None:
+        ray.get(pool.actors[0].run.remote(one, pool._weights, 0, 10.0, list(range(len(one)))))
+
+    def run2() -> None:
+        pool.collect(pool.submit(two, 10.0, 0, list(range(len(two)))))
+
+    pool.collect(pool.submit(two[:2], 10.0, 0, [0, 1]))  # warm-up (imports, first reads)
+    times: dict[int, list[float]] = {1: [], 2: []}
+    for _ in range(repeats):
+        for n, fn in ((1, run1), (2, run2)):
+            t0 = time.perf_counter()
+            fn()
+            times[n].append(time.perf_counter() - t0)
+    rate1 = sum(len(t) for t in one) / statistics.median(times[1])
+    rate2 = sum(len(t) for t in two) / statistics.median(times[2])
+    return rate1, rate2
+
+
+def _sync_times(pool, state: dict) -> dict[str, float]:
+    """An actor round trip, and a weight broadcast that actor 0 has picked up (ms)."""
+    import ray
+
+    def sync() -> None:
+        pool.set_weights(state, pool._version + 1)
+        ray.get(pool.actors[0].run.remote([], pool._weights, pool._version, 10.0, []))
+
+    return {
+        "sync.actor_roundtrip_ms": 1000
+        * _median_time(lambda: ray.get(pool.actors[0].info.remote()), 5),
+        "sync.weights_ms": 1000 * _median_time(sync, 9),
+    }
+
+
+def _cached_share(pool) -> float:
+    """Share of the actors' file reads served by the decoded cache (a cache they cannot
+    see, e.g. on other nodes, is skipped)."""
+    reads = [i["file_reads"] for i in pool.infos()]
+    cached_reads = sum(r["cache"] for r in reads)
+    return cached_reads / max(cached_reads + sum(r["parquet"] for r in reads), 1)
 
 
 def bench_kernel(cfg: Config, train_path: str, repeats: int) -> dict[str, float]:
@@ -307,7 +327,7 @@ def _throughput(quick: bool, address: str | None) -> dict[str, Any]:
         results.update(bench_serving(cfg, train_path, root))
         init_ray(address, num_cpus=None if address else 2)
         results.update(bench_rollout(cfg, train_path, repeats))
-        from grade_ray.baselines.rllib_ppo import bench_rllib_ppo
+        from grade_ray.baselines.rllib_ppo.training import bench_rllib_ppo
 
         results.update(
             bench_rllib_ppo(
@@ -360,29 +380,34 @@ def scaling_projection(
     return out
 
 
+PROJECTION_COLUMNS = (
+    "rollout workers",
+    "rollout pool alone",
+    "on-policy training",
+    "pipelined (staleness 1)",
+)
+
+
 def projection_markdown(results: dict[str, Any]) -> str:
     """The projection as a table (rows: N workers)."""
     ns = sorted({int(k.rsplit(".", 1)[1]) for k in results if k.startswith("projection.")})
     if not ns:
         return ""
-    lines = [
-        "| rollout workers | rollout pool alone | on-policy training | pipelined (staleness 1) |",
-        "|---:|---:|---:|---:|",
-    ]
-    for n in ns:
-        cells = [results[f"projection.{m}.{n}"] for m in ("rollout_only", "on_policy", "pipelined")]
-        lines.append(f"| {n} | " + " | ".join(f"{c:,.0f}" for c in cells) + " |")
-    return "\n".join(lines)
+    kinds = ("rollout_only", "on_policy", "pipelined")
+    rows = [[str(n), *(f"{results[f'projection.{m}.{n}']:,.0f}" for m in kinds)] for n in ns]
+    return md_table(PROJECTION_COLUMNS, "rrrr", rows)
 
 
 def markdown_table(results: dict[str, Any]) -> str:
     """Throughput/memory figures as a metric | value table, then the quality table if run."""
-    lines = ["| metric | value |", "|---|---:|"]
-    for k, v in results.items():
-        if k.startswith(("quality.", "projection.")) or isinstance(v, bool):
-            continue
-        if isinstance(v, (int, float)):
-            lines.append(f"| `{k}` | {v:,.3f} |" if isinstance(v, float) else f"| `{k}` | {v} |")
+    rows = [
+        [f"`{k}`", f"{v:,.3f}" if isinstance(v, float) else f"{v}"]
+        for k, v in results.items()
+        if not k.startswith(("quality.", "projection."))
+        and not isinstance(v, bool)
+        and isinstance(v, (int, float))
+    ]
+    lines = [md_table(("metric", "value"), "lr", rows)]
     if any(k.startswith("projection.") for k in results):
         lines += ["", "Projected requests/s for N workers:", "", projection_markdown(results)]
     if any(k.startswith("quality.") for k in results):
