@@ -265,6 +265,13 @@ class PretrainConfig:
     """Requests per gradient step."""
     temperature: float = 1.0
     """Scale of fused scores inside LambdaLoss."""
+    logit_bound: float = 0.0
+    """Largest spread of the policy's logits (max - min over tasks) Stage 1 may reach before a
+    quadratic penalty (0 = off): keeps the softmax out of saturation at one task, where Stage
+    2 has no gradient (8 allows weight ratios up to e^8 ~ 3000)."""
+
+    def __post_init__(self) -> None:
+        _check(self.logit_bound >= 0, "pretrain.logit_bound must be >= 0 (0 = off)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,9 @@ POLARIZED_MAX_W = 0.9
 POLARIZED_WARN_FRAC = 0.5
 SPREAD_WARN = 0.01
 SPIKE_FACTOR = 5.0
+STALLED_GRAD_NORM = 1e-7
+"""A round whose mean GRPO gradient norm is below this did not move the policy."""
+FULLY_POLARIZED_FRAC = 0.99
 HACK_WINDOW = 3
 """Reward hacking is judged over this many latest rounds ..."""
 HACK_MIN_REL = 0.005
@@ -59,7 +62,22 @@ def failure_warnings(history: list[dict[str, float]], business_key: str | None =
         return []
     cur = history[-1]
     warns = []
-    if cur.get(keys.POLICY_POLARIZED, 0.0) > POLARIZED_WARN_FRAC:
+    grad = cur.get(keys.LEARNER_GRAD_NORM)
+    if grad is not None and grad < STALLED_GRAD_NORM:
+        warns.append(
+            f"Stage 2 cannot move: the GRPO gradient norm is {grad:.2g} (weight entropy "
+            f"{cur.get(keys.POLICY_ENTROPY, float('nan')):.3f}, "
+            f"{cur.get(keys.POLICY_POLARIZED, float('nan')):.0%} of requests polarized): the "
+            "policy's softmax is saturated, usually by Stage 1; retrain Stage 1 with "
+            "pretrain.logit_bound > 0 (e.g. 8) or a lower pretrain.lr / fewer pretrain.epochs"
+        )
+    elif cur.get(keys.POLICY_POLARIZED, 0.0) >= FULLY_POLARIZED_FRAC:
+        warns.append(
+            f"the policy is fully polarized ({cur[keys.POLICY_POLARIZED]:.0%} of requests put > "
+            f"{POLARIZED_MAX_W} on one task): exploration around it finds little; check "
+            "pretrain.logit_bound, raise reward.l3 / the format rules or grpo.beta"
+        )
+    elif cur.get(keys.POLICY_POLARIZED, 0.0) > POLARIZED_WARN_FRAC:
         warns.append(
             f"weight polarization: {cur[keys.POLICY_POLARIZED]:.0%} of requests put > "
             f"{POLARIZED_MAX_W} on one task (raise reward.l3 / the format rules or grpo.beta)"

@@ -161,7 +161,11 @@ def pretrain(
     learner = SupervisedLearner(
         policy,
         SupervisedSettings(
-            cfg.pretrain.lr, cfg.pretrain.temperature, cfg.policy.fusion, cfg.policy.fusion_eps
+            cfg.pretrain.lr,
+            cfg.pretrain.temperature,
+            cfg.policy.fusion,
+            cfg.policy.fusion_eps,
+            cfg.pretrain.logit_bound,
         ),
         spec,
     )
@@ -178,11 +182,12 @@ def pretrain(
             steps += 1
         last = {k: v / max(steps, 1) for k, v in sums.items()}
         log.info(
-            "pretrain epoch %d/%d: loss %.4f ndcg %.4f (%.1fs)",
+            "pretrain epoch %d/%d: loss %.4f ndcg %.4f weight entropy %.3f (%.1fs)",
             epoch + 1,
             cfg.pretrain.epochs,
             last.get(keys.PRETRAIN_LOSS, float("nan")),
             last.get(keys.PRETRAIN_NDCG, float("nan")),
+            last.get(keys.PRETRAIN_ENTROPY, float("nan")),
             time.perf_counter() - t0,
         )
         if logger:

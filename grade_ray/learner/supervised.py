@@ -28,6 +28,27 @@ class SupervisedSettings:
     temperature: float
     fusion: str
     fusion_eps: float
+    logit_bound: float = 0.0
+    """Largest logit spread max_k z - min_k z before a penalty (0 = off)."""
+
+
+def weight_entropy(pi: torch.Tensor) -> torch.Tensor:
+    """pi: (B, K) on the simplex -> (B,) entropy -sum_k pi_k log pi_k (0 log 0 = 0)."""
+    return -(pi * torch.log(pi.clamp_min(1e-30))).sum(-1)
+
+
+def logit_spread_hinge(logits: torch.Tensor, bound: float) -> torch.Tensor:
+    """Mean over requests of max(0, spread - bound)^2 with spread = max_k z - min_k z.
+
+    logits: (B, K). Zero while every request's weights stay within a ratio e^bound of each
+    other; past it the penalty's gradient grows with the excess, so (unlike an entropy
+    penalty, whose gradient vanishes with the softmax's) it holds Stage 1 out of the
+    saturated softmax where Stage 2's GRPO update has no gradient. ``bound`` <= 0: off.
+    """
+    if bound <= 0:
+        return logits.new_zeros(())
+    spread = logits.max(-1).values - logits.min(-1).values
+    return torch.relu(spread - bound).pow(2).mean()
 
 
 def standardize(fused: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -65,7 +86,8 @@ class SupervisedLearner:
         mask = as_tensor(batch.mask)
         gains = self.reward.post_gain(as_tensor(batch.labels), as_tensor(batch.position))
         self.model.train()
-        pi = torch.softmax(self.model(as_tensor(batch.context)), dim=-1)
+        logits = self.model(as_tensor(batch.context))
+        pi = torch.softmax(logits, dim=-1)
         fused = fuse(s.fusion, scores, pi, s.fusion_eps)
         loss = lambda_loss(
             standardize(fused, mask) * self.log_scale.exp(),
@@ -73,7 +95,7 @@ class SupervisedLearner:
             mask,
             k=self.reward.k,
             temperature=s.temperature,
-        )
+        ) + logit_spread_hinge(logits, s.logit_bound)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"LambdaLoss is {loss.item()}; check the logged scores")
         self.optimizer.zero_grad(set_to_none=True)
@@ -85,4 +107,5 @@ class SupervisedLearner:
             keys.PRETRAIN_LOSS: float(loss.detach()),
             keys.PRETRAIN_NDCG: float(ndcg),
             "pretrain/score_scale": float(self.log_scale.detach().exp()),
+            keys.PRETRAIN_ENTROPY: float(weight_entropy(pi.detach()).mean()),
         }
