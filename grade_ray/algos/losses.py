@@ -101,7 +101,8 @@ def lambda_loss(
       w_ij = (g_i - g_j) / IDCG * |D_i - D_j|   (the NDCG@k change from swapping i and j)
       L_b  = sum_{i, j real, g_i > g_j} w_ij * log2(1 + exp(-(s_i - s_j) / temperature))
     Returns the scalar mean of L_b over requests with a positive gain (0, still differentiable,
-    if there are none). Padded candidates and ties contribute no NaN.
+    if there are none). Padded candidates and ties contribute no NaN. Pairs with both items
+    ranked beyond k weigh 0, so only (B, k, N) pairs are formed, not (B, N, N).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -115,15 +116,21 @@ def lambda_loss(
         has_pos = ideal > 0
         table = rank_discounts(n, fused.dtype, fused.device)
         table[kk:] = 0.0
-        disc = table[rank_positions(fused.detach(), m)]  # (B, N)
+        rank = rank_positions(fused.detach(), m)  # (B, N)
+        disc = table[rank]
         g_norm = g / ideal.clamp_min(eps).unsqueeze(-1)
-        pair = (g.unsqueeze(-1) > g.unsqueeze(-2)) & m.unsqueeze(-1) & m.unsqueeze(-2)
-        weight = (g_norm.unsqueeze(-1) - g_norm.unsqueeze(-2)) * (
-            disc.unsqueeze(-1) - disc.unsqueeze(-2)
-        ).abs()
-        weight = torch.where(pair, weight, zero)  # (B, N, N)
+        # Only pairs with at least one item in the top kk carry weight (|D_i - D_j| = 0 when
+        # both rank beyond kk): pair each top item t with every item j, once per pair.
+        top = rank.argsort(-1)[..., :kk]  # (B, kk): the items at ranks 0..kk-1
+        g_top, d_top = g_norm.gather(-1, top), disc.gather(-1, top)
+        dg = g_top.unsqueeze(-1) - g_norm.unsqueeze(-2)  # (B, kk, N)
+        counted_once = rank.unsqueeze(-2) > torch.arange(kk, device=rank.device).unsqueeze(-1)
+        valid = m.gather(-1, top).unsqueeze(-1) & m.unsqueeze(-2) & counted_once & (dg != 0)
+        weight = dg.abs() * (d_top.unsqueeze(-1) - disc.unsqueeze(-2)).abs()
+        weight = torch.where(valid, weight, zero)
+        sign = torch.sign(dg)  # +1: the top item has the higher gain
     s = fused.masked_fill(~m, 0.0)
-    diff = (s.unsqueeze(-1) - s.unsqueeze(-2)) / temperature
+    diff = sign * (s.gather(-1, top).unsqueeze(-1) - s.unsqueeze(-2)) / temperature
     per_request = (weight * F.softplus(-diff)).sum((-1, -2)) / math.log(2.0)
     n_pos = has_pos.sum()
     return (per_request * has_pos).sum() / n_pos.clamp_min(1)
