@@ -81,6 +81,8 @@ def corrupt(column: str, row: int, fn):
 
 BAD = {
     "nan score": ("scores", lambda v: [[float("nan"), *v[0][1:]], *v[1:]], "NaN or inf"),
+    "nan label": ("labels", lambda v: [[v[0][0], float("nan")], *v[1:]], "NaN or inf in labels"),
+    "inf label": ("labels", lambda v: [*v[:-1], [float("inf"), 0.0]], "NaN or inf in labels"),
     "prob > 1": ("scores", lambda v: [[1.5, *v[0][1:]], *v[1:]], "outside \\[0, 1\\]"),
     "negative value": ("scores", lambda v: [[v[0][0], v[0][1], -1.0], *v[1:]], "negative"),
     "wrong task count": ("scores", lambda v: [v[0][:2], *v[1:]], "needs 3 scores"),
