@@ -143,7 +143,10 @@ def test_actors_run_ahead_within_max_staleness(ray_session, smoke_cfg, smoke_dat
     from grade_ray.learner.loop import GRPOTrainer, new_policy, rollout_spec
     from grade_ray.rollout.actor import RayRollout
 
-    cfg = smoke_cfg.replace(**{"rollout.max_staleness": 1, "rollout.batch_size": 125})
+    # 4 lanes per step on 2 actors: each actor runs two tasks per call
+    cfg = smoke_cfg.replace(
+        **{"rollout.max_staleness": 1, "rollout.batch_size": 125, "rollout.num_workers": 4}
+    )
     plan = DataPlan.build(smoke_data[0], rounds=2, batch_size=125)
     policy = new_policy(cfg, plan.meta, smoke_data[0])
     learner = GRPOLearner(policy, GRPOSettings.from_config(cfg), seed=cfg.seed)
@@ -156,7 +159,9 @@ def test_actors_run_ahead_within_max_staleness(ray_session, smoke_cfg, smoke_dat
         return update(batch)
 
     learner.update = recording_update
-    backend = RayRollout(cfg, plan.meta, rollout_spec(cfg, plan.meta))
+    backend = RayRollout(
+        cfg, plan.meta, rollout_spec(cfg, plan.meta), num_workers=2, lanes_per_actor=2
+    )
     trainer = GRPOTrainer(cfg, plan, learner, backend, None, "unused")
     trainer.end_round = lambda r, m: trainer.history.append(m)  # no checkpoints
     try:
