@@ -200,8 +200,9 @@ def test_evaluate_scores_the_runs_policy(local_run, smoke_data, evaluated):
 
 
 def test_best_static_weights_beat_every_grid_point(local_run, smoke_data):
+    import itertools
+
     from grade_ray.data.schema import read_sessions
-    from grade_ray.data.simulator import simplex_grid
     from grade_ray.jobs.evaluate import ranking_reward, search_best_static
     from grade_ray.spec import RewardSpec
 
@@ -209,7 +210,14 @@ def test_best_static_weights_beat_every_grid_point(local_run, smoke_data):
     best = search_best_static(cfg, smoke_data[0])
     batch, meta, _ = read_sessions(smoke_data[0], max_rows=cfg.eval.search_requests)
     spec = RewardSpec.from_config(cfg.reward, meta)
-    grid = simplex_grid(meta.num_tasks, cfg.eval.static_grid_step)
+    m = round(1 / cfg.eval.static_grid_step)  # every point with coordinates in steps of 1/m
+    grid = (
+        np.array(
+            [c for c in itertools.product(range(m + 1), repeat=meta.num_tasks) if sum(c) == m],
+            np.float32,
+        )
+        / m
+    )
     mean = ranking_reward(batch, grid, spec, cfg.policy.fusion, cfg.policy.fusion_eps).mean(0)
     got = ranking_reward(
         batch, best[None].astype(np.float32), spec, cfg.policy.fusion, cfg.policy.fusion_eps
