@@ -575,8 +575,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(copy, ignore_errors=True)
 
-    w_name = max(len(m.name) for m, _, _ in rows)
-    w_file = max(len(m.file) for m, _, _ in rows) + len("grade_ray/")
+    w_name = max([len("mutation")] + [len(m.name) for m, _, _ in rows])
+    w_file = max([len("file")] + [len(m.file) + len("grade_ray/") for m, _, _ in rows])
     print()
     print(f"| {'mutation':{w_name}} | {'file':{w_file}} | result | s | tests |")
     print(f"|{'-' * (w_name + 2)}|{'-' * (w_file + 2)}|---|---:|---|")
