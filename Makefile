@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?= $(if $(wildcard /opt/wheels/torch-$(TORCH_VERSION)+cpu*),,https://download.pytorch.org/whl/cpu)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all lint format bench clean
+.PHONY: install demo test test-all lint format bench mutants clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,10 @@ format: install
 
 bench: install
 	$(PY) -m grade_ray bench --out runs/bench/bench.json
+
+# Plant known bugs one at a time in a temporary copy and check the tests catch each (~10 min).
+mutants: install
+	$(PY) scripts/mutants.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -64,6 +64,16 @@ def test_composite_reward_gate_by_hand():
     assert got[0].tolist() == pytest.approx([0.55, 0.35])
 
 
+def test_composite_reward_gate_is_inclusive_at_tau():
+    """The gate is base >= tau: a ranking exactly at the threshold earns the format term."""
+    post = torch.tensor([[0.25, 0.25, 0.5]], dtype=torch.float64)
+    prior = torch.tensor([[0.5, 0.25, 0.5]], dtype=torch.float64)
+    fmt = torch.tensor([[1.0, 1.0, 0.5]], dtype=torch.float64)
+    # base = 0.25 + 0.5 * prior = 0.5 (at tau), 0.375 (below), 0.75 (above); exact in binary
+    got = composite_reward(post, prior, fmt, l1=1.0, l2=0.5, l3=0.25, tau=0.5)
+    assert got[0].tolist() == [0.75, 0.375, 0.875]
+
+
 def test_group_rewards_by_hand():
     scores = torch.tensor([[[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]]])  # (1, 3, 2)
     weights = torch.tensor([[[0.9, 0.1], [0.1, 0.9]]])  # (1, 2, 2)

@@ -1,24 +1,71 @@
-"""The Ray path: actor pool, Ray Train learner, resume, fault tolerance, resource guard."""
+"""The Ray path: actor pool, Ray Train learner, resume, fault tolerance, DDP, resource guard.
+
+Two Ray runs with the same config are deterministic (Ray Train workers and rollout actors run
+torch on one thread; every rollout task has its own seed), so a restarted or resumed run
+must reproduce the uninterrupted run's per-round metrics and final weights exactly. The
+local path runs torch on this process's threads, so it matches the Ray path to ~1e-3.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
+from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
+import torch
 
 from grade_ray import keys
 from grade_ray.jobs.train_ray import run_train_ray
 from grade_ray.raysession import ResourceError, check_resources
-from grade_ray.runlog import read_metrics
+from grade_ray.runlog import load_checkpoint, read_metrics
 
 pytestmark = pytest.mark.ray
+
+VOLATILE = ("time", "step", keys.PERF_ROUND_S, keys.PERF_REQUESTS_PER_S)
 
 
 def stage2_rows(run_dir):
     return [r for r in read_metrics(run_dir) if r.get("stage") == 2]
+
+
+def stage2(run_dir) -> list[dict]:
+    """Stage-2 metric rows without wall-clock values."""
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in stage2_rows(run_dir)]
+
+
+def assert_same_policy(a_dir, b_dir) -> None:
+    a = load_checkpoint(Path(a_dir) / "policy.pt")["state_dict"]
+    b = load_checkpoint(Path(b_dir) / "policy.pt")["state_dict"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def ray_cfg(smoke_cfg, smoke_data):
+    return smoke_cfg.replace(**{"data.train_path": smoke_data[0], "data.eval_path": smoke_data[1]})
+
+
+@pytest.fixture(scope="module")
+def ray_run(ray_session, ray_cfg, tmp_path_factory):
+    """An uninterrupted Ray run of the smoke config (2 rounds, 2 rollout actors)."""
+    cfg = ray_cfg.replace(run_dir=str(tmp_path_factory.mktemp("ray") / "run"))
+    run_train_ray(cfg)
+    return cfg
+
+
+def skewed_state(policy, seed: int) -> dict:
+    """A non-uniform policy's weights (a fresh policy is uniform: stale weights look right)."""
+    p = copy.deepcopy(policy)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for t in p.tower[-1].parameters():
+            t.normal_(0, 1.0)
+    return p.state_dict()
 
 
 def test_resource_guard_names_the_setting(smoke_cfg):
@@ -29,83 +76,172 @@ def test_resource_guard_names_the_setting(smoke_cfg):
     check_resources(smoke_cfg, {"CPU": 2.0})
 
 
-def test_killed_actor_task_is_redone_exactly_once(ray_session, smoke_cfg, smoke_data):
-    from grade_ray.data.plan import DataPlan
+def test_killed_actor_task_is_redone_exactly_once_with_the_current_weights(
+    ray_session, smoke_cfg, smoke_data
+):
+    from grade_ray.data.plan import DataPlan, TaskReader
     from grade_ray.learner.loop import new_policy, rollout_spec
     from grade_ray.rollout.actor import RayRollout
+    from grade_ray.rollout.worker import RolloutWorker
 
     cfg = smoke_cfg.replace(**{"rollout.batch_size": 100})
     plan = DataPlan.build(smoke_data[0], rounds=1, batch_size=100)
     tasks = plan.rounds[0]
+    spec = rollout_spec(cfg, plan.meta)
     policy = new_policy(cfg, plan.meta, smoke_data[0])
-    pool = RayRollout(cfg, plan.meta, rollout_spec(cfg, plan.meta), num_workers=1)
+    v0, v1 = skewed_state(policy, 0), skewed_state(policy, 1)
+    local = RolloutWorker(copy.deepcopy(policy), spec)
+    reader = TaskReader(plan.meta)
+
+    def expected(state, version, task, seed):
+        local.set_weights(state, version)
+        local.reseed(seed)
+        return local.rollout(reader.load(task), 5.0)
+
+    pool = RayRollout(cfg, plan.meta, spec, num_workers=1)
     try:
-        pool.set_weights(policy.state_dict(), 0)
-        ref = pool.collect(pool.submit(tasks[:1], 5.0, 0, [1]))[0]
+        pool.set_weights(v0, 0)
+        first = pool.collect(pool.submit(tasks[:1], 5.0, 0, [1]))[0]
+        # a fresh actor samples with the weights it was sent, not its own initial ones
+        np.testing.assert_array_equal(
+            first[keys.WEIGHTS], expected(v0, 0, tasks[0], 1)[keys.WEIGHTS]
+        )
+        assert int(first[keys.POLICY_VERSION]) == 0
+        pool.set_weights(v1, 1)  # the learner stepped
         pid = pool.infos()[0]["pid"]
-        handle = pool.submit(tasks, 5.0, 0, list(range(1, len(tasks) + 1)))
+        seeds = list(range(1, len(tasks) + 1))
+        handle = pool.submit(tasks, 5.0, 1, seeds)
         os.kill(pid, signal.SIGKILL)
         out = pool.collect(handle)
         assert pool.infos()[0]["pid"] != pid  # a fresh process redid the work
         ids = np.concatenate([o[keys.REQUEST_ID] for o in out])
         want = np.concatenate(
             [
-                np.asarray(
-                    __import__("pyarrow.parquet")
-                    .parquet.read_table(t.file, columns=["request_id"])
-                    .column(0)
-                    .to_numpy()
-                )[t.rows]
+                np.asarray(pq.read_table(t.file, columns=["request_id"]).column(0).to_numpy())[
+                    t.rows
+                ]
                 for t in tasks
             ]
         )
-        assert len(ids) == len(np.unique(ids)) == len(want)
-        np.testing.assert_array_equal(np.sort(ids), np.sort(want))
-        # the restarted actor reloaded the weights: same seed, same samples
-        np.testing.assert_allclose(out[0][keys.WEIGHTS], ref[keys.WEIGHTS], rtol=1e-6)
+        np.testing.assert_array_equal(ids, want)  # every request once, in task order
+        # the restarted actor sampled with the current weights (version 1), not stale ones
+        for i in (0, len(tasks) - 1):
+            ref = expected(v1, 1, tasks[i], seeds[i])
+            assert int(out[i][keys.POLICY_VERSION]) == 1
+            np.testing.assert_allclose(out[i][keys.WEIGHTS], ref[keys.WEIGHTS], rtol=1e-6)
+            np.testing.assert_allclose(out[i][keys.REWARD], ref[keys.REWARD], rtol=1e-5)
     finally:
         pool.close()
 
 
-def test_two_actor_ray_run_matches_local(ray_session, smoke_cfg, smoke_data, tmp_path):
+def test_actors_run_ahead_within_max_staleness(ray_session, smoke_cfg, smoke_data):
+    """rollout.max_staleness=1 with real actors: the next step is sampled while the learner
+    updates, batches are at most one version old, each request is used once per pass, and
+    batches come back in task order."""
+    from grade_ray.data.plan import DataPlan
+    from grade_ray.learner.grpo import GRPOLearner, GRPOSettings
+    from grade_ray.learner.loop import GRPOTrainer, new_policy, rollout_spec
+    from grade_ray.rollout.actor import RayRollout
+
+    # 4 lanes per step on 2 actors: each actor runs two tasks per call
+    cfg = smoke_cfg.replace(
+        **{"rollout.max_staleness": 1, "rollout.batch_size": 125, "rollout.num_workers": 4}
+    )
+    plan = DataPlan.build(smoke_data[0], rounds=2, batch_size=125)
+    policy = new_policy(cfg, plan.meta, smoke_data[0])
+    learner = GRPOLearner(policy, GRPOSettings.from_config(cfg), seed=cfg.seed)
+    lags, ids = [], []
+    update = learner.update
+
+    def recording_update(batch):
+        lags.append(learner.version - int(batch[keys.POLICY_VERSION]))
+        ids.append(batch[keys.REQUEST_ID])
+        return update(batch)
+
+    learner.update = recording_update
+    backend = RayRollout(
+        cfg, plan.meta, rollout_spec(cfg, plan.meta), num_workers=2, lanes_per_actor=2
+    )
+    trainer = GRPOTrainer(cfg, plan, learner, backend, None, "unused")
+    trainer.end_round = lambda r, m: trainer.history.append(m)  # no checkpoints
+    try:
+        trainer.fit()
+    finally:
+        backend.close()
+    n_steps = sum(trainer._num_steps(r) for r in range(2))
+    assert len(lags) == n_steps and set(lags) == {0, 1}
+    assert lags.count(1) == n_steps - 2  # all but the first step of each round ran ahead
+    reader_ids = []
+    from grade_ray.data.plan import TaskReader
+
+    reader = TaskReader(plan.meta)
+    for r in range(2):
+        for step in trainer._step_tasks(r):
+            reader_ids.append(np.concatenate([reader.load(t).request_id for t in step]))
+    for got, want in zip(ids, reader_ids):
+        np.testing.assert_array_equal(got, want)
+    for h, r in zip(trainer.history, plan.rounds):
+        assert h[keys.ROLLOUT_REQUESTS] == h["rollout/unique_requests"] == sum(len(t) for t in r)
+
+
+def test_two_actor_ray_run_matches_local(ray_run, ray_cfg, tmp_path):
     from grade_ray.jobs.train import run_train_local
 
-    base = smoke_cfg.replace(**{"data.train_path": smoke_data[0], "data.eval_path": smoke_data[1]})
-    local = base.replace(run_dir=str(tmp_path / "local"))
-    remote = base.replace(run_dir=str(tmp_path / "ray"))
+    local = ray_cfg.replace(run_dir=str(tmp_path / "local"))
     run_train_local(local)
-    run_train_ray(remote)
-    a, b = stage2_rows(local.run_dir), stage2_rows(remote.run_dir)
-    assert len(a) == len(b) == base.grpo.rounds
+    a, b = stage2_rows(local.run_dir), stage2_rows(ray_run.run_dir)
+    assert len(a) == len(b) == ray_cfg.grpo.rounds
     for ra, rb in zip(a, b):
         assert ra[keys.ROLLOUT_REQUESTS] == rb[keys.ROLLOUT_REQUESTS]
         assert rb["rollout/unique_requests"] == rb[keys.ROLLOUT_REQUESTS]
-        for k in (keys.ROLLOUT_REWARD, keys.ROLLOUT_R_POST, keys.LEARNER_KL):
+        for k in (keys.ROLLOUT_REWARD, keys.ROLLOUT_R_POST, keys.LEARNER_KL, keys.EVAL_NDCG):
             assert rb[k] == pytest.approx(ra[k], rel=1e-3, abs=1e-5), k
-    actors = json.loads((tmp_path / "ray" / "rollout_actors.json").read_text())
+    actors = json.loads((Path(ray_run.run_dir) / "rollout_actors.json").read_text())
     assert len({a["pid"] for a in actors}) == 2
 
 
-def test_learner_failure_restarts_from_checkpoint_and_resume(
-    ray_session, smoke_cfg, smoke_data, tmp_path
-):
-    cfg = smoke_cfg.replace(
-        **{
-            "data.train_path": smoke_data[0],
-            "data.eval_path": smoke_data[1],
-            "run_dir": str(tmp_path / "ft"),
-            "grpo.rounds": 2,
-            "learner.max_failures": 1,
-        }
-    )
+def test_learner_failure_restart_reproduces_the_uninterrupted_run(ray_run, ray_cfg, tmp_path):
+    cfg = ray_cfg.replace(run_dir=str(tmp_path / "ft"), **{"learner.max_failures": 1})
     run_train_ray(cfg, fail_at_round=0)
-    rounds = [r[keys.ROUND] for r in stage2_rows(cfg.run_dir)]
-    assert rounds == [0, 1]  # round 0 not redone after the restart, round 1 done once
+    rows = stage2(cfg.run_dir)
+    assert [r[keys.ROUND] for r in rows] == [0, 1]  # round 0 not redone, round 1 done once
+    assert rows == stage2(ray_run.run_dir)
+    assert_same_policy(cfg.run_dir, ray_run.run_dir)
 
-    # A stopped run (no failures allowed) resumes at the round boundary with the rest.
-    stopped = cfg.replace(run_dir=str(tmp_path / "stop"), **{"learner.max_failures": 0})
+
+def test_stopped_ray_run_resumes_to_the_uninterrupted_run(ray_run, ray_cfg, tmp_path):
+    stopped = ray_cfg.replace(run_dir=str(tmp_path / "stop"), **{"learner.max_failures": 0})
     with pytest.raises(Exception, match="injected failure"):
         run_train_ray(stopped, fail_at_round=0)
     assert [r[keys.ROUND] for r in stage2_rows(stopped.run_dir)] == [0]
     run_train_ray(stopped, resume=True)
-    assert [r[keys.ROUND] for r in stage2_rows(stopped.run_dir)] == [0, 1]
+    rows = stage2(stopped.run_dir)
+    assert [r[keys.ROUND] for r in rows] == [0, 1]
+    assert rows == stage2(ray_run.run_dir)
+    assert_same_policy(stopped.run_dir, ray_run.run_dir)
+
+
+def test_two_learner_workers_share_each_round(ray_session, ray_cfg, tmp_path):
+    """learner.num_workers=2 (DDP on CPU): each rank drives its own rollout actor over half
+    of every step, both ranks report every round, and the run ends like a one-worker run in
+    shape (the DDP update itself is compared with one worker in tests/learner/test_ddp.py)."""
+    cfg = ray_cfg.replace(
+        run_dir=str(tmp_path / "ddp"),
+        **{
+            "learner.num_workers": 2,
+            "learner.num_cpus_per_worker": 0.25,
+            "rollout.num_cpus_per_worker": 0.25,
+        },
+    )
+    run_train_ray(cfg)
+    rows = stage2_rows(cfg.run_dir)
+    assert [r[keys.ROUND] for r in rows] == [0, 1]
+    per_round = cfg.simulator.num_requests // cfg.grpo.rounds
+    for r in rows:  # rank 0's share: half of every step, each request once
+        assert r[keys.ROLLOUT_REQUESTS] == r["rollout/unique_requests"] == per_round // 2
+        assert np.isfinite(r[keys.EVAL_NDCG])
+    actors = json.loads((Path(cfg.run_dir) / "rollout_actors.json").read_text())
+    assert len(actors) == 1  # rank 0's own actor (rollout.num_workers // world)
+    start = load_checkpoint(Path(cfg.run_dir) / "checkpoints" / "pretrain.pt")["state_dict"]
+    end = load_checkpoint(Path(cfg.run_dir) / "policy.pt")["state_dict"]
+    assert any(not torch.equal(start[k], end[k]) for k in end)

@@ -1,0 +1,104 @@
+"""Serving answers equal the trained policy's, recomputed here (the serving mutations in
+``scripts/mutants.py`` run this file; tests/serving/test_export.py covers the artifact)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from grade_ray.algos.fusion import fuse
+from grade_ray.data.schema import read_meta, read_sessions
+from grade_ray.learner.loop import load_policy, new_policy, save_policy
+from grade_ray.serving.export import export_policy
+from grade_ray.serving.service import (
+    OUT_RANKING,
+    OUT_REQUEST_ID,
+    OUT_WEIGHTS,
+    FusionService,
+    RequestError,
+    run_infer,
+)
+
+
+@pytest.fixture(scope="module")
+def exported(smoke_cfg, smoke_data, tmp_path_factory):
+    train_path, _ = smoke_data
+    meta = read_meta(train_path)
+    policy = new_policy(smoke_cfg, meta, train_path)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in policy.tower.parameters():
+            p.normal_(0, 0.5)
+    d = tmp_path_factory.mktemp("serve")
+    save_policy(d / "policy.pt", policy, smoke_cfg, meta, {"stage": 2})
+    export_policy(d, d / "export")
+    reference, _, _ = load_policy(d / "policy.pt")
+    return d / "export", reference
+
+
+def _fused(reference, service, context, scores):
+    with torch.no_grad():
+        w = reference.pi(torch.from_numpy(context))
+    return w, fuse(service.fusion, torch.from_numpy(scores), w, service.fusion_eps).numpy()
+
+
+@pytest.mark.parametrize("backend", ["torchscript", "eager"])
+def test_weights_are_the_trained_policys(exported, smoke_data, backend):
+    export_dir, reference = exported
+    service = FusionService.load(export_dir, backend)
+    batch, _, _ = read_sessions(smoke_data[1], max_rows=300)
+    got = service.weights(batch.context)
+    w, _ = _fused(reference, service, batch.context, batch.scores)
+    np.testing.assert_allclose(got, w.numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-5)
+    assert float(np.abs(got - 0.25).max()) > 0.05  # personalised, so the check has teeth
+
+
+def test_rank_is_best_first_and_masked_candidates_last(exported, smoke_data):
+    export_dir, reference = exported
+    service = FusionService.load(export_dir)
+    batch, _, _ = read_sessions(smoke_data[1], max_rows=200)
+    assert not batch.mask.all()  # variable-length lists: padding present
+    _, fused = _fused(reference, service, batch.context, batch.scores)
+    got_scores = service.fused_scores(batch.context, batch.scores, batch.mask)
+    assert np.isneginf(got_scores[~batch.mask]).all()
+    np.testing.assert_allclose(got_scores[batch.mask], fused[batch.mask], rtol=1e-6)
+    order = service.rank(batch.context, batch.scores, batch.mask)
+    for r in range(len(batch)):
+        n = int(batch.mask[r].sum())
+        np.testing.assert_array_equal(order[r, :n], np.argsort(-fused[r, :n], kind="stable"))
+        assert set(order[r, n:]) == set(range(n, batch.mask.shape[1]))
+
+
+def test_bad_requests_are_refused(exported):
+    export_dir, _ = exported
+    service = FusionService.load(export_dir)
+    x = np.zeros((3, service.context_dim), np.float32)
+    x[1, 0] = np.nan
+    with pytest.raises(RequestError, match=r"NaN or inf in context .* rows \[1\]"):
+        service.weights(x)
+    s = np.full((2, 4, service.num_tasks), 0.5, np.float32)
+    s[1, 2, 0] = -0.5
+    assert service.fusion == "log_product"
+    with pytest.raises(RequestError, match=r"negative scores in requests \[1\]"):
+        service.fused_scores(np.zeros((2, service.context_dim), np.float32), s)
+
+
+def test_infer_writes_every_request_with_its_ranking(exported, smoke_data, tmp_path):
+    export_dir, reference = exported
+    out = tmp_path / "scored.parquet"
+    res = run_infer(export_dir, smoke_data[1], out, batch_size=64)  # many batches
+    batch, _, report = read_sessions(smoke_data[1])
+    assert res["rows_read"] == res["rows_written"] == report.rows_read == len(batch)
+    table = pq.read_table(out)
+    np.testing.assert_array_equal(table.column(OUT_REQUEST_ID).to_numpy(), batch.request_id)
+    service = FusionService.load(export_dir)
+    w, fused = _fused(reference, service, batch.context, batch.scores)
+    got_w = np.array(table.column(OUT_WEIGHTS).to_pylist(), np.float32)
+    np.testing.assert_allclose(got_w, w.numpy(), rtol=0, atol=1e-5)
+    lengths = batch.mask.sum(1)
+    for r, ranking in enumerate(table.column(OUT_RANKING).to_pylist()):
+        n = int(lengths[r])
+        np.testing.assert_array_equal(ranking, np.argsort(-fused[r, :n], kind="stable"))
