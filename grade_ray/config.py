@@ -154,6 +154,14 @@ class RewardConfig:
         default_factory=lambda: {"ctr": 1.0, "ctr*cvr": 10.0}
     )
     """R_prior gain: products of predicted tasks ('ctr*cvr') -> coefficient."""
+    normalization: str = "request"
+    """How R_post and R_prior scale DCG@k: 'request' (NDCG: each request's own ideal DCG, the
+    paper) or 'dataset' (one constant, the mean ideal DCG over the training logs: requests
+    weigh by the value of their feedback, as in a summed business metric)."""
+    prior_calibration: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Recalibrate R_prior's probability predictions on the logged labels, per context: task ->
+    label it predicts, 'label|given' for a conditional rate (e.g. {ctr: click, cvr:
+    'order|click'}); empty = R_prior uses the raw predictions (see learner/reward_fit.py)."""
     format_rules: tuple[str, ...] = ("ctr>=gmv", "ctr>=profit")
     """Weight-hierarchy rules 'a>=b' over task names; R_format = share satisfied."""
     propensity: str = "inverse"
@@ -195,6 +203,17 @@ class RewardConfig:
             and 0 < self.propensity_min <= 1,
             "reward.propensity_scale must be > 0, propensity_power >= 0, propensity_min in (0, 1]",
         )
+        _check(
+            self.normalization in ("request", "dataset"),
+            f"reward.normalization={self.normalization!r}: use 'request' or 'dataset'",
+        )
+        for task, target in self.prior_calibration.items():
+            parts = target.split("|")
+            _check(
+                1 <= len(parts) <= 2 and all(s.strip() for s in parts),
+                f"reward.prior_calibration.{task}={target!r}: use a label name, or "
+                "'label|given' for a rate among candidates where 'given' fired",
+            )
         for rule in self.format_rules:
             _check(
                 len(rule.split(">=")) == 2 and all(rule.split(">=")),
@@ -499,7 +518,7 @@ def merge_dicts(base: dict, over: dict) -> dict:
 
 
 # dict-valued fields are replaced whole, not merged key by key
-_LEAF_DICTS = {"north_star", "post_gains", "prior_gains"}
+_LEAF_DICTS = {"north_star", "post_gains", "prior_gains", "prior_calibration"}
 
 
 def set_dotted(d: dict, key: str, value: Any) -> None:

@@ -12,10 +12,25 @@ import dataclasses
 import numpy as np
 import torch
 
+from grade_ray.algos.calibration import PriorCalibration, apply_calibration
 from grade_ray.algos.metrics import label_gains, product_gains
 from grade_ray.algos.rewards import group_rewards
 from grade_ray.config import ConfigError, RewardConfig
 from grade_ray.data.schema import SessionMeta
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardFit:
+    """What the reward learns from the training logs, once per run (``learner.reward_fit``).
+
+    calibration: R_prior's recalibration (``reward.prior_calibration``); post_scale,
+    prior_scale: mean IDCG@k of R_post / R_prior gains over training requests, the constant
+    that divides DCG@k with ``reward.normalization='dataset'``.
+    """
+
+    calibration: PriorCalibration | None = None
+    post_scale: float | None = None
+    prior_scale: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,9 +47,21 @@ class RewardSpec:
     tau: float
     propensity: tuple[str, float, float, float] = ("none", 1.0, 1.0, 1.0)
     """(kind, scale, power, min) of the logged-position examination model."""
+    calibrate: tuple[tuple[str, str], ...] = ()
+    """``reward.prior_calibration`` (task, target) pairs; R_prior needs ``calibration`` then."""
+    normalization: str = "request"
+    """``reward.normalization``: 'request' (NDCG) or 'dataset' (DCG / the fitted scales)."""
+    calibration: PriorCalibration | None = None
+    post_scale: float | None = None
+    prior_scale: float | None = None
 
     @classmethod
-    def from_config(cls, cfg: RewardConfig, meta: SessionMeta) -> RewardSpec:
+    def from_config(
+        cls, cfg: RewardConfig, meta: SessionMeta, fit: RewardFit | None = None
+    ) -> RewardSpec:
+        """Names resolved against ``meta``; ``fit`` carries what was learned from the logs
+        (needed when the config asks for a calibration or dataset normalization)."""
+        fit = fit or RewardFit()
         coef = [0.0] * meta.num_labels
         for name, g in cfg.post_gains.items():
             if name not in meta.label_names:
@@ -65,6 +92,7 @@ class RewardSpec:
                         f"data: {list(meta.task_names)}"
                     )
             rules.append((meta.task_names.index(a), meta.task_names.index(b)))
+        _check_calibration(cfg, meta)
         return cls(
             k=cfg.k,
             post_coef=tuple(coef),
@@ -80,7 +108,25 @@ class RewardSpec:
                 cfg.propensity_power,
                 cfg.propensity_min,
             ),
+            calibrate=tuple(cfg.prior_calibration.items()),
+            normalization=cfg.normalization,
+            calibration=fit.calibration if cfg.prior_calibration else None,
+            post_scale=fit.post_scale if cfg.normalization == "dataset" else None,
+            prior_scale=fit.prior_scale if cfg.normalization == "dataset" else None,
         )
+
+    @property
+    def needs_fit(self) -> bool:
+        """True when this reward depends on statistics fitted on the training logs."""
+        return bool(self.calibrate) or self.normalization == "dataset"
+
+    def examination(self, position: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
+        """Examination propensity (B, N) of each logged rank: (1 + r / scale) ** -power floored
+        at min with ``reward.propensity='inverse'``, else (or without positions) ones."""
+        kind, scale, power, floor = self.propensity
+        if kind != "inverse" or position is None:
+            return torch.ones(shape, dtype=torch.float64 if position is None else position.dtype)
+        return (1.0 + position / scale).pow(-power).clamp_min(floor)
 
     def post_gain(self, labels: torch.Tensor, position: torch.Tensor | None = None) -> torch.Tensor:
         """labels (B, N, L), logged rank position (B, N) -> R_post gains (B, N) >= 0.
@@ -91,14 +137,24 @@ class RewardSpec:
         """
         coef = torch.tensor(self.post_coef, dtype=labels.dtype)
         gain = label_gains(labels, coef).clamp_min(0)
-        kind, scale, power, floor = self.propensity
-        if kind == "inverse" and position is not None:
-            exam = (1.0 + position.to(gain.dtype) / scale).pow(-power).clamp_min(floor)
-            gain = gain / exam
+        if self.propensity[0] == "inverse" and position is not None:
+            gain = gain / self.examination(position.to(gain.dtype), gain.shape)
         return gain
 
-    def prior_gain(self, scores: torch.Tensor) -> torch.Tensor:
-        """scores (B, N, K) -> R_prior gains (B, N) >= 0."""
+    def prior_gain(self, scores: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """scores (B, N, K), context (B, D) -> R_prior gains (B, N) >= 0.
+
+        With ``reward.prior_calibration`` the probability predictions are recalibrated per
+        context first (the context is required then)."""
+        if self.calibrate:
+            if self.calibration is None:
+                raise ConfigError(
+                    "reward.prior_calibration is set but no calibration was fitted for this "
+                    "reward (training fits it into RUN_DIR/reward_fit.pt)"
+                )
+            if context is None:
+                raise ValueError("a calibrated R_prior needs the requests' context")
+            scores = apply_calibration(scores, context, self.calibration)
         return product_gains(scores, list(self.prior_terms)).clamp_min(0)
 
     def group_rewards(
@@ -114,7 +170,12 @@ class RewardSpec:
         l3: float | None = None,
     ) -> dict[str, torch.Tensor]:
         """:func:`grade_ray.algos.rewards.group_rewards` with this spec's k, rules, l1, l2,
-        l3 and tau; ``l3`` overrides the format weight (0 scores the ranking alone)."""
+        l3, tau and normalization; ``l3`` overrides the format weight (0: the ranking alone)."""
+        if self.normalization == "dataset" and not (self.post_scale and self.prior_scale):
+            raise ConfigError(
+                "reward.normalization='dataset' needs the scales fitted on the training logs "
+                "(training fits them into RUN_DIR/reward_fit.pt)"
+            )
         return group_rewards(
             scores,
             weights,
@@ -129,7 +190,26 @@ class RewardSpec:
             l3=self.l3 if l3 is None else l3,
             tau=self.tau,
             fusion_eps=fusion_eps,
+            post_scale=self.post_scale,
+            prior_scale=self.prior_scale,
         )
+
+
+def _check_calibration(cfg: RewardConfig, meta: SessionMeta) -> None:
+    """Every ``reward.prior_calibration`` entry names a probability task and logged labels."""
+    for task, target in cfg.prior_calibration.items():
+        if task not in meta.task_names or meta.task_kinds[meta.task_names.index(task)] != "prob":
+            probs = [n for n, k in zip(meta.task_names, meta.task_kinds) if k == "prob"]
+            raise ConfigError(
+                f"reward.prior_calibration names task {task!r}; probability tasks in this data: "
+                f"{probs}"
+            )
+        for label in target.split("|"):
+            if label.strip() not in meta.label_names:
+                raise ConfigError(
+                    f"reward.prior_calibration.{task} names label {label.strip()!r}; labels in "
+                    f"this data: {list(meta.label_names)}"
+                )
 
 
 def as_tensor(a: np.ndarray) -> torch.Tensor:

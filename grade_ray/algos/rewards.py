@@ -84,6 +84,8 @@ def group_rewards(
     l3: float,
     tau: float,
     fusion_eps: float = 1e-6,
+    post_scale: float | None = None,
+    prior_scale: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """Rewards of G sampled weight vectors per request (the rollout hot path).
 
@@ -93,6 +95,9 @@ def group_rewards(
     re-rank the real candidates by s (ties to the lower index), then
     post = NDCG@k(s; post_gain), prior = NDCG@k(s; prior_gain), format = format_reward(w),
     reward = composite_reward(post, prior, format; l1, l2, l3, tau).
+    With ``post_scale`` (``prior_scale``) > 0, post (prior) = DCG@k / scale instead of NDCG:
+    one constant for every request (e.g. the mean IDCG@k over the training logs), so requests
+    weigh by their feedback's value as in a summed business metric, not equally.
     Returns {"reward", "post", "prior", "format"}: each (B, G) float. No gradient.
     Vectorized over B and G; the ideal DCGs depend only on the gains, so they are computed once
     per request.
@@ -104,10 +109,10 @@ def group_rewards(
         m = mask.bool()
         zero = torch.zeros((), dtype=post_gain.dtype, device=post_gain.device)
         out: dict[str, torch.Tensor] = {}
-        for name, gains in ((POST, post_gain), (PRIOR, prior_gain)):
+        for name, gains, scale in ((POST, post_gain, post_scale), (PRIOR, prior_gain, prior_scale)):
             g = torch.where(m, gains, zero)
             dcg = (gather_gains(g, idx) * disc).sum(-1)
-            out[name] = ndcg_from_dcg(dcg, ideal_dcg_at_k(g, m, k))
+            out[name] = dcg / scale if scale else ndcg_from_dcg(dcg, ideal_dcg_at_k(g, m, k))
         out[FORMAT] = format_reward(weights, rules).to(out[POST].dtype)
         out[REWARD] = composite_reward(
             out[POST], out[PRIOR], out[FORMAT], l1=l1, l2=l2, l3=l3, tau=tau

@@ -46,6 +46,7 @@ from grade_ray.jobs.headroom import (
     oracle_arms,
 )
 from grade_ray.learner.loop import POLICY_FILE, PRETRAIN_CKPT, load_policy
+from grade_ray.learner.reward_fit import reward_spec
 from grade_ray.runlog import CHECKPOINT_DIR, load_checkpoint
 from grade_ray.spec import RewardSpec, as_tensor
 
@@ -74,7 +75,7 @@ def ranking_reward(
             scores,
             w.expand(len(b), *w.shape),
             spec.post_gain(as_tensor(b.labels), as_tensor(b.position)),
-            spec.prior_gain(scores),
+            spec.prior_gain(scores, as_tensor(b.context)),
             as_tensor(b.mask),
             fusion=fusion,
             fusion_eps=eps,
@@ -85,11 +86,12 @@ def ranking_reward(
 
 
 def search_best_static(cfg: Config, train_path: str) -> np.ndarray:
-    """(K,) grid weights maximising the mean ranking reward on training logs."""
+    """(K,) grid weights maximising the mean ranking reward on training logs (R_prior
+    calibrated as the run's, from ``cfg.run_dir``, when the reward asks for it)."""
     batch, meta, _ = read_sessions(
         train_path, on_error=cfg.data.on_error, max_rows=cfg.eval.search_requests
     )
-    spec = RewardSpec.from_config(cfg.reward, meta)
+    spec = reward_spec(cfg, meta, train_path)
     grid = simplex_grid(meta.num_tasks, cfg.eval.static_grid_step)
     reward = ranking_reward(batch, grid, spec, cfg.policy.fusion, cfg.policy.fusion_eps)
     best = grid[reward.mean(0).argmax()]
@@ -142,7 +144,9 @@ def offline_metrics(
         out[f"ndcg@{spec.k}/{name}"] = float(ndcg_at_k(fused, gains, mask, spec.k).mean())
         out[f"gauc/{name}"] = float(gauc(fused.numpy(), (labels[..., j] > 0).numpy(), batch.mask))
     post = ndcg_at_k(fused, spec.post_gain(labels, as_tensor(batch.position)), mask, spec.k).numpy()
-    prior = ndcg_at_k(fused, spec.prior_gain(scores), mask, spec.k).numpy()
+    prior = ndcg_at_k(
+        fused, spec.prior_gain(scores, as_tensor(batch.context)), mask, spec.k
+    ).numpy()
     comp = spec.l1 * post + spec.l2 * prior
     out["r_post"] = float(post.mean())
     out["r_prior"] = float(prior.mean())
@@ -181,7 +185,7 @@ def default_arms(
     if baselines:
         k = meta.num_tasks
         arms["uniform"] = static_arm(np.full(k, 1.0 / k, np.float32))
-        best = search_best_static(cfg, train_path)
+        best = search_best_static(cfg.replace(run_dir=str(run_dir)), train_path)
         statics["best_static"] = best.tolist()
         arms["best_static"] = static_arm(best)
         sp = run_dir / CHECKPOINT_DIR / f"{PRETRAIN_CKPT}.pt"
@@ -214,7 +218,7 @@ def run_evaluate(
     if not arms:
         raise FileNotFoundError(f"nothing to evaluate: no {POLICY_FILE} in {run_dir}")
     batch, meta, report = read_sessions(eval_path, on_error=cfg.data.on_error)
-    spec = RewardSpec.from_config(cfg.reward, meta)
+    spec = reward_spec(cfg.replace(run_dir=str(run_dir)), meta, train_path)
     weights = {name: fn(batch, None) for name, fn in arms.items()}
     offline = {
         name: offline_metrics(

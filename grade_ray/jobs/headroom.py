@@ -26,7 +26,7 @@ from grade_ray.config import Config
 from grade_ray.data.oracles import ValueTable, simplex_grid, truth_table
 from grade_ray.data.schema import read_sessions
 from grade_ray.data.simulator import MarketplaceSimulator
-from grade_ray.spec import RewardSpec
+from grade_ray.learner.reward_fit import reward_spec
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def reward_table(cfg: Config, sim: MarketplaceSimulator, train_path: str) -> Val
     batch, meta, _ = read_sessions(
         train_path, on_error=cfg.data.on_error, max_rows=cfg.eval.oracle_requests
     )
-    spec = RewardSpec.from_config(cfg.reward, meta)
+    spec = reward_spec(cfg, meta, train_path)
     grid = simplex_grid(meta.num_tasks, cfg.eval.static_grid_step)
     values = ranking_reward(batch, grid, spec, cfg.policy.fusion, cfg.policy.fusion_eps, l3=spec.l3)
     segments = sim.users.segment[batch.user_id]

@@ -22,6 +22,7 @@ from typing import Any
 
 from grade_ray.config import Config, from_dict
 from grade_ray.data.schema import read_meta
+from grade_ray.learner.reward_fit import run_reward_fit
 from grade_ray.raysession import check_resources, init_ray
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     backend = RayRollout(
         cfg,
         meta,
-        rollout_spec(cfg, meta),
+        rollout_spec(cfg, meta, run_reward_fit(cfg, config["train_path"], meta)),
         num_workers=per_rank,
         cache=plan.cache,
         lanes_per_actor=lanes_per_actor,
@@ -148,6 +149,7 @@ def run_train_ray(
     meta = read_meta(train_path)
     policy = initial_policy(cfg, meta, train_path, logger)
     logger.close()
+    run_reward_fit(cfg, train_path, meta)  # what the reward learns from the logs, once, here
     init = run_dir / CHECKPOINT_DIR / f"{PRETRAIN_CKPT}.pt"
     if not init.exists():  # pretrain.epochs == 0: start Stage 2 from the initial policy
         save_policy(init, policy, cfg, meta)

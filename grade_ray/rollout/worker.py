@@ -79,7 +79,7 @@ class RolloutWorker:
             scores,
             w,
             s.reward.post_gain(as_tensor(batch.labels), as_tensor(batch.position)),
-            s.reward.prior_gain(scores),
+            s.reward.prior_gain(scores, context),
             mask,
             fusion=s.fusion,
             fusion_eps=s.fusion_eps,

@@ -50,13 +50,13 @@ class LoggedRequests:
 
     def __init__(self, batch: SessionBatch, meta: SessionMeta, cfg: Config) -> None:
         self.meta = meta
-        self.spec = RewardSpec.from_config(cfg.reward, meta)
+        self.spec = RewardSpec.from_config(cfg.reward, meta, _reward_fit(cfg, meta))
         self.fusion = cfg.policy.fusion
         self.fusion_eps = cfg.policy.fusion_eps
         self.context = np.ascontiguousarray(batch.context, dtype=np.float32)
         self.scores = as_tensor(batch.scores)
         self.post = self.spec.post_gain(as_tensor(batch.labels), as_tensor(batch.position))
-        self.prior = self.spec.prior_gain(self.scores)
+        self.prior = self.spec.prior_gain(self.scores, as_tensor(batch.context))
         self.mask = as_tensor(batch.mask)
         self.length = batch.mask.sum(axis=1).astype(np.int64)
 
@@ -114,6 +114,15 @@ class LoggedRequests:
             for k, v in self.rewards(idx, w).items():
                 sums[k] += float(v.sum())
         return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+def _reward_fit(cfg: Config, meta: SessionMeta):
+    """What the reward learned from the logs, fitted by the driver into RUN_DIR (if needed)."""
+    if not RewardSpec.from_config(cfg.reward, meta).needs_fit:
+        return None
+    from grade_ray.learner.reward_fit import REWARD_FIT_FILE, load_reward_fit
+
+    return load_reward_fit(Path(cfg.run_dir) / REWARD_FIT_FILE, cfg)
 
 
 @functools.lru_cache(maxsize=2)

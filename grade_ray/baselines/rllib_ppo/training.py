@@ -27,6 +27,8 @@ from grade_ray.algos.rewards import REWARD
 from grade_ray.baselines.rllib_ppo.env import ENV_ID, load_requests, make_logged_request_env
 from grade_ray.baselines.rllib_ppo.module import fusion_ppo_module_class
 from grade_ray.config import Config
+from grade_ray.data.schema import read_meta
+from grade_ray.learner.reward_fit import run_reward_fit
 from grade_ray.models.policy import FusionPolicy
 
 log = logging.getLogger(__name__)
@@ -359,6 +361,7 @@ def train_rllib_ppo(
     policy_path = out / POLICY_FILE
     _check_overwrite(policy_path, overwrite)
     train_path = _train_path(cfg, train_path)
+    run_reward_fit(cfg, train_path, read_meta(train_path))  # for the env workers to load
     data = load_requests(train_path, cfg, s.max_requests)
 
     with _torch_threads(s.torch_threads):

@@ -46,7 +46,9 @@ def per_request_metrics(
     ones = np.ones(len(batch))
     post_gain = spec.post_gain(labels, as_tensor(batch.position))
     post = ndcg_at_k(fused, post_gain, mask, spec.k).numpy().astype(np.float64)
-    prior = ndcg_at_k(fused, spec.prior_gain(as_tensor(batch.scores)), mask, spec.k).numpy()
+    prior = ndcg_at_k(
+        fused, spec.prior_gain(as_tensor(batch.scores), as_tensor(batch.context)), mask, spec.k
+    ).numpy()
     out = {
         "composite": (spec.l1 * post + spec.l2 * prior.astype(np.float64), ones),
         "r_post": (post, ones),
