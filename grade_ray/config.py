@@ -312,7 +312,8 @@ class GRPOConfig:
     kl_estimator: str = "exact"
     """'exact' (closed-form for the exploration distribution) or 'k3' (sample estimator)."""
     advantage: str = "std"
-    """Group advantage scaling: 'std' ((R-mean)/std), 'mean' (R-mean) or 'none' (R)."""
+    """Group advantage scaling: 'std' ((R-mean)/std per group), 'batch' ((R-mean) over one std
+    for the whole rollout batch: requests keep their reward scale), 'mean' (R-mean) or 'none'."""
     epochs_per_batch: int = 2
     """Gradient passes over each rollout batch (ratios move away from 1 after the first)."""
     minibatch_size: int = 512
@@ -330,7 +331,8 @@ class GRPOConfig:
         _check(self.beta >= 0, "grpo.beta must be >= 0")
         _check(self.kl_estimator in ("exact", "k3"), "grpo.kl_estimator: use 'exact' or 'k3'")
         _check(
-            self.advantage in ("std", "mean", "none"), "grpo.advantage: use 'std', 'mean' or 'none'"
+            self.advantage in ("std", "batch", "mean", "none"),
+            "grpo.advantage: use 'std', 'batch', 'mean' or 'none'",
         )
         _check(
             self.epochs_per_batch >= 1 and self.minibatch_size >= 1,

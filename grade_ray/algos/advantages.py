@@ -4,6 +4,9 @@ Registered scalings (``ADVANTAGES.get(name)``), each ``fn(rewards (B, G), eps) -
 
 - ``std``:  A = (R - mean_G R) / (std_G R + eps), population std (GRPO / GRADE default)
 - ``mean``: A = R - mean_G R (Dr. GRPO style, no scale normalisation)
+- ``batch``: A = (R - mean_G R) / std_batch(R - mean_G R): one scale for the whole rollout
+  batch, so requests keep their relative weight (the gradient follows the batch's mean
+  reward, not each request's standardised reward) at the magnitude of ``std``
 - ``none``: A = R
 
 ``group_advantages`` applies one and zeroes groups with (numerically) zero reward variance:
@@ -39,6 +42,14 @@ def mean_advantage(rewards: torch.Tensor, eps: float) -> torch.Tensor:
     """A = R - mean_G R. (B, G) -> (B, G)."""
     mean, _ = _group_stats(rewards)
     return (rewards.to(torch.float64) - mean).to(rewards.dtype)
+
+
+@ADVANTAGES.register("batch")
+def batch_advantage(rewards: torch.Tensor, eps: float) -> torch.Tensor:
+    """A = (R - mean_G R) / (std over all (B, G) entries of R - mean_G R + eps). (B, G)."""
+    mean, _ = _group_stats(rewards)
+    centred = rewards.to(torch.float64) - mean
+    return (centred / (centred.pow(2).mean().sqrt() + eps)).to(rewards.dtype)
 
 
 @ADVANTAGES.register("none")

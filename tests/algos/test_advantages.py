@@ -56,3 +56,16 @@ def test_std_mode_has_zero_mean_unit_population_std():
 def test_unknown_mode_lists_valid_ones():
     with pytest.raises(ValueError, match=r"\['mean', 'none', 'std'\]"):
         group_advantages(torch.rand(2, 3), "rank")
+
+
+def test_batch_advantage_by_hand_keeps_requests_relative_scale():
+    r = torch.tensor([[1.0, 3.0], [10.0, 30.0]], dtype=torch.float64)
+    adv, _ = group_advantages(r, "batch", eps=0.0)
+    # centred: [[-1, 1], [-10, 10]]; one std over all entries: sqrt((1 + 1 + 100 + 100) / 4)
+    s = (202 / 4) ** 0.5
+    torch.testing.assert_close(
+        adv, torch.tensor([[-1 / s, 1 / s], [-10 / s, 10 / s]], dtype=torch.float64)
+    )
+    std_adv, _ = group_advantages(r, "std", eps=0.0)
+    assert torch.equal(std_adv[0], std_adv[1])  # std mode forgets the 10x
+    assert adv.pow(2).mean().item() == pytest.approx(1.0)
