@@ -54,7 +54,7 @@ def test_std_mode_has_zero_mean_unit_population_std():
 
 
 def test_unknown_mode_lists_valid_ones():
-    with pytest.raises(ValueError, match=r"\['mean', 'none', 'std'\]"):
+    with pytest.raises(ValueError, match=r"\['batch', 'mean', 'none', 'std'\]"):
         group_advantages(torch.rand(2, 3), "rank")
 
 
