@@ -417,10 +417,12 @@ def _results(
     }
     rows = _arm_rows(evaluation.online)
     headroom = evaluation.headroom or {}
+    attainable = evaluation.oracles.captured if evaluation.oracles else {}
     for group, label, arm in _arm_groups():
         prefix = f"quality.{group}.{label}"
         res.update(_ab_keys(prefix, rows[arm]))
         res[f"{prefix}.headroom_captured"] = headroom.get(arm, float("nan"))
+        res[f"{prefix}.attainable_headroom_captured"] = attainable.get(arm, float("nan"))
         if arm in trained:
             res.update(_budget_keys(prefix, trained[arm], start, ns_final))
     for arm, a in trained.items():
@@ -464,11 +466,12 @@ QUALITY_COLUMNS = (
     "requests (reward evals)",
     "north-star/request",
     "lift vs best static [95% CI]",
+    "attainable headroom captured",
     *(m.upper() for m in TABLE_METRICS),
     "train seconds",
     "time to 95% (over uniform / over SP)",
 )
-QUALITY_ALIGN = "llrrl" + "r" * len(TABLE_METRICS) + "rr"
+QUALITY_ALIGN = "llrrlr" + "r" * len(TABLE_METRICS) + "rr"
 # (results group, arm key, row label, budget) of the table's rows, in order
 TABLE_ROWS = (
     *[("baseline", a, a, "—") for a in BASELINES],
@@ -499,8 +502,11 @@ def quality_rows(results: dict[str, Any]) -> list[list[str]]:
             lifts = ["control"] + ["—"] * len(TABLE_METRICS)
             if key != "best_static":
                 lifts = _lift_cells(results, p)
+            captured = results.get(f"{p}.attainable_headroom_captured", float("nan"))
             req, train, t95 = _budget_cells(results, p)
-            rows.append([label, budget, req, ns, *lifts, train, t95])
+            rows.append(
+                [label, budget, req, ns, lifts[0], f"{captured:.2f}", *lifts[1:], train, t95]
+            )
     return rows
 
 
