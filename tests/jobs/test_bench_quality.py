@@ -54,6 +54,7 @@ def _synthetic_results() -> dict:
             res[f"{p}.{m}_lift_pct"] = lift
             res[f"{p}.{m}_lift_pct_ci_low"] = lift - 0.5
             res[f"{p}.{m}_lift_pct_ci_high"] = lift + 0.5
+        res[f"{p}.attainable_headroom_captured"] = 0.1 * i
         if g != "baseline":
             res[f"{p}.requests"] = 10_000
             res[f"{p}.reward_evals"] = 200_000 if arm.startswith("GRADE") else 10_000
@@ -82,7 +83,8 @@ def test_quality_markdown_synthetic():
     assert "| 8.5 / 30.0 |" in by["GRADE"] and "| 1,234.6 |" in by["GRADE"]
     assert "10,000 (200,000)" in by["GRADE"] and "10,000 (10,000)" in by[f"{PPO} (equal samples)"]
     assert "equal time" in by[f"{PPO} (equal time)"].split("|")[2]
-    assert "+1.00%* [+0.50%, +1.50%]" in by["uniform"]  # lift with CI, significant
+    assert "+1.00%* [+0.50%, +1.50%] | 0.00 |" in by["uniform"]  # lift with CI, then captured
+    assert "attainable headroom captured" in lines[0]
     assert "targets 4.9500" in md
     # missing arms are skipped, not an error
     partial = {k: v for k, v in _synthetic_results().items() if ".equal_time." not in k}
@@ -115,6 +117,7 @@ def test_bench_quality_smoke_end_to_end(ray_session, smoke_cfg, tmp_path):
             assert all(math.isfinite(x) for x in (lift, lo, hi)), (p, m)
             assert lo - 1e-9 <= lift <= hi + 1e-9, (p, m, lo, lift, hi)
         assert res[f"{p}.north_star"] > 0
+        assert math.isfinite(res[f"{p}.attainable_headroom_captured"])
     grade_req = res["quality.equal_budget.GRADE.requests"]
     assert grade_req == smoke_cfg.simulator.num_requests  # 1 pass over the smoke logs
     assert res["quality.equal_budget.GRADE.reward_evals"] == grade_req * 8  # smoke G = 8
