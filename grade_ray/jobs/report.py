@@ -265,6 +265,57 @@ def _plot_sensitivity(trials: list[dict[str, Any]], metric: str, path: Path) -> 
     return _save(fig, path)
 
 
+def plot_suite(results: dict[str, Any], out: Path) -> list[Path]:
+    """Captured attainable headroom per world, one bar per arm (a ``grade-ray suite`` run)."""
+    worlds = list(results)
+    arms = list(dict.fromkeys(a for r in results.values() for a in r["arms"]))
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(worlds)), 4))
+    width = 0.8 / max(len(arms), 1)
+    for j, arm in enumerate(arms):
+        vals = [results[w]["arms"].get(arm, {}).get("captured", np.nan) for w in worlds]
+        ax.bar(np.arange(len(worlds)) + j * width, vals, width, label=arm)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set_xticks(np.arange(len(worlds)) + 0.4 - width / 2, worlds, rotation=20)
+    ax.set_ylabel("captured attainable headroom")
+    ax.set_title("(P - S) / (O_ctx - S) per world (1 = the best context-only weights)")
+    ax.legend(fontsize=8)
+    return [_save(fig, out / "suite.png")]
+
+
+def plot_scale(scale: dict[str, Any], out: Path) -> list[Path]:
+    """Captured attainable headroom against training requests, per world and arm."""
+    sizes = sorted(int(n) for n in scale)
+    first = scale[str(sizes[0])]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for world, res in first.items():
+        for arm in res["arms"]:
+            ys = [
+                scale[str(n)].get(world, {}).get("arms", {}).get(arm, {}).get("captured", np.nan)
+                for n in sizes
+            ]
+            ax.plot(sizes, ys, marker="o", label=f"{world} / {arm}")
+    ax.set_xscale("log")
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xlabel("training requests")
+    ax.set_ylabel("captured attainable headroom")
+    ax.set_title("Data scale: (P - S) / (O_ctx - S)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return [_save(fig, out / "scale.png")]
+
+
+def _suite_page(root: Path, out: Path) -> tuple[list[str], list[Path]] | None:
+    """Lines and plots for a suite (suite.json) or data-scale (scale.json) directory."""
+    if (root / "scale.json").exists():
+        scale = json.loads((root / "scale.json").read_text())
+        return [(root / "scale.md").read_text()], plot_scale(scale, out)
+    if (root / "suite.json").exists():
+        results = json.loads((root / "suite.json").read_text())
+        return [(root / "suite.md").read_text()], plot_suite(results, out)
+    return None
+
+
 def run_report(path: str | Path) -> Path:
     """Write plots and ``report.md`` into PATH/report; returns the Markdown path."""
     root = Path(path)
@@ -274,7 +325,11 @@ def run_report(path: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# grade_ray report: {root.name}", ""]
     sweep = root / SWEEP_FILE
-    if sweep.exists():
+    suite = _suite_page(root, out)
+    if suite is not None:
+        lines += suite[0]
+        pngs = suite[1]
+    elif sweep.exists():
         data = json.loads(sweep.read_text())
         pngs = plot_sweep(data["trials"], out, data["metric"])
         lines += [

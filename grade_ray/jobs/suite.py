@@ -442,6 +442,44 @@ def run_suite(
     return results
 
 
+def scale_markdown(scale: dict[int, dict[str, dict]]) -> str:
+    """Captured attainable headroom (and lift) per world and arm at each training size."""
+    sizes = sorted(scale)
+    lines = [
+        "| world | arm | " + " | ".join(f"{n:,} requests" for n in sizes) + " |",
+        "|---|---|" + "---:|" * len(sizes),
+    ]
+    for world, res in scale[sizes[0]].items():
+        for arm in res["arms"]:
+            cells = []
+            for n in sizes:
+                r = scale[n].get(world, {}).get("arms", {}).get(arm)
+                cells.append("" if r is None else f"{r['captured']:.2f} ({r['lift']:+.2%})")
+            lines.append(f"| {world} | {arm} | " + " | ".join(cells) + " |")
+    lines += ["", "Captured attainable headroom (lift over static_truth) by training requests."]
+    return "\n".join(lines) + "\n"
+
+
+def run_scale(
+    spec: SuiteSpec,
+    run_dir: str | Path,
+    sizes: list[int],
+    configs: list[str] | None = None,
+    overrides: list[str] | None = None,
+    ray: bool = False,
+    address: str | None = None,
+) -> dict[int, dict[str, dict]]:
+    """The suite at each number of training requests (RUN/nSIZE/), plus RUN/scale.md|json."""
+    out = Path(run_dir)
+    scale: dict[int, dict[str, dict]] = {}
+    for n in sorted(sizes):
+        over = [*(overrides or []), f"simulator.num_requests={n}"]
+        scale[n] = run_suite(spec, out / f"n{n}", configs, over, ray=ray, address=address)
+        (out / "scale.json").write_text(json.dumps(scale, indent=2, default=float))
+        (out / "scale.md").write_text(scale_markdown(scale))
+    return scale
+
+
 def add_parser(sub) -> None:
     from grade_ray.options import add_common_args
 
@@ -455,13 +493,24 @@ def add_parser(sub) -> None:
     p.add_argument("--worlds", nargs="+", help="only these worlds (names of the world files)")
     p.add_argument("--arms", nargs="+", help="only these arms")
     p.add_argument("--ray", action="store_true", help="train Stage 2 on Ray (default: in process)")
+    p.add_argument(
+        "--sizes",
+        nargs="+",
+        type=int,
+        metavar="N",
+        help="run the suite at each number of training requests (RUN/nN/, RUN/scale.md)",
+    )
 
     def handler(args) -> int:
         spec = select(load_suite(args.suite), args.worlds, args.arms)
         run_dir = args.run_dir or "runs/suite"
-        results = run_suite(
-            spec, run_dir, args.config, args.set, ray=args.ray, address=args.address
-        )
+        kw = {"ray": args.ray, "address": args.address}
+        if args.sizes:
+            scale = run_scale(spec, run_dir, args.sizes, args.config, args.set, **kw)
+            print(scale_markdown(scale))
+            print(f"written: {Path(run_dir) / 'scale.md'}")
+            return 0
+        results = run_suite(spec, run_dir, args.config, args.set, **kw)
         print(suite_markdown(results))
         print(f"written: {Path(run_dir) / 'suite.md'}")
         return 0

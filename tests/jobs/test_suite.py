@@ -87,3 +87,23 @@ def test_suite_errors_are_clear(suite_file, tmp_path):
     s = load_suite(sim_arm)
     with pytest.raises(SuiteError, match="changes simulator"):
         arm_config(s, "a", s.arms[0], tmp_path / "r")
+
+
+def test_data_scale_and_reports(suite_file, tmp_path):
+    from grade_ray.jobs.report import run_report
+    from grade_ray.jobs.suite import run_scale
+
+    spec = select(load_suite(suite_file), ["a"], ["GRADE"])
+    out = tmp_path / "scale"
+    smoke = [str(ROOT / "configs" / "smoke.yaml")]
+    scale = run_scale(spec, out, [1500, 800], smoke)
+    assert sorted(scale) == [800, 1500]
+    for n in (800, 1500):
+        data = yaml.safe_load((out / f"n{n}" / "a" / "world.yaml").read_text())
+        assert data["simulator"]["num_requests"] == n  # each size trains on its own logs
+    md = (out / "scale.md").read_text()
+    assert "| 800 requests | 1,500 requests |" in md and md.count("\n| a | GRADE |") == 1
+    page = run_report(out).read_text()
+    assert "scale.png" in page and (out / "report" / "scale.png").stat().st_size > 0
+    page = run_report(out / "n800").read_text()
+    assert "suite.png" in page and "| a | GRADE |" in page
