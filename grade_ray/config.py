@@ -154,11 +154,13 @@ class RewardConfig:
         default_factory=lambda: {"ctr": 1.0, "ctr*cvr": 10.0}
     )
     """R_prior gain: products of predicted tasks ('ctr*cvr') -> coefficient."""
-    normalization: str = "request"
+    normalization: str = "dataset"
     """How R_post and R_prior scale DCG@k: 'request' (NDCG: each request's own ideal DCG, the
     paper) or 'dataset' (one constant, the mean ideal DCG over the training logs: requests
     weigh by the value of their feedback, as in a summed business metric)."""
-    prior_calibration: dict[str, str] = dataclasses.field(default_factory=dict)
+    prior_calibration: dict[str, str] = dataclasses.field(
+        default_factory=lambda: {"ctr": "click", "cvr": "order|click"}
+    )
     """Recalibrate R_prior's probability predictions on the logged labels, per context: task ->
     label it predicts, 'label|given' for a conditional rate (e.g. {ctr: click, cvr:
     'order|click'}); empty = R_prior uses the raw predictions (see learner/reward_fit.py)."""
@@ -284,7 +286,7 @@ class PretrainConfig:
     """Requests per gradient step."""
     temperature: float = 1.0
     """Scale of fused scores inside LambdaLoss."""
-    logit_bound: float = 0.0
+    logit_bound: float = 8.0
     """Largest spread of the policy's logits (max - min over tasks) Stage 1 may reach before a
     quadratic penalty (0 = off): keeps the softmax out of saturation at one task, where Stage
     2 has no gradient (8 allows weight ratios up to e^8 ~ 3000)."""
@@ -311,7 +313,7 @@ class GRPOConfig:
     """Weight of KL(pi_theta || pi_ref)."""
     kl_estimator: str = "exact"
     """'exact' (closed-form for the exploration distribution) or 'k3' (sample estimator)."""
-    advantage: str = "std"
+    advantage: str = "batch"
     """Group advantage scaling: 'std' ((R-mean)/std per group), 'batch' ((R-mean) over one std
     for the whole rollout batch: requests keep their reward scale), 'mean' (R-mean) or 'none'."""
     epochs_per_batch: int = 2

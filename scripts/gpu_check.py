@@ -75,7 +75,7 @@ def learner(results: dict, out: Path) -> None:
     train_path, _ = prepare_data(cfg)
     plan = DataPlan.build(train_path, rounds=1, batch_size=4096)
     policy = new_policy(cfg, plan.meta, train_path)
-    worker = RolloutWorker(copy.deepcopy(policy), rollout_spec(cfg, plan.meta))
+    worker = RolloutWorker(copy.deepcopy(policy), rollout_spec(cfg, plan.meta, train_path))
     worker.set_weights(policy.state_dict(), 0)
     reader = TaskReader(plan.meta)
     batches = [worker.rollout(reader.load(t), 10.0) for t in plan.rounds[0][:3]]

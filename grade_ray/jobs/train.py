@@ -25,7 +25,6 @@ from grade_ray.learner.loop import (
     rollout_spec,
     save_policy,
 )
-from grade_ray.learner.reward_fit import run_reward_fit
 from grade_ray.rollout.backend import LocalRollout
 from grade_ray.runlog import CHECKPOINT_DIR, MetricsLogger, latest_checkpoint
 
@@ -136,7 +135,7 @@ def run_train_local(cfg: Config, resume: bool = False) -> Path:
     learner = GRPOLearner(policy, GRPOSettings.from_config(cfg), seed=cfg.seed)
     backend = LocalRollout(
         load_policy_copy(policy),
-        rollout_spec(cfg, meta, run_reward_fit(cfg, train_path, meta)),
+        rollout_spec(cfg, meta, train_path),
         meta,
         plan.cache,
         lanes=cfg.rollout.num_workers,  # the steps' lanes, all read by this one reader

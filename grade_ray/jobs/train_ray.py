@@ -57,7 +57,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     backend = RayRollout(
         cfg,
         meta,
-        rollout_spec(cfg, meta, run_reward_fit(cfg, config["train_path"], meta)),
+        rollout_spec(cfg, meta, config["train_path"]),
         num_workers=per_rank,
         cache=plan.cache,
         lanes_per_actor=lanes_per_actor,

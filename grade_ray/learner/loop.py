@@ -38,7 +38,7 @@ from grade_ray.models.policy import FusionPolicy, build_policy
 from grade_ray.rollout.backend import task_seed
 from grade_ray.rollout.worker import RolloutSpec, rollout_summary
 from grade_ray.runlog import MetricsLogger, Progress, load_checkpoint, save_checkpoint
-from grade_ray.spec import RewardFit, RewardSpec, as_tensor
+from grade_ray.spec import RewardSpec, as_tensor
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +47,14 @@ PRETRAIN_CKPT = "pretrain"
 INERT_STD = 1e6  # standardisation scale of context features that never vary in training
 
 
-def rollout_spec(cfg: Config, meta: SessionMeta, fit: RewardFit | None = None) -> RolloutSpec:
-    """Plain rollout settings from the config, names checked against the data (with what the
-    reward fitted on the training logs, when it needs that)."""
+def rollout_spec(cfg: Config, meta: SessionMeta, train_path: str | Path) -> RolloutSpec:
+    """Plain rollout settings from the config, names checked against the data, with what the
+    reward fits on the training logs (``RUN_DIR/reward_fit.pt``: loaded, or fitted once)."""
+    from grade_ray.learner.reward_fit import reward_spec
+
     e = cfg.exploration
     return RolloutSpec(
-        reward=RewardSpec.from_config(cfg.reward, meta, fit),
+        reward=reward_spec(cfg, meta, train_path),
         exploration=e.kind,
         group_size=e.group_size,
         alpha_floor=e.alpha_floor,

@@ -15,7 +15,8 @@ from grade_ray.baselines.rllib_ppo.env import (
 )
 from grade_ray.baselines.rllib_ppo.training import PPOSettings, bench_rllib_ppo, train_rllib_ppo
 from grade_ray.data.schema import read_sessions
-from grade_ray.spec import RewardSpec, as_tensor
+from grade_ray.learner.reward_fit import reward_spec
+from grade_ray.spec import as_tensor
 
 
 def _env_config(cfg, train_path, **extra):
@@ -25,14 +26,14 @@ def _env_config(cfg, train_path, **extra):
 def _direct_reward(cfg, train_path, i: int, weights: torch.Tensor) -> float:
     """group_rewards with G=1 on request i, built from the raw sessions (not the env's cache)."""
     batch, meta, _ = read_sessions(train_path, on_error=cfg.data.on_error)
-    spec = RewardSpec.from_config(cfg.reward, meta)
+    spec = reward_spec(cfg, meta, train_path)
     b = batch.take(np.array([i]))
     scores = as_tensor(b.scores)
     out = group_rewards(
         scores,
         weights.reshape(1, 1, -1),
         spec.post_gain(as_tensor(b.labels), as_tensor(b.position)),
-        spec.prior_gain(scores),
+        spec.prior_gain(scores, as_tensor(b.context)),
         as_tensor(b.mask),
         fusion=cfg.policy.fusion,
         k=spec.k,
@@ -42,6 +43,8 @@ def _direct_reward(cfg, train_path, i: int, weights: torch.Tensor) -> float:
         l3=spec.l3,
         tau=spec.tau,
         fusion_eps=cfg.policy.fusion_eps,
+        post_scale=spec.post_scale,
+        prior_scale=spec.prior_scale,
     )
     return float(out["reward"][0, 0])
 
@@ -64,7 +67,7 @@ def test_env_reward_is_group_rewards(smoke_cfg, smoke_data):
         assert terminated and not truncated  # one-step episodes
         w = torch.softmax(torch.from_numpy(action), dim=-1)
         assert reward == pytest.approx(_direct_reward(smoke_cfg, train_path, i, w), abs=1e-6)
-        assert 0.0 <= step_info["post"] <= 1.0 and 0.0 <= step_info["prior"] <= 1.0
+        assert step_info["post"] >= 0.0 and step_info["prior"] >= 0.0  # DCG / a dataset scale
     assert len(seen) == 6  # a shuffled pass: no request repeats before the pass ends
     with pytest.raises(RuntimeError):
         env.step(np.zeros(meta.num_tasks, np.float32))  # episode over: reset first

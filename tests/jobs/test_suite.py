@@ -25,6 +25,7 @@ def suite_file(tmp_path):
         "arms": {
             "GRADE": {},
             "no-format": {"set": {"reward.l3": 0.0}},
+            "unbounded": {"set": {"pretrain.logit_bound": 0.0}},
             "paper": {"config": str(ROOT / "configs" / "paper.yaml")},
         },
     }
@@ -39,6 +40,7 @@ def test_suite_trains_every_arm_on_every_world_and_resumes(suite_file, tmp_path)
         "GRADE",
         "no-format",
         "paper",
+        "unbounded",
     ]
     out = tmp_path / "run"
     smoke = [str(ROOT / "configs" / "smoke.yaml")]
@@ -46,18 +48,23 @@ def test_suite_trains_every_arm_on_every_world_and_resumes(suite_file, tmp_path)
     assert set(res) == {"a", "b"}
     for world in ("a", "b"):
         arms = res[world]["arms"]
-        assert set(arms) == {"GRADE", "no-format", "paper"}
+        assert set(arms) == {"GRADE", "no-format", "unbounded", "paper"}
         for r in arms.values():
             assert r["ci_low"] <= r["lift"] <= r["ci_high"]
             total = r["captured"] + r["optimisation_gap"] + r["objective_gap"]
             assert total == pytest.approx(1.0)
-        # the three arms share one Stage 1 (same pretrain, policy and R_post settings)...
-        assert len(list((out / world / "stage1").iterdir())) == 1
-        # ...and arms with the same reward share one reward oracle
+        # one Stage 1 per distinct (pretrain, policy, R_post) setting: GRADE and no-format
+        # share one, the two without a logit bound (unbounded, paper) another...
+        assert len(list((out / world / "stage1").iterdir())) == 2
+        # ...and one reward oracle per distinct reward (unbounded trains with GRADE's)
         oracles = [k for k in res[world]["oracles"] if k.startswith("reward_oracle[")]
-        assert oracles == ["reward_oracle[GRADE]", "reward_oracle[no-format]"]
+        assert oracles == [
+            "reward_oracle[GRADE]",
+            "reward_oracle[no-format]",
+            "reward_oracle[paper]",
+        ]
     table = (out / "suite.md").read_text()
-    assert table.count("\n| a | ") == 3 + 1 and table.count("\n| b | ") == 3 + 1  # + headroom
+    assert table.count("\n| a | ") == 4 + 1 and table.count("\n| b | ") == 4 + 1  # + headroom
     assert json.loads((out / "suite.json").read_text())["b"]["arms"]["paper"]["north_star"] > 0
     # re-running trains nothing again and gives the same numbers
     again = run_suite(select(spec, ["a"], ["paper"]), out, smoke)

@@ -87,7 +87,7 @@ def test_killed_actor_task_is_redone_exactly_once_with_the_current_weights(
     cfg = smoke_cfg.replace(**{"rollout.batch_size": 100})
     plan = DataPlan.build(smoke_data[0], rounds=1, batch_size=100)
     tasks = plan.rounds[0]
-    spec = rollout_spec(cfg, plan.meta)
+    spec = rollout_spec(cfg, plan.meta, smoke_data[0])
     policy = new_policy(cfg, plan.meta, smoke_data[0])
     v0, v1 = skewed_state(policy, 0), skewed_state(policy, 1)
     local = RolloutWorker(copy.deepcopy(policy), spec)
@@ -160,7 +160,11 @@ def test_actors_run_ahead_within_max_staleness(ray_session, smoke_cfg, smoke_dat
 
     learner.update = recording_update
     backend = RayRollout(
-        cfg, plan.meta, rollout_spec(cfg, plan.meta), num_workers=2, lanes_per_actor=2
+        cfg,
+        plan.meta,
+        rollout_spec(cfg, plan.meta, smoke_data[0]),
+        num_workers=2,
+        lanes_per_actor=2,
     )
     trainer = GRPOTrainer(cfg, plan, learner, backend, None, "unused")
     trainer.end_round = lambda r, m: trainer.history.append(m)  # no checkpoints

@@ -20,7 +20,7 @@ from grade_ray.rollout.worker import RolloutWorker
 def rollout_batch(smoke_cfg, smoke_data):
     plan = DataPlan.build(smoke_data[0], rounds=1, batch_size=200)
     policy = new_policy(smoke_cfg, plan.meta, smoke_data[0])
-    worker = RolloutWorker(copy.deepcopy(policy), rollout_spec(smoke_cfg, plan.meta))
+    worker = RolloutWorker(copy.deepcopy(policy), rollout_spec(smoke_cfg, plan.meta, smoke_data[0]))
     worker.set_weights(policy.state_dict(), 0)
     batch = worker.rollout(TaskReader(plan.meta).load(plan.rounds[0][0]), 5.0)
     return policy, batch
@@ -152,7 +152,9 @@ def test_each_lane_reads_its_files_once_per_round(smoke_cfg, smoke_data, workers
     plan = DataPlan.build(smoke_data[0], rounds=1, batch_size=128)
     assert len(plan.files) > 1 and len(plan.rounds[0]) > 2 * workers
     policy = new_policy(cfg, plan.meta, smoke_data[0])
-    backend = LocalRollout(policy, rollout_spec(cfg, plan.meta), plan.meta, lanes=workers)
+    backend = LocalRollout(
+        policy, rollout_spec(cfg, plan.meta, smoke_data[0]), plan.meta, lanes=workers
+    )
     trainer = GRPOTrainer(cfg, plan, None, backend, None, "unused")
     for step in trainer._step_tasks(0):
         for task in step:

@@ -204,12 +204,12 @@ def test_best_static_weights_beat_every_grid_point(local_run, smoke_data):
 
     from grade_ray.data.schema import read_sessions
     from grade_ray.jobs.evaluate import ranking_reward, search_best_static
-    from grade_ray.spec import RewardSpec
+    from grade_ray.learner.reward_fit import reward_spec
 
     cfg = local_run
     best = search_best_static(cfg, smoke_data[0])
     batch, meta, _ = read_sessions(smoke_data[0], max_rows=cfg.eval.search_requests)
-    spec = RewardSpec.from_config(cfg.reward, meta)
+    spec = reward_spec(cfg, meta, smoke_data[0])
     m = round(1 / cfg.eval.static_grid_step)  # every point with coordinates in steps of 1/m
     grid = (
         np.array(

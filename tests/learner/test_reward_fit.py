@@ -99,7 +99,8 @@ def test_reward_fit_round_trip_and_stale_file(world, tmp_path):
     assert load_reward_fit(tmp_path / REWARD_FIT_FILE, cfg) == fit
     with pytest.raises(ConfigError, match="another reward config"):
         load_reward_fit(tmp_path / REWARD_FIT_FILE, cfg.replace(**{"reward.l2": 0.5}))
-    assert fit_reward(load_config([], []), out / "train", read_meta(out / "train")) == RewardFit()
+    paper = load_config([], ["reward.prior_calibration={}", "reward.normalization=request"])
+    assert fit_reward(paper, out / "train", read_meta(out / "train")) == RewardFit()
 
 
 def test_spec_names_and_missing_fit_are_clear(world):

@@ -41,7 +41,7 @@ def _stage1_then_one_update(smoke_cfg, smoke_data, bound: float):
     with torch.no_grad():
         pi = policy.pi(torch.from_numpy(batch.context)).numpy()
     plan = DataPlan.build(train, rounds=1, batch_size=400)
-    worker = RolloutWorker(copy.deepcopy(policy), rollout_spec(cfg, plan.meta))
+    worker = RolloutWorker(copy.deepcopy(policy), rollout_spec(cfg, plan.meta, train))
     worker.set_weights(policy.state_dict(), 0)
     rollout = worker.rollout(TaskReader(plan.meta).load(plan.rounds[0][0]), 5.0)
     stats = GRPOLearner(copy.deepcopy(policy), GRPOSettings.from_config(cfg)).update(rollout)

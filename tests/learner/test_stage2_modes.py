@@ -34,7 +34,7 @@ def test_first_update_after_sync_is_on_policy_with_dropout(smoke_cfg, smoke_data
     with torch.no_grad():  # a non-uniform policy, so dropout changes pi in train mode
         for p in policy.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    worker = RolloutWorker(copy.deepcopy(policy), rollout_spec(cfg, plan.meta))
+    worker = RolloutWorker(copy.deepcopy(policy), rollout_spec(cfg, plan.meta, smoke_data[0]))
     worker.set_weights(policy.state_dict(), 0)
     batch = worker.rollout(TaskReader(plan.meta).load(plan.rounds[0][0]), 5.0)
     learner = GRPOLearner(copy.deepcopy(policy), GRPOSettings.from_config(cfg))

@@ -78,7 +78,10 @@ def _trainer(cfg, plan, smoke_data, backend_cls=EagerRollout, **kw):
     policy = new_policy(cfg, plan.meta, smoke_data[0])
     learner = GRPOLearner(policy, GRPOSettings.from_config(cfg), seed=cfg.seed)
     backend = backend_cls(
-        new_policy(cfg, plan.meta, smoke_data[0]), rollout_spec(cfg, plan.meta), plan.meta, **kw
+        new_policy(cfg, plan.meta, smoke_data[0]),
+        rollout_spec(cfg, plan.meta, smoke_data[0]),
+        plan.meta,
+        **kw,
     )
     lags: list[int] = []
     update = learner.update

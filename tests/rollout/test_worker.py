@@ -16,6 +16,7 @@ import torch
 
 from grade_ray import keys
 from grade_ray.algos.advantages import group_advantages
+from grade_ray.algos.calibration import apply_calibration
 from grade_ray.algos.exploration import EXPLORATIONS
 from grade_ray.algos.rewards import group_rewards
 from grade_ray.data.plan import DataPlan, TaskReader
@@ -44,16 +45,18 @@ def setup(smoke_cfg, smoke_data):
     pos = np.stack([rng.permutation(batch.mask.shape[1]) for _ in range(len(batch))])
     batch.position = pos.astype(np.int32)
     policy = skew(new_policy(smoke_cfg, plan.meta, smoke_data[0]))
-    spec = rollout_spec(smoke_cfg, plan.meta)
+    spec = rollout_spec(smoke_cfg, plan.meta, smoke_data[0])
     worker = RolloutWorker(copy.deepcopy(policy), spec)
     worker.set_weights(policy.state_dict(), 7)
     worker.reseed(SEED)
     out = worker.rollout(batch, ALPHA)
-    return smoke_cfg, plan.meta, policy, batch, out
+    return smoke_cfg, plan.meta, policy, batch, out, spec.reward
 
 
-def reference(cfg, meta, policy, batch):
-    """Rewards and advantages recomputed from the config, the algos functions and numpy."""
+def reference(cfg, meta, policy, batch, fitted):
+    """Rewards and advantages recomputed from the config, the algos functions and numpy
+    (what the reward fitted on the logs, R_prior's calibration and the dataset scales, is
+    taken from ``fitted``; its fit is tested in tests/learner/test_reward_fit.py)."""
     r, e = cfg.reward, cfg.exploration
     with torch.no_grad():
         pi = policy.pi(torch.from_numpy(batch.context))
@@ -72,6 +75,10 @@ def reference(cfg, meta, policy, batch):
     exam = np.maximum((1.0 + batch.position / r.propensity_scale) ** -r.propensity_power, 0.05)
     post_gain = gain / exam
     sc = batch.scores.astype(np.float64)
+    assert fitted.calibration is not None and fitted.post_scale and fitted.prior_scale
+    sc = apply_calibration(
+        torch.from_numpy(sc), torch.from_numpy(batch.context).double(), fitted.calibration
+    ).numpy()
     ti = {n: i for i, n in enumerate(meta.task_names)}
     prior_gain = np.zeros(sc.shape[:2])
     for term, c in r.prior_gains.items():
@@ -94,14 +101,16 @@ def reference(cfg, meta, policy, batch):
         l3=r.l3,
         tau=r.tau,
         fusion_eps=cfg.policy.fusion_eps,
+        post_scale=fitted.post_scale,
+        prior_scale=fitted.prior_scale,
     )
     adv, zero_var = group_advantages(rew["reward"], cfg.grpo.advantage)
     return w, rew, adv, zero_var
 
 
 def test_samples_come_from_the_current_weights_and_seed(setup):
-    cfg, meta, policy, batch, out = setup
-    w, _, _, _ = reference(cfg, meta, policy, batch)
+    cfg, meta, policy, batch, out, fitted = setup
+    w, _, _, _ = reference(cfg, meta, policy, batch, fitted)
     np.testing.assert_array_equal(out[keys.WEIGHTS], w.numpy())
     assert int(out[keys.POLICY_VERSION]) == 7
     assert float(out[keys.ALPHA_HAT]) == ALPHA
@@ -111,8 +120,8 @@ def test_samples_come_from_the_current_weights_and_seed(setup):
 def test_advantages_are_the_composite_rewards_group_advantages(setup):
     """R = l1 R_post + l2 R_prior + gated l3 R_format, R_post with IPS gains at the logged
     rank; A = group advantage of R. Checked against an independent computation."""
-    cfg, meta, policy, batch, out = setup
-    _, rew, adv, zero_var = reference(cfg, meta, policy, batch)
+    cfg, meta, policy, batch, out, fitted = setup
+    _, rew, adv, zero_var = reference(cfg, meta, policy, batch, fitted)
     np.testing.assert_allclose(out[keys.R_POST], rew["post"].numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out[keys.R_PRIOR], rew["prior"].numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(out[keys.R_FORMAT], rew["format"].numpy())
@@ -125,7 +134,7 @@ def test_advantages_are_the_composite_rewards_group_advantages(setup):
 
 
 def test_old_logp_is_the_samples_log_density(setup):
-    cfg, _, policy, batch, out = setup
+    cfg, _, policy, batch, out, _ = setup
     e = cfg.exploration
     with torch.no_grad():
         pi = policy.pi(torch.from_numpy(batch.context))

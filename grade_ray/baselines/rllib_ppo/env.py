@@ -27,7 +27,8 @@ import torch
 from grade_ray.algos.rewards import FORMAT, POST, PRIOR, REWARD
 from grade_ray.config import Config, from_dict
 from grade_ray.data.schema import SessionBatch, SessionMeta, read_sessions
-from grade_ray.spec import RewardSpec, as_tensor
+from grade_ray.learner.reward_fit import run_reward_fit
+from grade_ray.spec import RewardFit, RewardSpec, as_tensor
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +49,11 @@ class LoggedRequests:
     requests ``idx`` (B,): :func:`group_rewards` with G=1 and the run's RewardSpec.
     """
 
-    def __init__(self, batch: SessionBatch, meta: SessionMeta, cfg: Config) -> None:
+    def __init__(
+        self, batch: SessionBatch, meta: SessionMeta, cfg: Config, fit: RewardFit | None = None
+    ) -> None:
         self.meta = meta
-        self.spec = RewardSpec.from_config(cfg.reward, meta, _reward_fit(cfg, meta))
+        self.spec = RewardSpec.from_config(cfg.reward, meta, fit)
         self.fusion = cfg.policy.fusion
         self.fusion_eps = cfg.policy.fusion_eps
         self.context = np.ascontiguousarray(batch.context, dtype=np.float32)
@@ -116,15 +119,6 @@ class LoggedRequests:
         return {k: v / max(n, 1) for k, v in sums.items()}
 
 
-def _reward_fit(cfg: Config, meta: SessionMeta):
-    """What the reward learned from the logs, fitted by the driver into RUN_DIR (if needed)."""
-    if not RewardSpec.from_config(cfg.reward, meta).needs_fit:
-        return None
-    from grade_ray.learner.reward_fit import REWARD_FIT_FILE, load_reward_fit
-
-    return load_reward_fit(Path(cfg.run_dir) / REWARD_FIT_FILE, cfg)
-
-
 @functools.lru_cache(maxsize=2)
 def _load_cached(train_path: str, config_json: str, max_requests: int) -> LoggedRequests:
     cfg = from_dict(Config, json.loads(config_json))
@@ -134,7 +128,8 @@ def _load_cached(train_path: str, config_json: str, max_requests: int) -> Logged
     log.info(
         "rllib-ppo env data: %d requests from %s (%s)", len(batch), train_path, report.summary()
     )
-    return LoggedRequests(batch, meta, cfg)
+    # what the reward fits on the logs: fitted by the driver into RUN_DIR, loaded here
+    return LoggedRequests(batch, meta, cfg, run_reward_fit(cfg, train_path, meta))
 
 
 def load_requests(train_path: str | Path, cfg: Config, max_requests: int = 0) -> LoggedRequests:

@@ -76,7 +76,7 @@ def bench_rollout(cfg: Config, train_path: str, repeats: int) -> dict[str, float
     tasks = [t for t in plan.rounds[0] if len(t) == cfg.rollout.batch_size]
     meta = plan.meta
     policy = new_policy(cfg, meta, train_path)
-    spec = rollout_spec(cfg, meta)
+    spec = rollout_spec(cfg, meta, train_path)
     state = {k: v.clone() for k, v in policy.state_dict().items()}
     out: dict[str, float] = {"plan.build_requests_per_s": plan.num_requests / plan_s}
     one, two = _schedule(tasks, 1, out), _schedule(tasks, 2, out)
@@ -195,7 +195,7 @@ def bench_kernel(cfg: Config, train_path: str, repeats: int) -> dict[str, float]
         dt_mapped = _median_time(mapped, repeats)
     shard_rows = pq.ParquetFile(first.file).metadata.num_rows
     policy = new_policy(cfg, plan.meta, train_path)
-    worker = RolloutWorker(policy, rollout_spec(cfg, plan.meta))
+    worker = RolloutWorker(policy, rollout_spec(cfg, plan.meta, train_path))
     worker.set_weights(policy.state_dict(), 0)
     dt = _median_time(lambda: worker.rollout(batch, 10.0), repeats)
     rb = worker.rollout(batch, 10.0)
