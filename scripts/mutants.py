@@ -55,6 +55,8 @@ T_STEPS = "tests/learner/test_trainer_steps.py"
 T_CHUNKS = "tests/data/test_schema_chunks.py"
 T_RAY = "tests/jobs/test_train_ray.py"
 T_SERVE = "tests/serving/test_service_mutants.py"
+T_HEAD = "tests/jobs/test_headroom.py"
+T_FIT = "tests/learner/test_reward_fit.py"
 
 MUTATIONS: list[Mutation] = [
     # -- algos ------------------------------------------------------------------------------
@@ -370,12 +372,124 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "eval-headroom-denominator",
-        "jobs/evaluate.py",
-        'n: (v - ns["static_truth"]) / gap if gap > 0 else float("nan") for n, v in ns.items()',
-        'n: (v - ns["static_truth"]) / ns["oracle"] if gap > 0 else float("nan")'
-        " for n, v in ns.items()",
-        (f"{T_LOCAL}::test_evaluate_all_arms",),
+        "jobs/headroom.py",
+        "captured_segment={a: share(v - s, o_seg - s) for a, v in ns.items()},",
+        "captured_segment={a: share(v - s, o_seg) for a, v in ns.items()},",
+        (f"{T_LOCAL}::test_evaluate_all_arms", f"{T_HEAD}::test_headroom_shares_by_hand"),
         "headroom not a share of the oracle's gap",
+    ),
+    Mutation(
+        "attainable-headroom-vs-segment-oracle",
+        "jobs/headroom.py",
+        "captured={a: share(v - s, gap) for a, v in ns.items()},",
+        "captured={a: share(v - s, o_seg - s) for a, v in ns.items()},",
+        (f"{T_HEAD}::test_headroom_shares_by_hand",),
+        "attainable headroom measured against the unattainable segment oracle",
+    ),
+    Mutation(
+        "reward-oracle-wrong-segments",
+        "jobs/headroom.py",
+        "segments = sim.users.segment[batch.user_id]",
+        "segments = np.zeros_like(sim.users.segment[batch.user_id])",
+        (
+            f"{T_HEAD}::test_reward_oracle_matches_the_true_oracle_when_the_reward_is_the_north_star",
+        ),
+        "reward oracle pools every segment",
+    ),
+    Mutation(
+        "policy-equal-to-sp-unflagged",
+        "jobs/headroom.py",
+        'if policy in weights and "SP" in weights and same_weights(weights[policy], weights["SP"]):',
+        'if policy in weights and "SP" in weights and not same_weights(weights[policy], weights["SP"]):',
+        (f"{T_HEAD}::test_diagnosis_flags_a_policy_equal_to_sp",),
+        "a GRADE equal to SP goes unflagged",
+    ),
+    Mutation(
+        "posterior-ignores-intent-covariance",
+        "data/simulator.py",
+        "np.eye(self.cfg.context_dim) + c**2 * pop.ctx_intent.T @ pop.ctx_intent",
+        "np.eye(self.cfg.context_dim) + 0.0 * pop.ctx_intent.T @ pop.ctx_intent",
+        ("tests/data/test_oracles.py::test_segment_posterior_is_calibrated",),
+        "the attainable oracle's posterior is overconfident",
+    ),
+    Mutation(
+        "dataset-scale-ignored",
+        "algos/rewards.py",
+        "out[name] = dcg / scale if scale else ndcg_from_dcg(dcg, ideal_dcg_at_k(g, m, k))",
+        "out[name] = ndcg_from_dcg(dcg, ideal_dcg_at_k(g, m, k))",
+        (f"{T_FIT}::test_dataset_normalization_divides_dcg_by_one_constant",),
+        "reward.normalization=dataset silently gives NDCG",
+    ),
+    Mutation(
+        "calibration-without-examination",
+        "learner/reward_fit.py",
+        "log_exam = log_exam_all if given is None else torch.zeros_like(log_exam_all)",
+        "log_exam = torch.zeros_like(log_exam_all)",
+        (f"{T_FIT}::test_fitted_calibration_tracks_true_rates_better_than_the_raw_model",),
+        "pCTR recalibrated to position-biased click rates",
+    ),
+    Mutation(
+        "calibration-not-applied",
+        "spec.py",
+        "scores = apply_calibration(scores, context, self.calibration)",
+        "scores = scores",
+        (f"{T_WORKER}::test_advantages_are_the_composite_rewards_group_advantages",),
+        "R_prior ignores the fitted calibration",
+    ),
+    Mutation(
+        "logit-bound-ignored",
+        "learner/supervised.py",
+        ") + logit_spread_hinge(logits, s.logit_bound)",
+        ") + logit_spread_hinge(logits, 0.0)",
+        ("tests/learner/test_saturation.py::test_logit_bound_keeps_stage2_able_to_move",),
+        "Stage 1 saturates the softmax",
+    ),
+    Mutation(
+        "stalled-stage2-unwarned",
+        "learner/diagnostics.py",
+        "if grad is not None and grad < STALLED_GRAD_NORM:",
+        "if grad is not None and grad < 0.0:",
+        (
+            "tests/learner/test_saturation.py::"
+            "test_saturated_stage1_stalls_stage2_and_the_round_says_why",
+        ),
+        "a round with zero gradient passes without a word",
+    ),
+    Mutation(
+        "batch-advantage-per-group",
+        "algos/advantages.py",
+        "return (centred / (centred.pow(2).mean().sqrt() + eps)).to(rewards.dtype)",
+        "return (centred / (centred.pow(2).mean(-1, keepdim=True).sqrt() + eps)).to(rewards.dtype)",
+        (
+            "tests/algos/test_advantages.py::test_batch_advantage_by_hand_keeps_requests_relative_scale",
+        ),
+        "batch advantages re-weight every request to unit variance",
+    ),
+    Mutation(
+        "k3-unbounded",
+        "algos/losses.py",
+        "return (torch.exp(delta) - 1.0 - delta).clamp(0.0, bound)",
+        "return torch.exp(delta) - 1.0 - delta",
+        ("tests/algos/test_losses.py::test_kl_k3_is_bounded_in_the_reference_tail",),
+        "one tail sample swamps the KL",
+    ),
+    Mutation(
+        "learner-train-mode",
+        "learner/grpo.py",
+        "        self.model.eval()\n",
+        "        self.model.train()\n",
+        ("tests/learner/test_stage2_modes.py",),
+        "with dropout the first update is off-policy",
+    ),
+    Mutation(
+        "lambda-pairs-counted-twice",
+        "algos/losses.py",
+        "counted_once = rank.unsqueeze(-2) > torch.arange(kk, device=rank.device).unsqueeze(-1)",
+        "counted_once = rank.unsqueeze(-2) >= 0 * torch.arange(kk, device=rank.device).unsqueeze(-1)",
+        (
+            "tests/algos/test_losses.py::test_topk_pair_lambda_loss_equals_all_pairs_in_value_and_gradient",
+        ),
+        "top-k pairs counted twice",
     ),
     # -- serving ----------------------------------------------------------------------------
     Mutation(

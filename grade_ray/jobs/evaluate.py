@@ -40,9 +40,13 @@ from grade_ray.jobs.headroom import (
     SEGMENT_ORACLE,
     STATIC,
     Headroom,
+    LogsHeadroom,
     diagnose,
+    diagnose_logs,
     headroom,
     headroom_markdown,
+    logs_headroom,
+    logs_markdown,
     oracle_arms,
 )
 from grade_ray.learner.loop import POLICY_FILE, PRETRAIN_CKPT, load_policy
@@ -161,7 +165,8 @@ class EvalResult:
 
     headroom: arm -> captured share of the segment oracle's headroom (simulator only);
     oracles: captured attainable headroom, objective and optimisation gaps, per-segment
-    north-star; warnings: the diagnosis (what limits the policy).
+    north-star; logs: the same question by the training reward on held-out logs (any data);
+    warnings: the diagnosis (what limits the policy).
     """
 
     offline: dict[str, dict[str, float]]
@@ -171,6 +176,7 @@ class EvalResult:
     markdown: str
     oracles: Headroom | None = None
     warnings: list[str] = dataclasses.field(default_factory=list)
+    logs: LogsHeadroom | None = None
 
 
 def default_arms(
@@ -233,15 +239,18 @@ def run_evaluate(
         )
         for name, w in weights.items()
     }
-    online = oracles = recovery = None
+    online = oracles = recovery = logs = None
     sim = simulator_for(cfg)
     if sim is not None:
         online, oracles, recovery = _online(cfg, sim, arms, statics, train_path)
     policy = next((a for a in reversed(arms) if a not in ("uniform", "best_static", "SP")), "")
     warnings = diagnose(oracles, weights, policy)
+    if baselines:
+        logs = logs_headroom(cfg, spec, train_path, batch, weights)
+        warnings += diagnose_logs(logs, policy)
     for w in warnings:
         log.warning("%s", w)
-    md = _markdown(offline, online, oracles, recovery, report.summary(), spec.k, warnings)
+    md = _markdown(offline, online, oracles, recovery, report.summary(), spec.k, warnings, logs)
     result = EvalResult(
         offline,
         online,
@@ -250,6 +259,7 @@ def run_evaluate(
         md,
         oracles,
         warnings,
+        logs,
     )
     out = run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
@@ -260,6 +270,7 @@ def run_evaluate(
                 "online": online,
                 "headroom": result.headroom,
                 "oracles": None if oracles is None else oracles.to_dict(),
+                "logs_headroom": None if logs is None else logs.to_dict(),
                 "recovery": recovery,
                 "warnings": warnings,
                 "static_weights": statics,
@@ -302,7 +313,14 @@ def _online(
 
 
 def _markdown(
-    offline, online, oracles: Headroom | None, recovery, data_summary: str, k: int, warnings
+    offline,
+    online,
+    oracles: Headroom | None,
+    recovery,
+    data_summary: str,
+    k: int,
+    warnings,
+    logs: LogsHeadroom | None = None,
 ) -> str:
     lines = [
         f"Held-out logs: {data_summary}",
@@ -347,6 +365,8 @@ def _markdown(
                 f"{recovery.get(a, float('nan')):.3f} |"
             )
         lines += headroom_markdown(oracles, arms)
+    if logs is not None:
+        lines += logs_markdown(logs)
     if warnings:
         lines += ["", "Diagnosis:", ""] + [f"- {w}" for w in warnings]
     return "\n".join(lines)

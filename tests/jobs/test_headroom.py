@@ -106,3 +106,32 @@ def test_diagnosis_flags_a_policy_equal_to_sp():
     moved = w.copy()
     moved[0] = [0.4, 0.2, 0.2, 0.2]
     assert diagnose(None, {"GRADE": moved, "SP": w}) == []
+
+
+def test_context_clusters_find_separated_groups():
+    from grade_ray.jobs.headroom import assign_clusters, context_clusters
+
+    rng = np.random.default_rng(0)
+    centres = np.array([[5.0, 0.0], [-5.0, 0.0], [0.0, 5.0]])
+    x = np.concatenate([c + rng.normal(0, 0.3, (100, 2)) for c in centres])
+    found = context_clusters(x, 3, seed=1)
+    lab = assign_clusters(x, found)
+    # every true group lands in one cluster, different groups in different clusters
+    groups = [set(lab[i * 100 : (i + 1) * 100]) for i in range(3)]
+    assert all(len(g) == 1 for g in groups) and len(set.union(*groups)) == 3
+
+
+def test_logs_diagnosis_names_the_limit():
+    from grade_ray.jobs.headroom import CLUSTER_ORACLE, REWARD_STATIC, LogsHeadroom, diagnose_logs
+
+    def h(static, oracle, grade, gain=0.0, ci=0.01):
+        reward = {REWARD_STATIC: static, CLUSTER_ORACLE: oracle, "GRADE": grade}
+        gap = oracle - static
+        cap = {a: (r - static) / gap if gap > 0 else float("nan") for a, r in reward.items()}
+        return LogsHeadroom(reward, cap, gain, ci, 8)
+
+    assert diagnose_logs(h(1.0, 1.1, 1.09), "GRADE") == []
+    assert "more training" in diagnose_logs(h(1.0, 1.1, 1.02), "GRADE")[0]
+    assert "no personalization" in diagnose_logs(h(1.0, 0.99, 1.0), "GRADE")[0]
+    more = diagnose_logs(h(1.0, 1.1, 1.09, gain=0.05, ci=0.01), "GRADE")
+    assert len(more) == 1 and "more logs should help" in more[0]

@@ -158,6 +158,16 @@ def test_evaluate_all_arms(local_run, evaluated):
     assert res.recovery["oracle"] == pytest.approx(0.0, abs=1e-6)
     assert "north_star" in res.markdown
     assert (Path(local_run.run_dir) / "eval" / "eval.json").exists()
+    # without ground truth: every arm scored by the training reward on the held-out logs
+    logs = res.logs
+    assert {"GRADE", "SP", "reward_static", "cluster_oracle", "cluster_oracle_half"} <= set(
+        logs.reward
+    )
+    if logs.reward["cluster_oracle"] > logs.reward["reward_static"]:
+        assert logs.captured["reward_static"] == 0.0
+        assert logs.captured["cluster_oracle"] == pytest.approx(1.0)
+    assert np.isfinite(logs.data_gain) and logs.data_gain_ci >= 0
+    assert "By the training reward on held-out logs" in res.markdown
 
 
 def test_evaluate_scores_the_runs_policy(local_run, smoke_data, evaluated):
