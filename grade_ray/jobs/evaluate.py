@@ -210,7 +210,8 @@ def run_evaluate(
     baselines: bool = True,
     extra_arms: dict[str, str] | None = None,
 ) -> EvalResult:
-    """Evaluate a run's policy (and baselines) offline and, on simulator data, online."""
+    """Evaluate a run's policy (and baselines) offline and, on simulator data, online;
+    writes RUN_DIR/eval/eval.json|md."""
     from grade_ray.jobs.train import prepare_data, simulator_for
 
     run_dir = Path(run_dir)
@@ -219,69 +220,54 @@ def run_evaluate(
     if not eval_path:
         raise FileNotFoundError("no held-out data: set data.eval_path or pass --data")
     arms, statics = default_arms(cfg, run_dir, train_path, baselines)
-    for name, path in (extra_arms or {}).items():
-        arms[name] = policy_arm(path)
+    arms.update({name: policy_arm(path) for name, path in (extra_arms or {}).items()})
     if not arms:
         raise FileNotFoundError(f"nothing to evaluate: no {POLICY_FILE} in {run_dir}")
     batch, meta, report = read_sessions(eval_path, on_error=cfg.data.on_error)
     spec = reward_spec(cfg.replace(run_dir=str(run_dir)), meta, train_path)
     weights = {name: fn(batch, None) for name, fn in arms.items()}
-    offline = {
-        name: offline_metrics(
-            batch,
-            meta,
-            w,
-            spec,
-            cfg.policy.fusion,
-            cfg.policy.fusion_eps,
-            cfg.eval.bootstrap,
-            cfg.eval.ab_seed,
-        )
-        for name, w in weights.items()
-    }
+    offline = {name: _offline(cfg, batch, meta, w, spec) for name, w in weights.items()}
     online = oracles = recovery = logs = None
     sim = simulator_for(cfg)
     if sim is not None:
         online, oracles, recovery = _online(cfg, sim, arms, statics, train_path)
-    policy = next((a for a in reversed(arms) if a not in ("uniform", "best_static", "SP")), "")
-    warnings = diagnose(oracles, weights, policy)
     if baselines:
         logs = logs_headroom(cfg, spec, train_path, batch, weights)
-        warnings += diagnose_logs(logs, policy)
+    policy = next((a for a in reversed(arms) if a not in ("uniform", "best_static", "SP")), "")
+    warnings = diagnose(oracles, weights, policy) + (
+        [] if logs is None else diagnose_logs(logs, policy)
+    )
     for w in warnings:
         log.warning("%s", w)
     md = _markdown(offline, online, oracles, recovery, report.summary(), spec.k, warnings, logs)
-    result = EvalResult(
-        offline,
-        online,
-        None if oracles is None else oracles.captured_segment,
-        recovery,
-        md,
-        oracles,
-        warnings,
-        logs,
-    )
-    out = run_dir / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(
-        json.dumps(
-            {
-                "offline": offline,
-                "online": online,
-                "headroom": result.headroom,
-                "oracles": None if oracles is None else oracles.to_dict(),
-                "logs_headroom": None if logs is None else logs.to_dict(),
-                "recovery": recovery,
-                "warnings": warnings,
-                "static_weights": statics,
-                "eval_data": report.summary(),
-            },
-            indent=2,
-            default=float,
-        )
-    )
-    (out / "eval.md").write_text(md)
+    headroom_seg = None if oracles is None else oracles.captured_segment
+    result = EvalResult(offline, online, headroom_seg, recovery, md, oracles, warnings, logs)
+    _write(run_dir / "eval", result, statics, report.summary())
     return result
+
+
+def _offline(cfg: Config, batch: SessionBatch, meta: SessionMeta, weights, spec) -> dict:
+    e = cfg.eval
+    fusion, eps = cfg.policy.fusion, cfg.policy.fusion_eps
+    return offline_metrics(batch, meta, weights, spec, fusion, eps, e.bootstrap, e.ab_seed)
+
+
+def _write(out: Path, result: EvalResult, statics: dict, data_summary: str) -> None:
+    """eval.json (every number) and eval.md (the tables) under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "offline": result.offline,
+        "online": result.online,
+        "headroom": result.headroom,
+        "oracles": None if result.oracles is None else result.oracles.to_dict(),
+        "logs_headroom": None if result.logs is None else result.logs.to_dict(),
+        "recovery": result.recovery,
+        "warnings": result.warnings,
+        "static_weights": statics,
+        "eval_data": data_summary,
+    }
+    (out / "eval.json").write_text(json.dumps(record, indent=2, default=float))
+    (out / "eval.md").write_text(result.markdown)
 
 
 def _online(

@@ -94,6 +94,15 @@ _RUN_ARTIFACTS = (
 )
 
 
+def _yardstick(cfg: Config, meta: SessionMeta) -> RewardSpec:
+    """The replay's metric: per-request NDCG on logged labels and on the raw predictions,
+    whatever normalization or calibration the policy trains with (names checked here,
+    before any training)."""
+    RewardSpec.from_config(cfg.reward, meta)
+    plain = dataclasses.replace(cfg.reward, normalization="request", prior_calibration={})
+    return RewardSpec.from_config(plain, meta)
+
+
 def _clear_run(out: Path) -> None:
     """Remove a previous run's training artifacts (never the sessions)."""
     for name in _RUN_ARTIFACTS:
@@ -285,12 +294,7 @@ def run_kuairand_pipeline(
     train, meta, _ = read_sessions(cfg.data.train_path, on_error=cfg.data.on_error)
     ev, eval_meta, eval_read = read_sessions(cfg.data.eval_path, on_error=cfg.data.on_error)
     dates = check_split_dates(meta, eval_meta)
-    RewardSpec.from_config(cfg.reward, meta)  # names checked before training
-    # the replay's yardstick: per-request NDCG on logged labels and on the raw predictions,
-    # whatever normalization or calibration the policy was trained with
-    spec = RewardSpec.from_config(
-        dataclasses.replace(cfg.reward, normalization="request", prior_calibration={}), meta
-    )
+    spec = _yardstick(cfg, meta)
     _clear_run(out)
     stage1, trained = _train(cfg, train, meta, variants, timings)
     with _timed(timings, "evaluate_s"):
