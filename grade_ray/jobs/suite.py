@@ -13,7 +13,7 @@ and the objective and optimisation gaps of the arm's own reward.
 Order in which settings apply (later wins): defaults <- ``--config`` files <- the
 world file <- the suite's ``set`` <- the arm's config files <- the arm's ``set``
 <- ``--set`` on the command line. Arms may not change ``simulator.*`` (a world's
-data is shared). Re-running continues: an arm whose ``policy.pt`` was trained with
+data is shared) or ``eval.*`` (one A/B test per world). Re-running continues: an arm whose ``policy.pt`` was trained with
 the same config is not trained again.
 """
 
@@ -178,6 +178,11 @@ def arm_config(
     cfg = load_config(files, over)
     if cfg.simulator != world_only.simulator:
         raise SuiteError(f"arm {arm.name!r} changes simulator settings; put those in a world")
+    if cfg.eval != world_only.eval:
+        raise SuiteError(
+            f"arm {arm.name!r} changes eval settings; every arm shares one A/B test per world, "
+            "so put those in the suite's set"
+        )
     return cfg
 
 

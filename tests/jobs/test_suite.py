@@ -94,6 +94,18 @@ def test_suite_errors_are_clear(suite_file, tmp_path):
     s = load_suite(sim_arm)
     with pytest.raises(SuiteError, match="changes simulator"):
         arm_config(s, "a", s.arms[0], tmp_path / "r")
+    eval_arm = tmp_path / "eval.yaml"
+    eval_arm.write_text(
+        yaml.safe_dump(
+            {
+                "worlds": str(suite_file.parent / "worlds"),
+                "arms": {"x": {"set": {"eval.ab_requests": 99}}},
+            }
+        )
+    )
+    s = load_suite(eval_arm)
+    with pytest.raises(SuiteError, match="changes eval"):
+        arm_config(s, "a", s.arms[0], tmp_path / "r")
 
 
 def test_data_scale_and_reports(suite_file, tmp_path):
