@@ -21,7 +21,13 @@ from typing import Any
 import yaml
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Base of the errors whose message is written for the user: what is wrong, where (file,
+    row, column or config key) and how to fix it. Raised where the problem is found and
+    caught once, in the CLI's ``main``, which prints the message on one line."""
+
+
+class ConfigError(UserError, ValueError):
     """An invalid configuration value; the message says how to fix it."""
 
 
