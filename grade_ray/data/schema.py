@@ -782,7 +782,10 @@ REJECTS_SCHEMA = pa.schema(
 """Rows of a rejects file: the session columns as read, the reason, source file and row."""
 
 
-def _rejects_table(rows: pa.Table, reasons: list[str], file: str, source_rows: np.ndarray):
+def rejects_table(
+    rows: pa.Table, reasons: list[str], file: str, source_rows: np.ndarray
+) -> pa.Table:
+    """Rows of a session table as a rejects file holds them (:data:`REJECTS_SCHEMA`)."""
     cols = []
     for field in REJECTS_SCHEMA:
         if field.name == REJECT_REASON:
@@ -837,7 +840,7 @@ def validate_table(
             f"{flags.text(int(idx[0])).split(': ', 1)[1]} ({len(idx)} bad row(s) in this chunk; "
             "reject mode (data.on_error=reject) sets bad rows aside)"
         )
-    rejected = _rejects_table(
+    rejected = rejects_table(
         table.take(pa.array(idx)), [flags.text(int(i)) for i in idx], file, idx + row_offset
     )
     good = table.filter(pa.array(~flags.bad))
@@ -967,6 +970,7 @@ def iter_validated(
     files: Sequence[Path | str] | None = None,
     *,
     max_candidates: int | None = None,
+    rejects: RejectsWriter | None = None,
 ) -> Iterator[ValidatedChunk]:
     """Validate every row of the session files at ``path``, one record batch at a time.
 
@@ -975,6 +979,8 @@ def iter_validated(
     ``on_error="reject"`` bad rows go to ``rejects_path``, by default a file under the
     :func:`read_scope`'s ``rejects_dir`` (none there: counted only), and the report names
     it. ``max_candidates``: default the scope's. Unreadable files raise naming the file.
+    ``rejects``: a writer the caller owns (and closes) instead of ``rejects_path``, for a
+    caller that rejects more rows of its own into the same file.
     """
     if on_error not in ("raise", "reject"):
         raise ValueError(f"on_error must be 'raise' or 'reject', got {on_error!r}")
@@ -984,14 +990,18 @@ def iter_validated(
     if on_error == "reject" and rejects_path is None and scope.rejects_dir is not None:
         rejects_path = rejects_file(scope.rejects_dir, path)
     limit = scope.max_candidates if max_candidates is None else max_candidates
+    owned = rejects is None
+    if owned:
+        rejects = RejectsWriter(rejects_path if on_error == "reject" else None)
     return _validated_chunks(
         files,
         meta,
         batch_size,
         on_error,
-        RejectsWriter(rejects_path if on_error == "reject" else None),
+        rejects,
         report if report is not None else ReadReport(),
         limit,
+        owned,
     )
 
 
@@ -1003,6 +1013,7 @@ def _validated_chunks(
     rejects: RejectsWriter,
     report: ReadReport,
     max_candidates: int,
+    owned: bool = True,
 ) -> Iterator[ValidatedChunk]:
     seen = SeenIds()
     complete = False
@@ -1029,7 +1040,8 @@ def _validated_chunks(
                 offset += rb.num_rows
         complete = True
     finally:
-        rejects.close(complete)
+        if owned:
+            rejects.close(complete)
         if rejects.rows and rejects.path is not None:
             report.rejects_path = str(rejects.path)
         elif rejects.rows:
