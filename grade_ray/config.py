@@ -596,6 +596,21 @@ def _first_line(e: BaseException) -> str:
     return " ".join(line.strip() for line in lines[:3]) if lines else type(e).__name__
 
 
+def _check_keys(
+    data: dict[str, Any], known: dict[str, Any], path: str | Path, at: str = ""
+) -> None:
+    """Raise ConfigError naming ``path`` for a key of ``data`` that ``known`` lacks."""
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown config key(s) {[at + k for k in unknown]}; valid keys here: "
+            f"{sorted(known)}"
+        )
+    for k, v in data.items():
+        if isinstance(v, dict) and isinstance(known[k], dict) and k not in _LEAF_DICTS:
+            _check_keys(v, known[k], path, f"{at}{k}.")
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """'grpo.lr=3e-4' -> ('grpo.lr', 0.0003); the value is parsed as YAML."""
     if "=" not in text:
@@ -615,7 +630,9 @@ def load_config(
     """Defaults <- each YAML file in order <- ``section.key=value`` overrides."""
     d = to_dict(Config())
     for p in paths or []:
-        d = merge_dicts(d, read_yaml(p))
+        data = read_yaml(p)
+        _check_keys(data, d, p)
+        d = merge_dicts(d, data)
     for text in overrides or []:
         key, value = parse_override(text)
         set_dotted(d, key, value)

@@ -337,6 +337,38 @@ class DecodedCache:
         self._writer = self._tmp = self._final = self._reuse = None
 
 
+def _well_formed(table: pa.Table, meta: SessionMeta) -> np.ndarray:
+    """(R,) bool: rows whose lists have the shapes :func:`table_to_batch` needs (no null
+    lists; scores, labels, positions per candidate; K and L values per item; D context
+    values). Cheap (list lengths only); values are not checked."""
+
+    def lengths(col: pa.ChunkedArray) -> np.ndarray:
+        return np.asarray(
+            pc.fill_null(pc.list_value_length(col), -1).to_numpy(zero_copy_only=False), np.int64
+        )
+
+    def per_row_all(ok_items: np.ndarray, outer: np.ndarray) -> np.ndarray:
+        bad = np.concatenate([[0], np.cumsum(~ok_items)])
+        ends = np.cumsum(np.maximum(outer, 0))
+        return (bad[ends] - bad[ends - np.maximum(outer, 0)]) == 0
+
+    ok = np.ones(table.num_rows, dtype=bool)
+    n = lengths(table.column(SCORES))
+    ok &= n > 0
+    ok &= lengths(table.column(CONTEXT)) == meta.context_dim
+    for col, width in ((SCORES, meta.num_tasks), (LABELS, meta.num_labels)):
+        outer = lengths(table.column(col))
+        ok &= outer == n
+        ok &= per_row_all(lengths(pc.list_flatten(table.column(col))) == width, outer)
+    for col in (LOGGED_POSITION, "item_ids"):
+        if col in table.column_names:
+            ok &= lengths(table.column(col)) == n
+    for col in (REQUEST_ID, USER_ID, TS):
+        if col in table.column_names:
+            ok &= ~np.asarray(table.column(col).is_null().to_numpy(zero_copy_only=False))
+    return ok
+
+
 def content_digest(batch: pa.RecordBatch) -> bytes:
     """Hex sha256 of a record batch's content: column names, types, null masks, list
     lengths and values (not how the buffers happen to be laid out)."""
@@ -429,8 +461,14 @@ class TaskReader:
         if self.columns is not None:
             present = pq.read_schema(file).names
             columns = [c for c in self.columns if c in present]
-        table = pq.read_table(file, columns=columns, use_threads=self.use_threads)
-        return self._decoded(normalize_table(table, file)), None
+        table = normalize_table(
+            pq.read_table(file, columns=columns, use_threads=self.use_threads), file
+        )
+        ok = _well_formed(table, self.meta)
+        if ok.all():
+            return self._decoded(table), None
+        # rows the plan rejected may not even decode (wrong widths, null lists): leave them out
+        return self._decoded(table.filter(pa.array(ok))), np.flatnonzero(ok).astype(np.int64)
 
     def _decoded(self, table: pa.Table) -> SessionBatch | pa.Table:
         """The whole file padded, unless one long list would blow that up (then the table)."""
@@ -458,9 +496,13 @@ class TaskReader:
             idx = np.searchsorted(source_rows, task.rows)
             ok = idx < len(source_rows)
             if not ok.all() or not (source_rows[idx] == task.rows).all():
+                where = self.cache.get(task.file)
                 raise RuntimeError(
-                    f"decoded cache {self.cache[task.file]} lacks rows of {task.file} that the "
-                    "plan names; delete the cache directory and rebuild the plan"
+                    f"decoded cache {where} lacks rows of {task.file} that the plan names; "
+                    "delete the cache directory and rebuild the plan"
+                    if where
+                    else f"{task.file} has malformed rows that the plan names (did the file "
+                    "change after the plan was built?)"
                 )
         if isinstance(batch, pa.Table):
             return table_to_batch(batch.take(pa.array(idx)), self.meta)

@@ -22,7 +22,14 @@ from pathlib import Path
 from grade_ray import keys
 from grade_ray.config import Config, save_config
 from grade_ray.data.plan import DataPlan
-from grade_ray.data.schema import ReadReport, iter_validated, read_meta, read_scope, rejects_file
+from grade_ray.data.schema import (
+    ReadReport,
+    SchemaError,
+    iter_validated,
+    read_meta,
+    read_scope,
+    rejects_file,
+)
 from grade_ray.learner.grpo import GRPOLearner, GRPOSettings
 from grade_ray.learner.loop import (
     POLICY_FILE,
@@ -169,6 +176,8 @@ def run_pretrain(cfg: Config, *, overwrite: bool = True) -> Path:
         train_path, _ = prepare_data(cfg)
         meta = read_meta(train_path)
         report = count_rows(cfg, train_path)
+        if report.rows_used == 0:
+            raise SchemaError(f"{train_path}: no usable rows ({report.summary()})")
         policy = new_policy(cfg, meta, train_path)
         pretrain(cfg, policy, meta, train_path, logger)
         path = save_policy(run_dir / CHECKPOINT_DIR / f"{PRETRAIN_CKPT}.pt", policy, cfg, meta)

@@ -116,7 +116,10 @@ def run_infer(
     service = FusionService.load(export_dir, backend)
     files = list_files(data)
     meta = file_meta(files[0])
-    service.check_meta(meta)
+    try:
+        service.check_meta(meta)
+    except RequestError as e:
+        raise RequestError(f"{files[0]}: {e}") from None
     out = Path(out)
     if on_error == "reject" and rejects_path is None:
         rejects_path = out.with_name(out.stem + ".rejects.parquet")

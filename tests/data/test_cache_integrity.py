@@ -74,3 +74,24 @@ def test_a_long_list_is_decoded_with_its_task_only(tmp_path):
         assert isinstance(reader._files[str(src)][0], pa.Table)  # not padded to 1201 x 3000
         assert max(widths.values()) == 3000
         assert sorted(w for w in widths.values() if w != 3000) == [5] * (len(widths) - 1)
+
+
+def test_parquet_reader_skips_rows_the_plan_rejected_as_malformed(tmp_path):
+    """Without the cache, workers decode Parquet: a rejected row with a short score list or
+    a null list must not break the decoding of the rows around it."""
+    t = to_table(_batch(20, 4), META)
+    scores = t.column("scores").to_pylist()
+    scores[3] = [scores[3][0][:1], *scores[3][1:]]  # one value for two tasks
+    scores[9] = None
+    i = t.schema.get_field_index("scores")
+    t = t.set_column(
+        i, pa.field("scores", t.schema.field(i).type), pa.array(scores, t.schema.field(i).type)
+    )
+    src = tmp_path / "s.parquet"
+    pq.write_table(t, src)
+    plan = DataPlan.build(
+        src, rounds=1, batch_size=6, on_error="reject", rejects_path=tmp_path / "r.parquet"
+    )
+    reader = TaskReader(plan.meta, columns=ROLLOUT_COLUMNS)
+    ids = np.concatenate([reader.load(task).request_id for task in plan.rounds[0]])
+    assert sorted(ids.tolist()) == [r for r in range(20) if r not in (3, 9)]
