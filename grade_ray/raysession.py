@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterator
 
 import ray
@@ -108,3 +109,68 @@ def check_resources(cfg: Config, resources: dict[str, float] | None = None) -> N
             f"{lr.num_workers} GPU(s) but the cluster has {gpus:g}; set learner.use_gpu=false "
             "or add GPU nodes"
         )
+
+
+def local_only_session() -> bool:
+    """Whether the connected Ray session runs on this machine's loopback address only (the
+    embedded one, or a test cluster started on 127.0.0.1)."""
+    return ray.is_initialized() and ray.util.get_node_ip_address() == LOOPBACK
+
+
+def _loopback_sockets() -> None:
+    """In a learner worker: gloo and NCCL open their sockets on the loopback interface."""
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+
+
+def loopback_torch_config():
+    """Ray Train's torch setup for a :func:`local_only_session`: the learner workers meet
+    through a file store instead of torch's TCPStore (which listens on every interface,
+    whatever its address), and gloo / NCCL use the loopback interface.
+
+    Ray Train offers only ``env://`` and ``tcp://`` rendezvous, both through a TCPStore, so
+    this overrides its backend's ``on_start`` (Ray 2.60's ``_TorchBackend``; the Ray tests in
+    tests/jobs/test_train_ray.py run it, with one and two learner workers).
+    """
+    import dataclasses
+    import tempfile
+    import uuid
+
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import (
+        _set_torch_distributed_env_vars,
+        _setup_torch_process_group,
+        _TorchBackend,
+    )
+
+    class FileRendezvous(_TorchBackend):
+        def on_start(self, worker_group, backend_config) -> None:
+            gpus = worker_group.get_resources_per_worker().get("GPU", 0)
+            backend = backend_config.backend or ("nccl" if gpus > 0 else "gloo")
+            store = os.path.join(tempfile.gettempdir(), f"grade_ray-pg-{uuid.uuid4().hex}")
+            worker_group.execute(_loopback_sockets)
+            worker_group.execute(_set_torch_distributed_env_vars)
+            n = len(worker_group)
+            ray.get(
+                [
+                    worker_group.execute_single_async(
+                        i,
+                        _setup_torch_process_group,
+                        backend=backend,
+                        world_rank=i,
+                        world_size=n,
+                        init_method=f"file://{store}",
+                        timeout_s=backend_config.timeout_s,
+                    )
+                    for i in range(n)
+                ]
+            )
+
+    @dataclasses.dataclass
+    class LoopbackTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return FileRendezvous
+
+    return LoopbackTorchConfig()

@@ -1,10 +1,12 @@
 """The embedded Ray listens on loopback only (issue 14, finding 6).
 
 A child process starts the embedded Ray the way every job does (``init_ray``), runs an
-actor, and lists every listening TCP socket of its process tree (from /proc: the driver,
-gcs_server, raylet, the dashboard and its agents, the monitor, workers). None may be on a
-non-loopback address: before, the metrics exporters of the monitor, dashboard and agent
-listened on 0.0.0.0 and gcs_server and raylet on every interface.
+actor and a two-worker Ray Train run set up as ``grade-ray train`` sets it up, and lists,
+from inside that run (its DDP process group up), every listening TCP socket of its process
+tree (from /proc: the driver, gcs_server, raylet, the dashboard and its agents, the
+monitor, workers, the learners). None may be on a non-loopback address: before, the
+metrics exporters of the monitor, dashboard and agent listened on 0.0.0.0, gcs_server and
+raylet on every interface, and torch's rendezvous store of the learners on every interface.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ CHILD = textwrap.dedent(
     ray.get(actor.ping.remote())
     time.sleep(5)  # the dashboard agent and metrics exporters start asynchronously
 
-    def children():
+    def children(root=None):
         kids = {}
         for d in os.listdir("/proc"):
             if d.isdigit():
@@ -48,7 +50,7 @@ CHILD = textwrap.dedent(
                     continue
                 ppid = int(stat.rsplit(")", 1)[1].split()[1])
                 kids.setdefault(ppid, []).append(int(d))
-        tree, todo = set(), [os.getpid()]
+        tree, todo = set(), [root or os.getpid()]
         while todo:
             p = todo.pop()
             tree.add(p)
@@ -84,7 +86,29 @@ CHILD = textwrap.dedent(
                 out.append([owners[f[9]], ipaddress.ip_address(raw).compressed, int(port, 16)])
         return out
 
-    print("SOCKETS " + json.dumps(listening(socket_owners(children()))))
+    def train_loop(config):
+        import torch.distributed as dist
+        assert dist.is_initialized() and dist.get_world_size() == 2
+        dist.barrier()
+        if dist.get_rank() == 0:
+            found = listening(socket_owners(children(config["root"])))
+            with open(config["out"], "w") as f:
+                json.dump(found, f)
+        dist.barrier()
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from grade_ray.raysession import local_only_session, loopback_torch_config
+
+    assert local_only_session()
+    TorchTrainer(
+        train_loop,
+        train_loop_config={"root": os.getpid(), "out": os.path.abspath("sockets.json")},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.25}),
+        run_config=RunConfig(storage_path=os.path.abspath("train")),
+        torch_config=loopback_torch_config(),
+    ).fit()
+    print("SOCKETS " + open("sockets.json").read())
     ray.shutdown()
     """
 )
@@ -112,7 +136,7 @@ def test_embedded_ray_listens_on_loopback_only(tmp_path):
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=400,
     )
     lines = [x for x in done.stdout.splitlines() if x.startswith("SOCKETS ")]
     assert done.returncode == 0 and lines, done.stderr[-3000:]
@@ -120,6 +144,7 @@ def test_embedded_ray_listens_on_loopback_only(tmp_path):
     names = {name for name, _, _ in sockets}
     assert {"gcs_server", "raylet"} <= names, sockets  # the check saw the Ray processes
     assert len(sockets) >= 8, sockets  # servers, dashboard, agents, metrics exporters
+    assert any(name.startswith("ray::RayTrainWo") for name in names), names
     exposed = [s for s in sockets if not _loopback(s[1])]
     assert not exposed, f"listening beyond loopback: {exposed}"
 

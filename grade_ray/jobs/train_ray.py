@@ -23,7 +23,12 @@ from typing import Any
 from grade_ray.config import Config, from_dict
 from grade_ray.data.schema import read_meta
 from grade_ray.learner.reward_fit import run_reward_fit
-from grade_ray.raysession import check_resources, init_ray
+from grade_ray.raysession import (
+    check_resources,
+    init_ray,
+    local_only_session,
+    loopback_torch_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +206,8 @@ def _run(
             failure_config=FailureConfig(max_failures=lr.max_failures),
             callbacks=callbacks or [],
         ),
+        # on this machine only: no rendezvous port beyond loopback (torch's TCPStore binds *)
+        **({"torch_config": loopback_torch_config()} if local_only_session() else {}),
     )
     trainer.fit()
     return run_dir / POLICY_FILE
