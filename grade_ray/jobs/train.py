@@ -143,14 +143,14 @@ def _claim_stage1(run_dir: Path, overwrite: bool) -> None:
     """Before ``pretrain``: an earlier Stage 1 result in ``run_dir`` is replaced
     (``overwrite``, with a warning) or refused with :class:`RunDirError`."""
     ckpt = run_dir / CHECKPOINT_DIR / f"{PRETRAIN_CKPT}.pt"
-    rows = _stage_rows(run_dir, 1)
-    if not (ckpt.exists() or rows or round_checkpoints(run_dir)):
+    rows, rounds = _stage_rows(run_dir, 1), round_checkpoints(run_dir)
+    if not (ckpt.exists() or rows or rounds):
         return
     if not overwrite:
         raise RunDirError(
-            f"{run_dir} already holds a run ({ckpt.name if ckpt.exists() else 'no Stage 1 '}"
-            f"checkpoint, {len(rows)} Stage 1 metric row(s)); use another --run-dir or "
-            "delete it"
+            f"{run_dir} already holds a run ({'a' if ckpt.exists() else 'no'} Stage 1 "
+            f"checkpoint, {len(rows)} Stage 1 metric row(s), {len(rounds)} round "
+            "checkpoint(s)); use another --run-dir or delete it"
         )
     log.warning("%s: replacing an earlier Stage 1 result", run_dir)
     ckpt.unlink(missing_ok=True)
@@ -197,7 +197,7 @@ def initial_policy(cfg: Config, meta, train_path: str, logger: MetricsLogger | N
     if ckpt.exists():
         policy, saved_meta, _ = load_policy(ckpt)
         if saved_meta.task_names != meta.task_names:
-            raise ValueError(
+            raise RunDirError(
                 f"{ckpt} was trained on tasks {saved_meta.task_names}, data has "
                 f"{meta.task_names}; delete it or use another run_dir"
             )
