@@ -16,7 +16,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-demo: install
+demo: install  # starts fresh: train refuses a run directory that already holds a run
+	rm -rf runs/demo
 	$(PY) -m grade_ray train --config configs/demo.yaml --evaluate
 
 test: install

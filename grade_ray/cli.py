@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from grade_ray.config import ConfigError
+from grade_ray.config import UserError
 from grade_ray.options import COMMAND_MODULES, add_common_args, config_from_args
 
 log = logging.getLogger("grade_ray")
@@ -50,7 +50,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from grade_ray.jobs.train import run_pretrain
 
-    path = run_pretrain(config_from_args(args))
+    path = run_pretrain(config_from_args(args), overwrite=False)
     print(f"Stage 1 policy: {path}")
     return 0
 
@@ -60,34 +60,41 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.local:
         from grade_ray.jobs.train import run_train_local
 
-        path = run_train_local(cfg, resume=args.resume)
+        path = run_train_local(cfg, resume=args.resume, overwrite=False)
     else:
         from grade_ray.jobs.train_ray import run_train_ray
 
-        path = run_train_ray(cfg, resume=args.resume, address=args.address)
+        path = run_train_ray(cfg, resume=args.resume, address=args.address, overwrite=False)
     print(f"policy: {path}")
     if args.evaluate:
         from grade_ray.jobs.evaluate import run_evaluate
+        from grade_ray.jobs.train import data_scope
 
-        print(run_evaluate(cfg, Path(cfg.run_dir), baselines=not args.no_baselines).markdown)
+        with data_scope(cfg):
+            result = run_evaluate(cfg, Path(cfg.run_dir), baselines=not args.no_baselines)
+        print(result.markdown)
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from grade_ray.jobs.evaluate import run_evaluate
+    from grade_ray.jobs.train import data_scope
 
     cfg = config_from_args(args)
     run = Path(args.run) if args.run else Path(cfg.run_dir)
-    result = run_evaluate(cfg, run, eval_path=args.data, baselines=not args.no_baselines)
+    with data_scope(cfg, run):  # rejects (reject mode) under RUN/rejects/
+        result = run_evaluate(cfg, run, eval_path=args.data, baselines=not args.no_baselines)
     print(result.markdown)
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from grade_ray.jobs.compare import run_compare
+    from grade_ray.jobs.train import data_scope
 
     cfg = config_from_args(args)
-    result = run_compare(cfg, variants=args.variants, local=not args.ray, address=args.address)
+    with data_scope(cfg):
+        result = run_compare(cfg, variants=args.variants, local=not args.ray, address=args.address)
     print(result.markdown)
     return 0
 
@@ -184,6 +191,19 @@ def _add_bench(sub) -> None:
     p.set_defaults(fn=cmd_bench)
 
 
+# Errors a user can fix from the message alone: printed on one line, no traceback (-v shows
+# it). UserError is grade_ray's own family (config, data, serving, resources, run dirs);
+# the OS errors name the path.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    UserError,
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -194,9 +214,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"grade-ray: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        if args.verbose:
+            raise
+        print(f"grade-ray: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.verbose:
+            raise
+        print("grade-ray: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if isinstance(e, UserError) else f"{text} ({type(e).__name__})"
 
 
 if __name__ == "__main__":

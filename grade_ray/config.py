@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -21,7 +22,13 @@ from typing import Any
 import yaml
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Base of the errors whose message is written for the user: what is wrong, where (file,
+    row, column or config key) and how to fix it. Raised where the problem is found and
+    caught once, in the CLI's ``main``, which prints the message on one line."""
+
+
+class ConfigError(UserError, ValueError):
     """An invalid configuration value; the message says how to fix it."""
 
 
@@ -131,6 +138,9 @@ class DataConfig:
     cache_dir: str = ""
     """Where that cache goes; empty = RUN_DIR/decoded. Set a shared folder to reuse it
     across runs and sweep trials (it is keyed by each file's path, size and mtime)."""
+    max_candidates: int = 1000
+    """Longest candidate list a request may have; longer ones are bad rows (an error, or
+    rejected with ``on_error=reject``). Bounds the memory one request can take."""
 
     def __post_init__(self) -> None:
         _check(
@@ -138,6 +148,7 @@ class DataConfig:
             f"data.on_error={self.on_error!r}: use 'raise' or 'reject'",
         )
         _check(self.batch_size > 0, "data.batch_size must be > 0")
+        _check(self.max_candidates >= 1, "data.max_candidates must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +216,7 @@ class RewardConfig:
             and 0 < self.propensity_min <= 1,
             "reward.propensity_scale must be > 0, propensity_power >= 0, propensity_min in (0, 1]",
         )
+        _check(self.tau >= 0, "reward.tau must be >= 0")
         _check(
             self.normalization in ("request", "dataset"),
             f"reward.normalization={self.normalization!r}: use 'request' or 'dataset'",
@@ -244,6 +256,7 @@ class PolicyConfig:
             "policy.num_experts and policy.expert_hidden must be >= 1",
         )
         _check(0 <= self.dropout < 1, "policy.dropout must be in [0, 1)")
+        _check(self.fusion_eps > 0, "policy.fusion_eps must be > 0 (log(p + eps) at p = 0)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,6 +305,10 @@ class PretrainConfig:
     2 has no gradient (8 allows weight ratios up to e^8 ~ 3000)."""
 
     def __post_init__(self) -> None:
+        _check(self.epochs >= 0, "pretrain.epochs must be >= 0 (0 skips Stage 1)")
+        _check(self.lr > 0, f"pretrain.lr={self.lr} must be > 0 (e.g. 3e-3)")
+        _check(self.batch_size >= 1, "pretrain.batch_size must be >= 1")
+        _check(self.temperature > 0, "pretrain.temperature must be > 0")
         _check(self.logit_bound >= 0, "pretrain.logit_bound must be >= 0 (0 = off)")
 
 
@@ -325,6 +342,9 @@ class GRPOConfig:
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "grpo.rounds must be >= 1")
+        _check(self.lr > 0, f"grpo.lr={self.lr} must be > 0 (e.g. 1e-3)")
+        _check(self.requests_per_round >= 0, "grpo.requests_per_round must be >= 0 (0 = all)")
+        _check(self.grad_clip > 0, "grpo.grad_clip must be > 0")
         _check(
             self.data_passes >= 1 and self.rounds % self.data_passes == 0,
             f"grpo.rounds={self.rounds} must be a multiple of grpo.data_passes={self.data_passes}",
@@ -380,6 +400,7 @@ class LearnerConfig:
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "learner.num_workers must be >= 1")
         _check(self.num_cpus_per_worker > 0, "learner.num_cpus_per_worker must be > 0")
+        _check(self.max_failures >= 0, "learner.max_failures must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -400,6 +421,16 @@ class EvalConfig:
     oracle_requests: int = 20_000
     """Simulator data: logged training requests on which the reward oracle (the grid weights
     that maximise the training reward per segment) is searched."""
+
+    def __post_init__(self) -> None:
+        _check(
+            min(self.ab_requests, self.bootstrap, self.search_requests, self.oracle_requests) >= 1,
+            "eval.ab_requests/bootstrap/search_requests/oracle_requests must be >= 1",
+        )
+        _check(
+            0 < self.static_grid_step <= 1,
+            f"eval.static_grid_step={self.static_grid_step} must be in (0, 1] (e.g. 0.1)",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -484,6 +515,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
                 value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -538,18 +571,46 @@ def set_dotted(d: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A config YAML (safe_load), with its ``base:`` chain resolved."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    if path.resolve() in _chain:
+        loop = " -> ".join(str(p) for p in (*_chain, path.resolve()))
+        raise ConfigError(f"{path}: the base: chain loops ({loop}); remove one base: line")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML ({_first_line(e)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must be a mapping")
     base = data.pop("base", None)
     if base:
-        data = merge_dicts(read_yaml(path.parent / base), data)
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: base: must name a YAML file, got {base!r}")
+        data = merge_dicts(read_yaml(path.parent / base, (*_chain, path.resolve())), data)
     return data
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return " ".join(line.strip() for line in lines[:3]) if lines else type(e).__name__
+
+
+def _check_keys(
+    data: dict[str, Any], known: dict[str, Any], path: str | Path, at: str = ""
+) -> None:
+    """Raise ConfigError naming ``path`` for a key of ``data`` that ``known`` lacks."""
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown config key(s) {[at + k for k in unknown]}; valid keys here: "
+            f"{sorted(known)}"
+        )
+    for k, v in data.items():
+        if isinstance(v, dict) and isinstance(known[k], dict) and k not in _LEAF_DICTS:
+            _check_keys(v, known[k], path, f"{at}{k}.")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -557,7 +618,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(
+            f"override {text!r}: the value is not valid YAML ({_first_line(e)})"
+        ) from None
 
 
 def load_config(
@@ -566,7 +632,9 @@ def load_config(
     """Defaults <- each YAML file in order <- ``section.key=value`` overrides."""
     d = to_dict(Config())
     for p in paths or []:
-        d = merge_dicts(d, read_yaml(p))
+        data = read_yaml(p)
+        _check_keys(data, d, p)
+        d = merge_dicts(d, data)
     for text in overrides or []:
         key, value = parse_override(text)
         set_dotted(d, key, value)

@@ -20,7 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "grade_ray.jobs.report",
     "grade_ray.cluster.submit",
     "grade_ray.serving.export",
-    "grade_ray.serving.service",
+    "grade_ray.serving.infer",
     "grade_ray.datasets.kuairand.commands",
     "grade_ray.jobs.tune.command",
     "grade_ray.jobs.suite",

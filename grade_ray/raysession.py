@@ -2,23 +2,64 @@
 
 ``init_ray`` connects to ``--address`` / ``RAY_ADDRESS`` or starts an embedded
 local Ray (dashboard on 127.0.0.1, which Ray Train needs to clean up placement
-groups); ``check_resources`` fails fast, naming the setting to change, when the
-requested rollout actors and learner workers cannot fit the cluster.
+groups). The embedded Ray listens on the loopback interface only
+(:func:`loopback_only`): gcs_server, raylet, workers, the dashboard and its agent,
+and the Prometheus metrics exporters of the monitor, dashboard and agent, which have
+no authentication. ``check_resources`` fails fast, naming the setting to change,
+when the requested rollout actors and learner workers cannot fit the cluster.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sys
+from collections.abc import Iterator
 
 import ray
 
-from grade_ray.config import Config
+from grade_ray.config import Config, UserError
+
+log = logging.getLogger(__name__)
 
 DATA_CPU_RESERVE = 0.5  # CPUs left free for the driver and Ray Data read tasks
+LOOPBACK = "127.0.0.1"
+# Ray binds its node IP; it uses the loopback address as node IP only when "Ray clusters"
+# are off (ray._private.ray_constants.ENABLE_RAY_CLUSTER, read from this variable).
+_LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-class ResourceError(RuntimeError):
+class ResourceError(UserError, RuntimeError):
     """Requested resources do not fit the cluster; the message says what to change."""
+
+
+@contextlib.contextmanager
+def loopback_only() -> Iterator[None]:
+    """While a local Ray node starts inside this block, it binds 127.0.0.1 only.
+
+    Ray 2.60 starts every server on its node IP (gcs_server and raylet on all interfaces
+    otherwise; the metrics exporters of the monitor, dashboard and dashboard agent on
+    0.0.0.0 unless the node IP is loopback), and it chooses the loopback address as node
+    IP only when Ray clusters are disabled (``ENABLE_RAY_CLUSTER``; ``_node_ip_address=
+    "127.0.0.1"`` is turned back into the machine's address). This disables them for the
+    start: in this process and, through the environment, in the processes the node starts
+    (they keep it). Both are restored afterwards, so a later connection to a real cluster
+    is unaffected. ``tests/test_raysession.py`` lists the listening sockets to check it.
+    """
+    from ray._private import ray_constants
+
+    old_env, old_flag = os.environ.get(_LOCAL_ONLY_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_LOCAL_ONLY_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = old_flag
+        if old_env is None:
+            os.environ.pop(_LOCAL_ONLY_ENV, None)
+        else:
+            os.environ[_LOCAL_ONLY_ENV] = old_env
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -32,12 +73,18 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # The dashboard serves the State API that Ray Train's PlacementGroupCleaner needs:
         # without it every finished Train run leaks its placement group, and a Tune sweep
         # (many Train runs in one Ray session) deadlocks once the leaks fill the CPUs.
-        ray.init(
-            num_cpus=num_cpus,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            log_to_driver=True,
-        )
+        with loopback_only():
+            ray.init(
+                num_cpus=num_cpus,
+                include_dashboard=True,
+                dashboard_host=LOOPBACK,
+                log_to_driver=True,
+            )
+        ip = ray.util.get_node_ip_address()
+        if ip != LOOPBACK:
+            log.warning(
+                "embedded Ray node IP is %s, not %s: it may listen beyond loopback", ip, LOOPBACK
+            )
 
 
 def check_resources(cfg: Config, resources: dict[str, float] | None = None) -> None:
@@ -62,3 +109,68 @@ def check_resources(cfg: Config, resources: dict[str, float] | None = None) -> N
             f"{lr.num_workers} GPU(s) but the cluster has {gpus:g}; set learner.use_gpu=false "
             "or add GPU nodes"
         )
+
+
+def local_only_session() -> bool:
+    """Whether the connected Ray session runs on this machine's loopback address only (the
+    embedded one, or a test cluster started on 127.0.0.1)."""
+    return ray.is_initialized() and ray.util.get_node_ip_address() == LOOPBACK
+
+
+def _loopback_sockets() -> None:
+    """In a learner worker: gloo and NCCL open their sockets on the loopback interface."""
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+
+
+def loopback_torch_config():
+    """Ray Train's torch setup for a :func:`local_only_session`: the learner workers meet
+    through a file store instead of torch's TCPStore (which listens on every interface,
+    whatever its address), and gloo / NCCL use the loopback interface.
+
+    Ray Train offers only ``env://`` and ``tcp://`` rendezvous, both through a TCPStore, so
+    this overrides its backend's ``on_start`` (Ray 2.60's ``_TorchBackend``; the Ray tests in
+    tests/jobs/test_train_ray.py run it, with one and two learner workers).
+    """
+    import dataclasses
+    import tempfile
+    import uuid
+
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import (
+        _set_torch_distributed_env_vars,
+        _setup_torch_process_group,
+        _TorchBackend,
+    )
+
+    class FileRendezvous(_TorchBackend):
+        def on_start(self, worker_group, backend_config) -> None:
+            gpus = worker_group.get_resources_per_worker().get("GPU", 0)
+            backend = backend_config.backend or ("nccl" if gpus > 0 else "gloo")
+            store = os.path.join(tempfile.gettempdir(), f"grade_ray-pg-{uuid.uuid4().hex}")
+            worker_group.execute(_loopback_sockets)
+            worker_group.execute(_set_torch_distributed_env_vars)
+            n = len(worker_group)
+            ray.get(
+                [
+                    worker_group.execute_single_async(
+                        i,
+                        _setup_torch_process_group,
+                        backend=backend,
+                        world_rank=i,
+                        world_size=n,
+                        init_method=f"file://{store}",
+                        timeout_s=backend_config.timeout_s,
+                    )
+                    for i in range(n)
+                ]
+            )
+
+    @dataclasses.dataclass
+    class LoopbackTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return FileRendezvous
+
+    return LoopbackTorchConfig()

@@ -1,7 +1,13 @@
 """Run directory plumbing: metrics (CSV + TensorBoard), checkpoints, progress lines.
 
 Checkpoints are ``torch.save`` dicts of tensors and plain Python values and
-are always loaded with ``weights_only=True`` (no arbitrary unpickling).
+are always loaded with ``weights_only=True`` (no arbitrary unpickling). They are
+written aside, flushed to disk and renamed into place, so a killed process leaves
+either the old file or the new one; one that still does not load (truncated
+elsewhere) raises :class:`CheckpointError` naming it, and :func:`load_latest`
+falls back to the round before. ``metrics.jsonl`` is appended one row at a time;
+:meth:`MetricsLogger.rewrite` replaces it whole (a resumed run makes it agree with
+its checkpoint) and :func:`read_metrics` skips a last line cut short by a kill.
 """
 
 from __future__ import annotations
@@ -11,15 +17,26 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from grade_ray.config import UserError
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
+
+
+class CheckpointError(UserError):
+    """A checkpoint or policy file that cannot be loaded; the message names it."""
+
+
+class RunDirError(UserError):
+    """A run directory in a state the job cannot start from; the message says what to do."""
 
 
 class MetricsLogger:
@@ -50,6 +67,16 @@ class MetricsLogger:
                     self._writer.add_scalar(k, v, step)
             self._writer.flush()
 
+    def rewrite(self, rows: list[dict[str, Any]]) -> None:
+        """Replace every metric row (written aside, then renamed into place)."""
+        tmp = self.jsonl.with_suffix(".jsonl.tmp")
+        with tmp.open("w") as f:
+            f.writelines(json.dumps(_plain(r)) + "\n" for r in rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.jsonl)
+        self._rewrite_csv()
+
     def _rewrite_csv(self) -> None:
         rows = read_metrics(self.run_dir)
         fields: list[str] = []
@@ -68,11 +95,20 @@ class MetricsLogger:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """All metric rows of a run (from metrics.jsonl)."""
+    """All metric rows of a run (from metrics.jsonl); a line that is not JSON (the last one,
+    cut short when a process was killed while appending it) is skipped with a warning."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            log.warning("%s line %d is not a metrics row (cut short?); skipped", path, i + 1)
+    return rows
 
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:
@@ -85,26 +121,77 @@ def _plain(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_checkpoint(run_dir: str | Path, name: str, state: dict[str, Any]) -> Path:
-    """Atomically write ``RUN_DIR/checkpoints/NAME.pt`` (tensors + plain values only)."""
+    """Atomically write ``RUN_DIR/checkpoints/NAME.pt`` (tensors + plain values only): the
+    bytes reach the disk before the file takes the name."""
     d = Path(run_dir) / CHECKPOINT_DIR
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{name}.pt"
     tmp = path.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
+    with tmp.open("wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint safely (``weights_only=True``)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load a checkpoint safely (``weights_only=True``); a missing file raises
+    FileNotFoundError, one that does not load (truncated, not a checkpoint, or pickled
+    objects other than tensors and plain values) :class:`CheckpointError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(
+            f"{path} does not load as a checkpoint ({type(e).__name__}: {first}); it is "
+            "truncated, damaged or not a grade_ray checkpoint"
+        ) from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint dict")
+    return state
+
+
+def round_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The round checkpoints of a run, oldest first."""
+    d = Path(run_dir) / CHECKPOINT_DIR
+    return sorted(d.glob("round-*.pt")) if d.exists() else []
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest round checkpoint of a run, or None."""
-    d = Path(run_dir) / CHECKPOINT_DIR
-    cands = sorted(d.glob("round-*.pt")) if d.exists() else []
+    cands = round_checkpoints(run_dir)
     return cands[-1] if cands else None
+
+
+def load_latest(
+    run_dir: str | Path, check: Callable[[dict[str, Any]], None] | None = None
+) -> tuple[Path, dict[str, Any]] | None:
+    """(path, state) of the newest round checkpoint that loads (and passes ``check``, which
+    raises :class:`CheckpointError` for a state it cannot use), falling back round by
+    round with a warning naming each file skipped; None when the run has none. Raises
+    :class:`CheckpointError` when there are checkpoints but none loads."""
+    cands = round_checkpoints(run_dir)
+    errors = []
+    for path in reversed(cands):
+        try:
+            state = load_checkpoint(path)
+            if check is not None:
+                check(state)
+        except CheckpointError as e:
+            log.warning("%s; falling back to the round before", e)
+            errors.append(str(e))
+            continue
+        return path, state
+    if cands:
+        raise CheckpointError(
+            f"no round checkpoint of {run_dir} loads ({'; '.join(errors)}); delete "
+            f"{Path(run_dir) / CHECKPOINT_DIR}/round-*.pt to start Stage 2 over"
+        )
+    return None
 
 
 def rng_state(np_rng: np.random.Generator, torch_gen: torch.Generator) -> dict[str, Any]:

@@ -518,7 +518,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "infer-ranking-lengths",
-        "serving/service.py",
+        "serving/infer.py",
         "keep = np.arange(order.shape[1])[None, :] < lengths[:, None]",
         "keep = np.arange(order.shape[1])[None, :] <= lengths[:, None]",
         (f"{T_SERVE}::test_infer_writes_every_request_with_its_ranking",),

@@ -23,23 +23,27 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from grade_ray.data.schema import (
     CONTEXT,
     LABELS,
     LOGGED_POSITION,
+    PAD_FLOOR_CELLS,
     REQUEST_ID,
     SCORES,
     TS,
     USER_ID,
     ReadReport,
+    SchemaError,
     SessionBatch,
     SessionMeta,
+    file_meta,
     iter_validated,
     list_files,
     normalize_table,
-    read_meta,
+    row_lengths,
     table_to_batch,
 )
 
@@ -88,6 +92,7 @@ class DataPlan:
         rejects_path: str | Path | None = None,
         read_batch: int = 8192,
         cache_dir: str | Path | None = None,
+        max_candidates: int | None = None,
     ) -> DataPlan:
         """Validate every row once and cut time-ordered good rows into rounds and tasks.
 
@@ -96,21 +101,31 @@ class DataPlan:
         first that many requests of each window. With ``cache_dir``, the rows this pass
         validates are also written there as decoded columns (see :class:`DecodedCache`), so
         rollout workers memory-map them instead of decoding Parquet every round.
+        ``max_candidates``: rows with longer lists are bad rows (default: the read scope's).
         """
         if rounds % data_passes:
             raise ValueError(
                 f"grpo.rounds={rounds} must be a multiple of grpo.data_passes={data_passes}"
             )
         files = [str(f) for f in list_files(path)]
-        meta = read_meta(files[0])
+        meta = file_meta(files[0])
         report = ReadReport()
         file_idx, row_idx, ts_all = [], [], []
         cache = DecodedCache(cache_dir) if cache_dir else None
         if cache is not None and not cache.fits(files):
             cache = None
         try:
-            for chunk in iter_validated(path, read_batch, on_error, rejects_path, report, files):
-                rows = np.flatnonzero(chunk.kept) + chunk.offset
+            chunks = iter_validated(
+                path,
+                read_batch,
+                on_error,
+                rejects_path,
+                report,
+                files,
+                max_candidates=max_candidates,
+            )
+            for chunk in chunks:
+                rows = chunk.rows
                 file_idx.append(np.full(len(rows), chunk.file_index, dtype=np.int32))
                 row_idx.append(rows.astype(np.int64))
                 ts_all.append(np.asarray(chunk.good.column("ts").to_numpy(), dtype=np.int64))
@@ -122,7 +137,7 @@ class DataPlan:
             raise
         cached = cache.close() if cache is not None else {}
         if report.rows_used == 0:
-            raise ValueError(f"{path}: no usable rows ({report.summary()})")
+            raise SchemaError(f"{path}: no usable rows ({report.summary()})")
         fidx, ridx, ts = (np.concatenate(a) for a in (file_idx, row_idx, ts_all))
         order = np.argsort(ts, kind="stable")
         windows = np.array_split(order, rounds // data_passes)
@@ -182,6 +197,8 @@ def lanes(tasks: list[Task], n: int) -> list[list[Task]]:
 ROLLOUT_COLUMNS = (REQUEST_ID, USER_ID, TS, CONTEXT, SCORES, LABELS, LOGGED_POSITION)
 SOURCE_ROW = "source_row"
 """Cache column: the row's number in its session file (what a :class:`Task` names)."""
+CHECKSUM_KEY = b"grade_ray_sha256"
+"""Record-batch metadata key of a cache batch's content checksum (:func:`content_digest`)."""
 CACHE_VERSION = 1
 CACHE_MAX_DISK_SHARE = 0.5
 STALE_TMP_S = 24 * 3600
@@ -200,7 +217,9 @@ class DecodedCache:
     modification time, so a changed file gets a new one; an existing one is reused. Files
     are written under a temporary name and renamed when complete. ``cache_dir`` may be
     deleted at any time (the next plan rewrites what it needs); on a cluster it must be
-    shared storage like the run directory, else workers fall back to Parquet.
+    shared storage like the run directory, else workers fall back to Parquet. Every record
+    batch carries a sha256 of its content (:data:`CHECKSUM_KEY`); a plan reuses a file only
+    when every checksum and its row numbers match, else it is removed and written again.
     """
 
     def __init__(self, cache_dir: str | Path) -> None:
@@ -273,7 +292,8 @@ class DecodedCache:
         if self._writer is None:
             self._tmp = self._final.with_name(f"{self._final.name}.{uuid.uuid4().hex}.tmp")
             self._writer = pa.ipc.new_file(str(self._tmp), table.schema)
-        self._writer.write_table(table)
+        for batch in table.to_batches():
+            self._writer.write_batch(batch, custom_metadata={CHECKSUM_KEY: content_digest(batch)})
 
     def _finish(self) -> None:
         if self._reuse is not None:
@@ -317,19 +337,83 @@ class DecodedCache:
         self._writer = self._tmp = self._final = self._reuse = None
 
 
+def _well_formed(table: pa.Table, meta: SessionMeta) -> np.ndarray:
+    """(R,) bool: rows whose lists have the shapes :func:`table_to_batch` needs (no null
+    lists; scores, labels, positions per candidate; K and L values per item; D context
+    values). Cheap (list lengths only); values are not checked."""
+
+    def lengths(col: pa.ChunkedArray) -> np.ndarray:
+        return np.asarray(
+            pc.fill_null(pc.list_value_length(col), -1).to_numpy(zero_copy_only=False), np.int64
+        )
+
+    def per_row_all(ok_items: np.ndarray, outer: np.ndarray) -> np.ndarray:
+        bad = np.concatenate([[0], np.cumsum(~ok_items)])
+        ends = np.cumsum(np.maximum(outer, 0))
+        return (bad[ends] - bad[ends - np.maximum(outer, 0)]) == 0
+
+    ok = np.ones(table.num_rows, dtype=bool)
+    n = lengths(table.column(SCORES))
+    ok &= n > 0
+    ok &= lengths(table.column(CONTEXT)) == meta.context_dim
+    for col, width in ((SCORES, meta.num_tasks), (LABELS, meta.num_labels)):
+        outer = lengths(table.column(col))
+        ok &= outer == n
+        ok &= per_row_all(lengths(pc.list_flatten(table.column(col))) == width, outer)
+    for col in (LOGGED_POSITION, "item_ids"):
+        if col in table.column_names:
+            ok &= lengths(table.column(col)) == n
+    for col in (REQUEST_ID, USER_ID, TS):
+        if col in table.column_names:
+            ok &= ~np.asarray(table.column(col).is_null().to_numpy(zero_copy_only=False))
+    return ok
+
+
+def content_digest(batch: pa.RecordBatch) -> bytes:
+    """Hex sha256 of a record batch's content: column names, types, null masks, list
+    lengths and values (not how the buffers happen to be laid out)."""
+    h = hashlib.sha256()
+    for name, col in zip(batch.schema.names, batch.columns):
+        h.update(name.encode() + b"\0")
+        _hash_array(h, col)
+    return h.hexdigest().encode()
+
+
+def _hash_array(h, arr: pa.Array) -> None:
+    h.update(f"{arr.type}|{len(arr)}|{arr.null_count}".encode())
+    if arr.null_count:
+        h.update(np.asarray(arr.is_null().to_numpy(zero_copy_only=False)).tobytes())
+    if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+        lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False)
+        h.update(np.asarray(lengths, np.int64).tobytes())
+        _hash_array(h, pc.list_flatten(arr))
+    else:
+        h.update(np.ascontiguousarray(arr.fill_null(0).to_numpy(zero_copy_only=False)).tobytes())
+
+
 def _cache_matches(path: Path, rows: tuple[int, int]) -> bool:
-    """Whether a cache file opens and holds ``rows`` = (count, sum) of file row numbers."""
+    """Whether a cache file opens, every batch matches its checksum, and it holds ``rows`` =
+    (count, sum) of file row numbers."""
     try:
-        src = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all().column(SOURCE_ROW)
-        got = np.asarray(src.to_numpy(), np.int64)
+        reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+        got = []
+        for i in range(reader.num_record_batches):
+            batch, md = reader.get_batch_with_custom_metadata(i)
+            if md is None or md.get(CHECKSUM_KEY) != content_digest(batch):
+                log.warning("decoded cache %s: batch %d does not match its checksum", path, i)
+                return False
+            got.append(np.asarray(batch.column(SOURCE_ROW).to_numpy(), np.int64))
     except (OSError, pa.ArrowException, KeyError):
         return False
+    got = np.concatenate(got) if got else np.zeros(0, np.int64)
     return (len(got), int(got.sum())) == rows
 
 
 class TaskReader:
     """Loads tasks' rows. Keeps the last few files decoded as padded arrays (bounded
-    memory: ``max_files`` session files), so a task is a numpy gather.
+    memory: ``max_files`` session files), so a task is a numpy gather. A file whose
+    candidate lists differ so much in length that padding it whole would take more than
+    twice its real size is kept as an Arrow table instead and decoded task by task.
 
     ``columns``: the columns to decode (default: all; :data:`ROLLOUT_COLUMNS` for rollouts).
     ``use_threads``: let Arrow decode on its thread pool; rollout actors pass False so a
@@ -357,16 +441,18 @@ class TaskReader:
         usable = columns is not None and set(columns) <= set(ROLLOUT_COLUMNS)
         self.cache = dict(cache or {}) if usable else {}
         self.reads = {"cache": 0, "parquet": 0}
-        self._files: OrderedDict[str, tuple[SessionBatch, np.ndarray | None]] = OrderedDict()
+        self._files: OrderedDict[str, tuple[SessionBatch | pa.Table, np.ndarray | None]] = (
+            OrderedDict()
+        )
 
-    def _read(self, file: str) -> tuple[SessionBatch, np.ndarray | None]:
+    def _read(self, file: str) -> tuple[SessionBatch | pa.Table, np.ndarray | None]:
         cached = self.cache.get(file)
         if cached is not None:
             try:
                 table = pa.ipc.open_file(pa.memory_map(cached, "r")).read_all()
                 rows = np.asarray(table.column(SOURCE_ROW).to_numpy(), np.int64)
                 self.reads["cache"] += 1
-                return table_to_batch(table, self.meta), rows
+                return self._decoded(table), rows
             except (OSError, pa.ArrowException, KeyError) as e:
                 log.warning("decoded cache %s unreadable here (%s); reading %s", cached, e, file)
                 del self.cache[file]
@@ -375,10 +461,25 @@ class TaskReader:
         if self.columns is not None:
             present = pq.read_schema(file).names
             columns = [c for c in self.columns if c in present]
-        table = pq.read_table(file, columns=columns, use_threads=self.use_threads)
-        return table_to_batch(normalize_table(table), self.meta), None
+        table = normalize_table(
+            pq.read_table(file, columns=columns, use_threads=self.use_threads), file
+        )
+        ok = _well_formed(table, self.meta)
+        if ok.all():
+            return self._decoded(table), None
+        # rows the plan rejected may not even decode (wrong widths, null lists): leave them out
+        return self._decoded(table.filter(pa.array(ok))), np.flatnonzero(ok).astype(np.int64)
 
-    def _file(self, file: str) -> tuple[SessionBatch, np.ndarray | None]:
+    def _decoded(self, table: pa.Table) -> SessionBatch | pa.Table:
+        """The whole file padded, unless one long list would blow that up (then the table)."""
+        lengths = row_lengths(table)
+        if len(lengths) * int(lengths.max(initial=1)) <= max(
+            2 * int(lengths.sum()), PAD_FLOOR_CELLS
+        ):
+            return table_to_batch(table, self.meta)
+        return table
+
+    def _file(self, file: str) -> tuple[SessionBatch | pa.Table, np.ndarray | None]:
         if file in self._files:
             self._files.move_to_end(file)
             return self._files[file]
@@ -395,8 +496,14 @@ class TaskReader:
             idx = np.searchsorted(source_rows, task.rows)
             ok = idx < len(source_rows)
             if not ok.all() or not (source_rows[idx] == task.rows).all():
+                where = self.cache.get(task.file)
                 raise RuntimeError(
-                    f"decoded cache {self.cache[task.file]} lacks rows of {task.file} that the "
-                    "plan names; delete the cache directory and rebuild the plan"
+                    f"decoded cache {where} lacks rows of {task.file} that the plan names; "
+                    "delete the cache directory and rebuild the plan"
+                    if where
+                    else f"{task.file} has malformed rows that the plan names (did the file "
+                    "change after the plan was built?)"
                 )
+        if isinstance(batch, pa.Table):
+            return table_to_batch(batch.take(pa.array(idx)), self.meta)
         return batch.take(idx).trim()

@@ -16,16 +16,29 @@ The Parquet file's key-value metadata (key ``grade_ray``) carries a JSON
 >= 0), label names, the context feature names and free-form provenance.
 
 Readers turn a table into a :class:`SessionBatch` of padded numpy arrays, the
-shape every other module consumes. Validation names file, row and column;
-with ``on_error="reject"`` bad rows go to a rejects file with the reason and
-are counted. Every read returns a :class:`ReadReport` (rows read/used/rejected).
+shape every other module consumes. Validation names file, row and column and
+checks every row: types, lengths, NaN/inf, probability and value ranges,
+labels >= 0, logged positions in [0, MAX_LOGGED_POSITION), at most
+``max_candidates`` candidates (``data.max_candidates``) and request ids unique
+over the whole read. With ``on_error="reject"`` bad rows go to a rejects file
+(never beside the input data: a path the caller gives, or a file per input under
+the directory of :func:`read_scope`) with the reason and their row number in the
+source file, and are counted. Every read returns a :class:`ReadReport` (rows
+read/used/rejected). Streamed batches are cut where one long candidate list
+would pad the rest (:func:`length_segments`), so memory follows the data, not
+the longest list times the batch size.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import hashlib
 import json
 import logging
+import os
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -33,6 +46,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from grade_ray.config import UserError
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +64,18 @@ SCORES = "scores"
 LABELS = "labels"
 LOGGED_POSITION = "logged_position"
 REQUIRED_COLUMNS = (REQUEST_ID, USER_ID, TS, CONTEXT, ITEM_IDS, SCORES, LABELS)
+REJECT_REASON = "reject_reason"
+SOURCE_FILE = "source_file"
+SOURCE_ROW = "source_row"
+"""Columns a rejects file adds to the session columns (a file with them is not session data)."""
+
+MAX_CANDIDATES = 1_000
+"""Default longest candidate list a row may have (``data.max_candidates``)."""
+MAX_LOGGED_POSITION = 100_000
+"""Logged positions are 0-based ranks below this (larger ones are logging bugs)."""
+PAD_FLOOR_CELLS = 1 << 18
+"""A streamed batch is cut only when its padded (rows x longest list) cells exceed both
+twice its real cells and this floor, so ordinary batches are never cut."""
 
 SCHEMA = pa.schema(
     [
@@ -64,7 +91,7 @@ SCHEMA = pa.schema(
 )
 
 
-class SchemaError(ValueError):
+class SchemaError(UserError, ValueError):
     """Bad logged-session input; the message names file, row and column."""
 
 
@@ -135,13 +162,32 @@ class SessionMeta:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> SessionMeta:
-        d = json.loads(text)
+        """Parse metadata JSON; anything malformed raises :class:`SchemaError`."""
+        try:
+            d = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SchemaError(f"session metadata is not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise SchemaError(f"session metadata must be a JSON object, got {type(d).__name__}")
         version = d.pop("format_version", None)
         if version != FORMAT_VERSION:
             raise SchemaError(
                 f"session metadata format_version={version}; this grade_ray reads "
                 f"version {FORMAT_VERSION}"
             )
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        missing = [n for n in names[:4] if n not in d]
+        if unknown or missing:
+            raise SchemaError(
+                f"session metadata has unknown key(s) {unknown} / lacks {missing}; keys: {names}"
+            )
+        for n in names[:4]:
+            v = d[n]
+            if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
+                raise SchemaError(f"session metadata {n!r} must be a list of strings, got {v!r}")
+        if not isinstance(d.get("source", {}), dict):
+            raise SchemaError("session metadata 'source' must be a JSON object")
         return cls(**d)
 
 
@@ -357,11 +403,50 @@ class ShardWriter:
 # Reading and validation
 
 
+@dataclasses.dataclass(frozen=True)
+class ReadScope:
+    """What every session read in a job shares (see :func:`read_scope`)."""
+
+    max_candidates: int = MAX_CANDIDATES
+    """Rows with more candidates than this are bad rows (raised, or rejected and counted)."""
+    rejects_dir: Path | None = None
+    """Where reject-mode reads given no rejects path write theirs, one file per input
+    (:func:`rejects_file`); None: such reads count their rejected rows without keeping them."""
+
+
+_SCOPE: contextvars.ContextVar[ReadScope] = contextvars.ContextVar(
+    "grade_ray_read_scope",
+    default=ReadScope(),  # noqa: B039 (frozen)
+)
+
+
+@contextlib.contextmanager
+def read_scope(
+    max_candidates: int = MAX_CANDIDATES, rejects_dir: str | Path | None = None
+) -> Iterator[ReadScope]:
+    """Within the block, session reads that do not say otherwise allow ``max_candidates``
+    candidates per row and write reject-mode rejects under ``rejects_dir`` (a job passes its
+    run directory's ``rejects/``; rejects never go beside the input data)."""
+    token = _SCOPE.set(ReadScope(int(max_candidates), Path(rejects_dir) if rejects_dir else None))
+    try:
+        yield _SCOPE.get()
+    finally:
+        _SCOPE.reset(token)
+
+
+def rejects_file(rejects_dir: str | Path, source: str | Path) -> Path:
+    """``rejects_dir/NAME-HASH.parquet`` for the input ``source`` (file or directory): one
+    file per input, so the training and the held-out data keep separate rejects."""
+    src = os.path.realpath(source)
+    digest = hashlib.sha1(src.encode()).hexdigest()[:8]
+    return Path(rejects_dir) / f"{Path(src).name}-{digest}.parquet"
+
+
 def list_files(path: str | Path) -> list[Path]:
     """A Parquet file, or every ``*.parquet`` below a directory (sorted)."""
     p = Path(path)
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*.parquet") if "rejects" not in f.name)
+        files = sorted(f for f in p.rglob("*.parquet") if f.is_file())
         if not files:
             raise FileNotFoundError(f"no *.parquet files under {p}")
         return files
@@ -370,86 +455,164 @@ def list_files(path: str | Path) -> list[Path]:
     return [p]
 
 
-def read_meta(path: str | Path) -> SessionMeta:
-    """Metadata of the first file at ``path``; raises if absent."""
-    f = list_files(path)[0]
-    md = pq.read_schema(f).metadata or {}
+def _brief(e: BaseException) -> str:
+    """First line of an exception's message, for one-line user errors."""
+    text = str(e).strip().splitlines()
+    return (text[0][:200] if text else type(e).__name__) or type(e).__name__
+
+
+def _file_schema(file: str | Path) -> pa.Schema:
+    try:
+        schema = pq.read_schema(file)
+    except (pa.ArrowException, OSError) as e:
+        raise SchemaError(
+            f"{file}: not a readable Parquet file ({_brief(e)}); is it truncated or in "
+            "another format?"
+        ) from None
+    if REJECT_REASON in schema.names:
+        raise SchemaError(
+            f"{file}: this is a rejects file (it has a {REJECT_REASON!r} column), not "
+            "session data; move it out of the data directory"
+        )
+    return schema
+
+
+def file_meta(file: str | Path) -> SessionMeta:
+    """Metadata of one session file; a missing or malformed one raises naming the file."""
+    md = _file_schema(file).metadata or {}
     if META_KEY not in md:
         raise SchemaError(
-            f"{f}: no grade_ray metadata (task and label names); write sessions with "
+            f"{file}: no grade_ray metadata (task and label names); write sessions with "
             "grade_ray.data.schema.ShardWriter or convert them with `grade-ray data`"
         )
-    return SessionMeta.from_json(md[META_KEY])
+    try:
+        return SessionMeta.from_json(md[META_KEY])
+    except SchemaError as e:
+        raise SchemaError(f"{file}: grade_ray metadata: {e}") from None
 
 
-def _row_problems(table: pa.Table, meta: SessionMeta) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """Per-row validation. Returns (bad: (R,) bool, reason per bad row as (column, message))."""
-    n_rows = table.num_rows
-    reasons: list[tuple[str, str] | None] = [None] * n_rows
-    bad = np.zeros(n_rows, dtype=bool)
+def read_meta(path: str | Path) -> SessionMeta:
+    """Metadata of the first file at ``path``; raises if absent or malformed."""
+    return file_meta(list_files(path)[0])
 
-    def flag(mask: np.ndarray, column: str, message: str) -> None:
-        for r in np.flatnonzero(mask & ~bad):
-            reasons[r] = (column, message)
-        bad[:] |= mask
 
-    for col in REQUIRED_COLUMNS + (
-        (LOGGED_POSITION,) if LOGGED_POSITION in table.column_names else ()
-    ):
-        flag(
-            np.asarray(table.column(col).is_null().to_numpy(zero_copy_only=False)),
-            col,
-            "null value",
-        )
+class _Flags:
+    """Per-row problems of one table; the first problem found in a row is its reason."""
+
+    def __init__(self, n_rows: int) -> None:
+        self.bad = np.zeros(n_rows, dtype=bool)
+        self.reasons: list[tuple[str, str] | None] = [None] * n_rows
+        self.detail: dict[int, str] = {}
+
+    def flag(self, mask: np.ndarray, column: str, message: str) -> None:
+        for r in np.flatnonzero(mask & ~self.bad):
+            self.reasons[r] = (column, message)
+        self.bad |= mask
+
+    def flag_row(self, row: int, column: str, message: str, detail: str) -> None:
+        if not self.bad[row]:
+            self.reasons[row], self.detail[row] = (column, message), detail
+            self.bad[row] = True
+
+    def text(self, row: int) -> str:
+        column, message = self.reasons[row]
+        detail = self.detail.get(row)
+        return f"{column}: {message}" + (f" ({detail})" if detail else "")
+
+
+def _row_problems(table: pa.Table, meta: SessionMeta, max_candidates: int) -> _Flags:
+    """Check every row of a normalized table: nulls, list lengths, NaN/inf, value ranges."""
+    f = _Flags(table.num_rows)
+    has_pos = LOGGED_POSITION in table.column_names
+    for col in REQUIRED_COLUMNS + ((LOGGED_POSITION,) if has_pos else ()):
+        f.flag(_is_null(table.column(col)), col, "null value")
 
     n_items = _list_len(table.column(ITEM_IDS))
-    flag(n_items == 0, ITEM_IDS, "empty candidate list")
+    f.flag(n_items == 0, ITEM_IDS, "empty candidate list")
+    f.flag(
+        n_items > max_candidates,
+        ITEM_IDS,
+        f"more than {max_candidates} candidates (data.max_candidates; raise it or split the "
+        "request)",
+    )
+    f.flag(_any_per_row(_values_null(table.column(ITEM_IDS)), n_items), ITEM_IDS, "null item id")
     ctx_len = _list_len(table.column(CONTEXT))
-    flag(ctx_len != meta.context_dim, CONTEXT, f"context length != {meta.context_dim}")
+    f.flag(ctx_len != meta.context_dim, CONTEXT, f"context length != {meta.context_dim}")
     ctx_vals = _flat_values(table.column(CONTEXT))
-    flag(_any_per_row(~np.isfinite(ctx_vals), ctx_len), CONTEXT, "NaN or inf in context")
+    f.flag(_any_per_row(~np.isfinite(ctx_vals), ctx_len), CONTEXT, "NaN or inf in context")
 
-    cols = [(SCORES, meta.num_tasks), (LABELS, meta.num_labels)]
-    if LOGGED_POSITION in table.column_names:
-        flag(
-            _list_len(table.column(LOGGED_POSITION)) != n_items,
+    if has_pos:
+        pos = table.column(LOGGED_POSITION)
+        pos_len = _list_len(pos)
+        f.flag(pos_len != n_items, LOGGED_POSITION, "logged_position length != item_ids length")
+        p = _flat_values(pos)
+        f.flag(
+            _any_per_row(~((p >= 0) & (p < MAX_LOGGED_POSITION)), pos_len),
             LOGGED_POSITION,
-            "logged_position length != item_ids length",
+            f"logged_position outside [0, {MAX_LOGGED_POSITION}) or null",
         )
-    for col, width in cols:
-        outer = _list_len(table.column(col))
-        flag(outer != n_items, col, f"{col} has a different number of items than item_ids")
-        inner_col = pc.list_flatten(table.column(col))
-        inner_len = _list_len(inner_col)
-        per_row_bad_width = _any_per_row(inner_len != width, outer)
-        flag(
-            per_row_bad_width,
-            col,
-            f"each item needs {width} {col} values "
-            f"({', '.join(meta.task_names if col == SCORES else meta.label_names)})",
-        )
-        if bad.all():
-            continue
-        vals = _flat_values(inner_col)
-        if (inner_len == width).all():
-            per_item = vals.reshape(-1, width)
-            items_per_row = outer
-            flag(
-                _any_per_row(~np.isfinite(per_item).all(axis=1), items_per_row),
-                col,
-                f"NaN or inf in {col}",
-            )
-            if col == SCORES:
-                for k, kind in enumerate(meta.task_kinds):
-                    v = per_item[:, k]
-                    if kind == "prob":
-                        out = (v < 0) | (v > 1)
-                        msg = f"task {meta.task_names[k]!r} is a probability outside [0, 1]"
-                    else:
-                        out = v < 0
-                        msg = f"task {meta.task_names[k]!r} is a negative value"
-                    flag(_any_per_row(out, items_per_row), col, msg)
-    return bad, [r for r in reasons if r is not None]
+    for col, names, kinds in (
+        (SCORES, meta.task_names, meta.task_kinds),
+        (LABELS, meta.label_names, ("label",) * meta.num_labels),
+    ):
+        _check_nested(table.column(col), col, names, kinds, n_items, f)
+    return f
+
+
+def _check_nested(
+    column: pa.ChunkedArray,
+    col: str,
+    names: Sequence[str],
+    kinds: Sequence[str],
+    n_items: np.ndarray,
+    f: _Flags,
+) -> None:
+    """scores / labels: N_q items of ``len(names)`` finite values each, in each kind's range.
+
+    Every check looks at every row: an item with the wrong width is flagged without hiding
+    the other rows' values from the NaN and range checks.
+    """
+    width = len(names)
+    outer = _list_len(column)
+    f.flag(outer != n_items, col, f"{col} has a different number of items than item_ids")
+    inner = pc.list_flatten(column)
+    inner_len = _list_len(inner)
+    f.flag(
+        _any_per_row(inner_len != width, outer),
+        col,
+        f"each item needs {width} {col} values ({', '.join(names)})",
+    )
+    if f.bad.all():
+        return
+    vals = _flat_values(inner)  # nulls inside are NaN
+    f.flag(
+        _any_per_row(_any_per_row(~np.isfinite(vals), inner_len), outer),
+        col,
+        f"NaN or inf in {col}",
+    )
+    ok = inner_len == width
+    first = (np.cumsum(inner_len) - inner_len)[ok]
+    for k, (name, kind) in enumerate(zip(names, kinds)):
+        v = vals[first + k]
+        out = np.zeros(len(inner_len), dtype=bool)
+        if kind == "prob":
+            out[ok] = (v < 0) | (v > 1)
+            msg = f"task {name!r} is a probability outside [0, 1]"
+        elif kind == "value":
+            out[ok] = v < 0
+            msg = f"task {name!r} is a negative value"
+        else:
+            out[ok] = v < 0
+            msg = f"label {name!r} is negative"
+        f.flag(_any_per_row(out, outer), col, msg)
+
+
+def _is_null(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    return np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _values_null(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    return _is_null(pc.list_flatten(col))
 
 
 def _list_len(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -471,44 +634,173 @@ def _any_per_row(flags: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return (counts > 0) & (lengths > 0)
 
 
+class SeenIds:
+    """Request ids read so far in one read (sorted runs merged as they grow: memory 16 bytes
+    per id, O(log n) runs to search). Each id keeps where it was first read."""
+
+    def __init__(self) -> None:
+        self.files: list[str] = []
+        self._runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted ids, file << 40 | row)
+
+    def where(self, loc: int) -> str:
+        return f"{self.files[loc >> 40]} row {loc & ((1 << 40) - 1)}"
+
+    def locations(self, file: str, rows: np.ndarray) -> np.ndarray:
+        if not self.files or self.files[-1] != file:
+            self.files.append(file)
+        return (np.int64(len(self.files) - 1) << np.int64(40)) | rows.astype(np.int64)
+
+    def find(self, ids: np.ndarray) -> np.ndarray:
+        """(n,) int64 ids -> (n,) location of each id's first read, -1 where unseen."""
+        out = np.full(len(ids), -1, dtype=np.int64)
+        for keys, locs in self._runs:
+            i = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
+            hit = (keys[i] == ids) & (out < 0)
+            out[hit] = locs[i[hit]]
+        return out
+
+    def add(self, ids: np.ndarray, locs: np.ndarray) -> None:
+        if len(ids) == 0:
+            return
+        order = np.argsort(ids, kind="stable")
+        self._runs.append((ids[order], locs[order]))
+        while len(self._runs) > 1 and len(self._runs[-2][0]) <= 2 * len(self._runs[-1][0]):
+            (a, la), (b, lb) = self._runs.pop(-2), self._runs.pop()
+            keys, locs_ = np.concatenate([a, b]), np.concatenate([la, lb])
+            order = np.argsort(keys, kind="stable")
+            self._runs.append((keys[order], locs_[order]))
+
+
+def _flag_duplicates(table: pa.Table, f: _Flags, seen: SeenIds, file: str, row_offset: int) -> None:
+    """Flag rows whose request_id was read before (in this table or earlier in the read);
+    the first good row with an id keeps it."""
+    ok = np.flatnonzero(~f.bad)
+    if len(ok) == 0:
+        return
+    ids = np.asarray(pc.fill_null(table.column(REQUEST_ID), 0).to_numpy(), np.int64)[ok]
+    locs = seen.locations(file, ok + row_offset)
+    prior = seen.find(ids)
+    _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+    again = np.arange(len(ids)) != first[inverse]
+    dup = (prior >= 0) | again
+    where = np.where(prior >= 0, prior, locs[first[inverse]])
+    for i in np.flatnonzero(dup):
+        f.flag_row(
+            int(ok[i]),
+            REQUEST_ID,
+            "duplicate request_id",
+            f"request_id {int(ids[i])} was first read at {seen.where(int(where[i]))}",
+        )
+    seen.add(ids[~dup], locs[~dup])
+
+
+def _compatible(got: pa.DataType, want: pa.DataType) -> bool:
+    """Whether values of type ``got`` can stand for ``want`` (same nesting, numeric kinds)."""
+    if pa.types.is_null(got):
+        return True  # an all-null column: every row is flagged as null
+    if pa.types.is_list(want):
+        nested = pa.types.is_list(got) or pa.types.is_large_list(got)
+        if not (nested or pa.types.is_fixed_size_list(got)):
+            return False
+        return _compatible(got.value_type, want.value_type)
+    if pa.types.is_integer(want):
+        return pa.types.is_integer(got)
+    if pa.types.is_floating(want):
+        return pa.types.is_integer(got) or pa.types.is_floating(got)
+    return got == want
+
+
 def _check_columns(table: pa.Table, file: str) -> None:
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    names = table.column_names
+    dup = sorted({c for c in names if names.count(c) > 1})
+    if dup:
+        raise SchemaError(f"{file}: duplicate column(s) {dup}")
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
     if missing:
         raise SchemaError(
             f"{file}: missing column(s) {missing}; required: {list(REQUIRED_COLUMNS)}"
         )
-    for c in table.column_names:
-        if c in SCHEMA.names:
-            want = SCHEMA.field(c).type
-            got = table.schema.field(c).type
-            if got != want and not _castable(got, want):
-                raise SchemaError(f"{file}: column {c!r} has type {got}, expected {want}")
+    for c in names:
+        if c not in SCHEMA.names:
+            continue
+        want, got = SCHEMA.field(c).type, table.schema.field(c).type
+        if got != want and not _compatible(got, want) and not (c == TS and _is_time(got)):
+            hint = (
+                " (one list of per-candidate values per item: N_q x K)"
+                if c in (SCORES, LABELS)
+                else ""
+            )
+            raise SchemaError(f"{file}: column {c!r} has type {got}, expected {want}{hint}")
 
 
-def _castable(got: pa.DataType, want: pa.DataType) -> bool:
-    try:
-        pa.array([], got).cast(want)
-        return True
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        return False
+def _is_time(t: pa.DataType) -> bool:
+    return pa.types.is_timestamp(t)
 
 
-def normalize_table(table: pa.Table) -> pa.Table:
-    """Cast known columns to the canonical types (e.g. float64 lists, timestamps)."""
+def normalize_table(table: pa.Table, file: str = "<table>") -> pa.Table:
+    """Cast known columns to the canonical types (e.g. float64 lists, timestamps).
+
+    ``logged_position`` values beyond int32 stay int64 (the row checks flag them); a value
+    that cannot be converted at all raises :class:`SchemaError` naming file and column.
+    """
     arrays, fields = [], []
     for name in table.column_names:
         col = table.column(name)
         if name in SCHEMA.names:
-            want = SCHEMA.field(name).type
-            if name == TS and pa.types.is_timestamp(col.type):
-                col = pc.cast(col.cast(pa.timestamp("s")), pa.int64())
-            elif col.type != want:
-                col = col.cast(want)
-            fields.append(pa.field(name, want))
+            col = _cast(col, SCHEMA.field(name).type, name, file)
+            fields.append(pa.field(name, col.type))
         else:
             fields.append(table.schema.field(name))
         arrays.append(col)
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=table.schema.metadata))
+
+
+def _cast(col: pa.ChunkedArray, want: pa.DataType, name: str, file: str) -> pa.ChunkedArray:
+    try:
+        if name == TS and _is_time(col.type):
+            return pc.cast(col.cast(pa.timestamp("s")), pa.int64())
+        return col if col.type == want else col.cast(want)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        if name == LOGGED_POSITION:
+            with contextlib.suppress(pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                return col.cast(pa.list_(pa.int64()))
+        raise SchemaError(
+            f"{file}: column {name!r}: values do not convert from {col.type} to {want} "
+            f"({_brief(e)})"
+        ) from None
+
+
+REJECTS_SCHEMA = pa.schema(
+    [
+        *(f.with_nullable(True) for f in SCHEMA if f.name != LOGGED_POSITION),
+        pa.field(LOGGED_POSITION, pa.list_(pa.int64())),
+        pa.field(REJECT_REASON, pa.string()),
+        pa.field(SOURCE_FILE, pa.string()),
+        pa.field(SOURCE_ROW, pa.int64()),
+    ]
+)
+"""Rows of a rejects file: the session columns as read, the reason, source file and row."""
+
+
+def rejects_table(
+    rows: pa.Table, reasons: list[str], file: str, source_rows: np.ndarray
+) -> pa.Table:
+    """Rows of a session table as a rejects file holds them (:data:`REJECTS_SCHEMA`)."""
+    cols = []
+    for field in REJECTS_SCHEMA:
+        if field.name == REJECT_REASON:
+            cols.append(pa.array(reasons, pa.string()))
+        elif field.name == SOURCE_FILE:
+            cols.append(pa.array([file] * rows.num_rows, pa.string()))
+        elif field.name == SOURCE_ROW:
+            cols.append(pa.array(source_rows.astype(np.int64), pa.int64()))
+        elif field.name in rows.column_names:
+            cols.append(rows.column(field.name).cast(field.type))
+        else:
+            cols.append(pa.nulls(rows.num_rows, field.type))
+    return pa.Table.from_arrays(cols, schema=REJECTS_SCHEMA).replace_schema_metadata(
+        rows.schema.metadata
+    )
 
 
 def validate_table(
@@ -517,39 +809,45 @@ def validate_table(
     file: str = "<table>",
     row_offset: int = 0,
     on_error: str = "raise",
+    *,
+    max_candidates: int | None = None,
+    seen: SeenIds | None = None,
 ) -> tuple[pa.Table, pa.Table | None, ReadReport]:
-    """Check every row. Returns (good rows, rejected rows with a ``reason`` column, report).
+    """Check every row. Returns (good rows, rejected rows with a ``reject_reason`` column and
+    their ``source_file`` / ``source_row``, report).
 
     ``on_error="raise"`` raises :class:`SchemaError` at the first bad row naming
     file, row (0-based within the file) and column; ``"reject"`` sets bad rows aside.
+    ``max_candidates``: default the :func:`read_scope`'s. ``seen``: request ids read before
+    (a read passes one across its chunks and files); duplicates are bad rows.
     """
     if on_error not in ("raise", "reject"):
         raise ValueError(f"on_error must be 'raise' or 'reject', got {on_error!r}")
     _check_columns(table, file)
-    table = normalize_table(table)
-    bad, reasons = _row_problems(table, meta)
+    table = normalize_table(table, file)
+    limit = _SCOPE.get().max_candidates if max_candidates is None else max_candidates
+    flags = _row_problems(table, meta, limit)
+    _flag_duplicates(table, flags, seen if seen is not None else SeenIds(), file, row_offset)
     report = ReadReport(rows_read=table.num_rows)
-    if not bad.any():
+    if not flags.bad.any():
         report.rows_used = table.num_rows
         return table, None, report
-    idx = np.flatnonzero(bad)
+    idx = np.flatnonzero(flags.bad)
     if on_error == "raise":
-        col, msg = reasons[0]
+        col, _ = flags.reasons[idx[0]]
         raise SchemaError(
-            f"{file}: row {row_offset + int(idx[0])}, column {col!r}: {msg} "
-            f"({len(idx)} bad row(s) in this chunk; pass on_error='reject' to set them aside)"
+            f"{file}: row {row_offset + int(idx[0])}, column {col!r}: "
+            f"{flags.text(int(idx[0])).split(': ', 1)[1]} ({len(idx)} bad row(s) in this chunk; "
+            "reject mode (data.on_error=reject) sets bad rows aside)"
         )
-    rejected = (
-        table.take(pa.array(idx))
-        .append_column("reject_reason", pa.array([f"{c}: {m}" for c, m in reasons]))
-        .append_column("source_file", pa.array([file] * len(idx)))
-        .append_column("source_row", pa.array((idx + row_offset).astype(np.int64)))
+    rejected = rejects_table(
+        table.take(pa.array(idx)), [flags.text(int(i)) for i in idx], file, idx + row_offset
     )
-    good = table.filter(pa.array(~bad))
+    good = table.filter(pa.array(~flags.bad))
     report.rows_used = good.num_rows
     report.rows_rejected = len(idx)
-    for c, m in reasons:
-        key = f"{c}: {m}"
+    for i in idx:
+        key = "{}: {}".format(*flags.reasons[i])
         report.reasons[key] = report.reasons.get(key, 0) + 1
     return good, rejected, report
 
@@ -611,26 +909,39 @@ def table_to_batch(table: pa.Table, meta: SessionMeta) -> SessionBatch:
 
 
 class RejectsWriter:
-    """Appends rejected rows (with reasons) to one Parquet file, opened lazily."""
+    """Rejected rows (with reasons) of one read into one Parquet file, written aside and
+    moved into place when the read ends: a read of the whole input replaces the file (and
+    removes it when nothing was rejected), a read stopped early publishes only where no
+    file exists yet. Without a path, rows are counted (``rows``) but not kept."""
 
     def __init__(self, path: str | Path | None) -> None:
         self.path = Path(path) if path else None
+        self.rows = 0
+        self._tmp: Path | None = None
         self._writer: pq.ParquetWriter | None = None
 
     def write(self, rejected: pa.Table | None) -> None:
         if rejected is None or rejected.num_rows == 0:
             return
+        self.rows += rejected.num_rows
         if self.path is None:
-            raise ValueError("rows were rejected but no rejects path was given")
+            return
         if self._writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = pq.ParquetWriter(self.path, rejected.schema)
+            self._tmp = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex}.tmp")
+            self._writer = pq.ParquetWriter(self._tmp, rejected.schema)
         self._writer.write_table(rejected.cast(self._writer.schema))
 
-    def close(self) -> None:
+    def close(self, complete: bool = True) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+            if complete or not self.path.exists():
+                os.replace(self._tmp, self.path)
+            else:
+                self._tmp.unlink(missing_ok=True)
+        elif complete and self.path is not None and self.rows == 0:
+            self.path.unlink(missing_ok=True)  # an older read's rejects: stale now
 
 
 @dataclasses.dataclass
@@ -644,6 +955,11 @@ class ValidatedChunk:
     good: pa.Table
     kept: np.ndarray  # (rows in the record batch,) bool
 
+    @property
+    def rows(self) -> np.ndarray:
+        """(good rows,) int64 row numbers of the good rows in their file."""
+        return np.flatnonzero(self.kept).astype(np.int64) + self.offset
+
 
 def iter_validated(
     path: str | Path,
@@ -652,44 +968,153 @@ def iter_validated(
     rejects_path: str | Path | None = None,
     report: ReadReport | None = None,
     files: Sequence[Path | str] | None = None,
+    *,
+    max_candidates: int | None = None,
+    rejects: RejectsWriter | None = None,
 ) -> Iterator[ValidatedChunk]:
     """Validate every row of the session files at ``path``, one record batch at a time.
 
-    Every file must name the same tasks and labels as the first. ``report`` (if given) is
-    updated in place; with ``on_error="reject"`` bad rows go to ``rejects_path`` (default:
-    ``rejects.parquet`` beside the data) and the report names it.
+    Every file must have the first file's tasks, labels and context features; request ids
+    must be unique over the whole read. ``report`` (if given) is updated in place. With
+    ``on_error="reject"`` bad rows go to ``rejects_path``, by default a file under the
+    :func:`read_scope`'s ``rejects_dir`` (none there: counted only), and the report names
+    it. ``max_candidates``: default the scope's. Unreadable files raise naming the file.
+    ``rejects``: a writer the caller owns (and closes) instead of ``rejects_path``, for a
+    caller that rejects more rows of its own into the same file.
     """
-    files = [str(f) for f in files] if files is not None else [str(f) for f in list_files(path)]
-    meta = read_meta(files[0])
-    if on_error == "reject" and rejects_path is None:
-        base = Path(path) if Path(path).is_dir() else Path(path).parent
-        rejects_path = base / "rejects.parquet"
-    rejects = RejectsWriter(rejects_path if on_error == "reject" else None)
-    report = report if report is not None else ReadReport()
+    if on_error not in ("raise", "reject"):
+        raise ValueError(f"on_error must be 'raise' or 'reject', got {on_error!r}")
+    scope = _SCOPE.get()
+    files = [str(f) for f in (files if files is not None else list_files(path))]
+    meta = file_meta(files[0])
+    if on_error == "reject" and rejects_path is None and scope.rejects_dir is not None:
+        rejects_path = rejects_file(scope.rejects_dir, path)
+    limit = scope.max_candidates if max_candidates is None else max_candidates
+    owned = rejects is None
+    if owned:
+        rejects = RejectsWriter(rejects_path if on_error == "reject" else None)
+    return _validated_chunks(
+        files,
+        meta,
+        batch_size,
+        on_error,
+        rejects,
+        report if report is not None else ReadReport(),
+        limit,
+        owned,
+    )
+
+
+def _validated_chunks(
+    files: list[str],
+    meta: SessionMeta,
+    batch_size: int,
+    on_error: str,
+    rejects: RejectsWriter,
+    report: ReadReport,
+    max_candidates: int,
+    owned: bool = True,
+) -> Iterator[ValidatedChunk]:
+    seen = SeenIds()
+    complete = False
     try:
         for fi, f in enumerate(files):
-            m = read_meta(f)
-            if m.task_names != meta.task_names or m.label_names != meta.label_names:
-                raise SchemaError(
-                    f"{f}: tasks {list(m.task_names)} / labels {list(m.label_names)} differ from "
-                    f"{files[0]}'s {list(meta.task_names)} / {list(meta.label_names)}"
-                )
+            _check_same_meta(f, meta, files[0])
             offset = 0
-            for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_size):
+            for rb in _record_batches(f, batch_size):
                 good, rej, rep = validate_table(
-                    pa.Table.from_batches([rb]), meta, f, offset, on_error
+                    pa.Table.from_batches([rb]),
+                    meta,
+                    f,
+                    offset,
+                    on_error,
+                    max_candidates=max_candidates,
+                    seen=seen,
                 )
                 report.add(rep)
                 rejects.write(rej)
                 kept = np.ones(rb.num_rows, dtype=bool)
                 if rej is not None:
-                    kept[np.asarray(rej.column("source_row").to_numpy()) - offset] = False
+                    kept[np.asarray(rej.column(SOURCE_ROW).to_numpy()) - offset] = False
                 yield ValidatedChunk(fi, f, offset, good, kept)
                 offset += rb.num_rows
+        complete = True
     finally:
-        rejects.close()
-        if report.rows_rejected:
-            report.rejects_path = str(rejects_path)
+        if owned:
+            rejects.close(complete)
+        if rejects.rows and rejects.path is not None:
+            report.rejects_path = str(rejects.path)
+        elif rejects.rows:
+            log.warning(
+                "%d row(s) rejected and counted but not kept (this read has no rejects file)",
+                rejects.rows,
+            )
+
+
+def _check_same_meta(file: str, meta: SessionMeta, first: str) -> None:
+    m = file_meta(file)
+    if (m.task_names, m.label_names) != (meta.task_names, meta.label_names):
+        raise SchemaError(
+            f"{file}: tasks {list(m.task_names)} / labels {list(m.label_names)} differ from "
+            f"{first}'s {list(meta.task_names)} / {list(meta.label_names)}"
+        )
+    if (m.task_kinds, m.context_names) != (meta.task_kinds, meta.context_names):
+        raise SchemaError(
+            f"{file}: task kinds {list(m.task_kinds)} / context features "
+            f"{list(m.context_names)} differ from {first}'s {list(meta.task_kinds)} / "
+            f"{list(meta.context_names)}"
+        )
+
+
+def _record_batches(file: str, batch_size: int) -> Iterator[pa.RecordBatch]:
+    """A file's record batches; a truncated or corrupt file raises naming it and the row."""
+    try:
+        batches = pq.ParquetFile(file).iter_batches(batch_size=batch_size)
+    except (pa.ArrowException, OSError) as e:
+        raise SchemaError(f"{file}: not a readable Parquet file ({_brief(e)})") from None
+    row = 0
+    while True:
+        try:
+            rb = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as e:
+            raise SchemaError(
+                f"{file}: rows from {row} on cannot be read ({_brief(e)}); the file is "
+                "truncated or corrupt"
+            ) from None
+        row += rb.num_rows
+        yield rb
+
+
+def length_segments(lengths: np.ndarray, floor: int = PAD_FLOOR_CELLS) -> list[tuple[int, int]]:
+    """Cut consecutive rows with candidate-list ``lengths`` (R,) into [start, stop) runs whose
+    padded size (rows x longest list) stays within max(2 x their real cells, ``floor``).
+
+    Rows keep their order. Batches of similar lengths are one run; a long list gets a run of
+    its own instead of padding every other row to its length.
+    """
+    n = len(lengths)
+    if n == 0:
+        return []
+    lengths = np.maximum(np.asarray(lengths, dtype=np.int64), 1)
+    if n * int(lengths.max()) <= max(2 * int(lengths.sum()), floor):
+        return [(0, n)]
+    out, start, longest, real = [], 0, 0, 0
+    for i, length in enumerate(lengths.tolist()):
+        top = max(longest, length)
+        if i > start and (i - start + 1) * top > max(2 * (real + length), floor):
+            out.append((start, i))
+            start, longest, real = i, length, length
+        else:
+            longest, real = top, real + length
+    out.append((start, n))
+    return out
+
+
+def row_lengths(table: pa.Table) -> np.ndarray:
+    """(R,) candidates per row of a session table."""
+    return _list_len(table.column(ITEM_IDS if ITEM_IDS in table.column_names else SCORES))
 
 
 def iter_batches(
@@ -699,18 +1124,27 @@ def iter_batches(
     rejects_path: str | Path | None = None,
     report: ReadReport | None = None,
     files: Sequence[Path] | None = None,
+    *,
+    max_candidates: int | None = None,
 ) -> Iterator[SessionBatch]:
-    """Stream validated :class:`SessionBatch` es of at most ``batch_size`` rows.
+    """Stream validated :class:`SessionBatch` es of at most ``batch_size`` rows, in file order.
 
-    Memory is bounded by one Parquet record batch. ``report`` (if given) is
-    updated in place; with ``on_error="reject"`` bad rows go to ``rejects_path``
-    (default: ``rejects.parquet`` beside the data).
+    Memory is bounded by one Parquet record batch: a record batch whose lists differ much
+    in length is split (:func:`length_segments`) rather than padded to its longest list.
+    Arguments as :func:`iter_validated`.
     """
     files = list(files) if files is not None else list_files(path)
-    meta = read_meta(files[0])
-    for chunk in iter_validated(path, batch_size, on_error, rejects_path, report, files):
-        if chunk.good.num_rows:
-            yield table_to_batch(chunk.good, meta)
+    meta = file_meta(files[0])
+    chunks = iter_validated(
+        path, batch_size, on_error, rejects_path, report, files, max_candidates=max_candidates
+    )
+    return _batches(chunks, meta)
+
+
+def _batches(chunks: Iterator[ValidatedChunk], meta: SessionMeta) -> Iterator[SessionBatch]:
+    for chunk in chunks:
+        for start, stop in length_segments(row_lengths(chunk.good)):
+            yield table_to_batch(chunk.good.slice(start, stop - start), meta)
 
 
 def read_sessions(

@@ -1,18 +1,35 @@
 """Jobs: simulate, pretrain (Stage 1) and train (Stage 1 + 2), local or on Ray.
 
 Each job writes under ``cfg.run_dir``: ``config.yaml``, ``data/`` (when
-simulated), ``metrics.csv|jsonl``, ``tb/``, ``checkpoints/`` and ``policy.pt``.
+simulated), ``metrics.csv|jsonl``, ``tb/``, ``checkpoints/``, ``policy.pt`` and, in
+reject mode, ``rejects/`` (one Parquet file per input; never the input directory).
+
+A run directory holds one run: ``metrics.jsonl`` has each Stage 1 epoch and each
+Stage 2 round once. Starting a job on a directory that already holds its stage
+either replaces that stage (``overwrite=True``, the default for programmatic callers;
+logged) or refuses with :class:`~grade_ray.runlog.RunDirError` (the CLI); ``resume``
+continues from the newest checkpoint that loads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
+from grade_ray import keys
 from grade_ray.config import Config, save_config
 from grade_ray.data.plan import DataPlan
-from grade_ray.data.schema import read_meta
+from grade_ray.data.schema import (
+    ReadReport,
+    SchemaError,
+    iter_validated,
+    read_meta,
+    read_scope,
+    rejects_file,
+)
 from grade_ray.learner.grpo import GRPOLearner, GRPOSettings
 from grade_ray.learner.loop import (
     POLICY_FILE,
@@ -26,9 +43,26 @@ from grade_ray.learner.loop import (
     save_policy,
 )
 from grade_ray.rollout.backend import LocalRollout
-from grade_ray.runlog import CHECKPOINT_DIR, MetricsLogger, latest_checkpoint
+from grade_ray.runlog import (
+    CHECKPOINT_DIR,
+    MetricsLogger,
+    RunDirError,
+    load_latest,
+    read_metrics,
+    round_checkpoints,
+)
 
 log = logging.getLogger(__name__)
+
+REJECTS_DIR = "rejects"
+
+
+@contextlib.contextmanager
+def data_scope(cfg: Config, run_dir: str | Path | None = None) -> Iterator[None]:
+    """Session reads inside allow ``data.max_candidates`` candidates and put reject-mode
+    rejects under RUN_DIR/rejects/ (``run_dir``: default ``cfg.run_dir``)."""
+    with read_scope(cfg.data.max_candidates, Path(run_dir or cfg.run_dir) / REJECTS_DIR):
+        yield
 
 
 def simulator_for(cfg: Config):
@@ -71,26 +105,98 @@ def _start(cfg: Config) -> tuple[Path, MetricsLogger]:
     return run_dir, MetricsLogger(run_dir)
 
 
-def run_pretrain(cfg: Config) -> Path:
-    """Stage 1 only; writes checkpoints/pretrain.pt and policy.pt (the SP baseline)."""
-    run_dir, logger = _start(cfg)
-    train_path, _ = prepare_data(cfg)
-    meta = read_meta(train_path)
-    policy = new_policy(cfg, meta, train_path)
-    pretrain(cfg, policy, meta, train_path, logger)
-    path = save_policy(run_dir / CHECKPOINT_DIR / f"{PRETRAIN_CKPT}.pt", policy, cfg, meta)
-    save_policy(run_dir / POLICY_FILE, policy, cfg, meta, {"stage": 1})
-    logger.close()
+def _stage_rows(run_dir: Path, stage: int) -> list[dict]:
+    return [r for r in read_metrics(run_dir) if r.get("stage") == stage]
+
+
+def _drop_stage_rows(run_dir: Path, stage: int) -> None:
+    rows = read_metrics(run_dir)
+    kept = [r for r in rows if r.get("stage") != stage]
+    if len(kept) != len(rows):
+        MetricsLogger(run_dir, tensorboard=False).rewrite(kept)
+
+
+def claim_stage2(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Before Stage 2 starts in ``run_dir``: an earlier Stage 2 run there (round checkpoints
+    or metric rows) is continued (``resume``), replaced (``overwrite``: its checkpoints and
+    rows are removed, with a warning) or refused with :class:`RunDirError`."""
+    ckpts, rows = round_checkpoints(run_dir), _stage_rows(run_dir, 2)
+    if resume or not (ckpts or rows):
+        return
+    what = f"{len(ckpts)} round checkpoint(s) and {len(rows)} Stage 2 metric row(s)"
+    if not overwrite:
+        raise RunDirError(
+            f"{run_dir} already holds a Stage 2 run ({what}); pass --resume to continue it, "
+            f"use another --run-dir, or delete {run_dir / CHECKPOINT_DIR}/round-*.pt and "
+            f"{run_dir}/metrics.* to start over"
+        )
+    log.warning("%s: replacing an earlier Stage 2 run (%s)", run_dir, what)
+    for p in ckpts:
+        p.unlink()
+    for name in ("summary.json", "rollout_actors.json"):
+        (run_dir / name).unlink(missing_ok=True)
+    _drop_stage_rows(run_dir, 2)
+
+
+def _claim_stage1(run_dir: Path, overwrite: bool) -> None:
+    """Before ``pretrain``: an earlier Stage 1 result in ``run_dir`` is replaced
+    (``overwrite``, with a warning) or refused with :class:`RunDirError`."""
+    ckpt = run_dir / CHECKPOINT_DIR / f"{PRETRAIN_CKPT}.pt"
+    rows, rounds = _stage_rows(run_dir, 1), round_checkpoints(run_dir)
+    if not (ckpt.exists() or rows or rounds):
+        return
+    if not overwrite:
+        raise RunDirError(
+            f"{run_dir} already holds a run ({'a' if ckpt.exists() else 'no'} Stage 1 "
+            f"checkpoint, {len(rows)} Stage 1 metric row(s), {len(rounds)} round "
+            "checkpoint(s)); use another --run-dir or delete it"
+        )
+    log.warning("%s: replacing an earlier Stage 1 result", run_dir)
+    ckpt.unlink(missing_ok=True)
+    _drop_stage_rows(run_dir, 1)
+
+
+def count_rows(cfg: Config, path: str) -> ReadReport:
+    """Validate every row at ``path`` once (rejects under RUN_DIR/rejects/ in reject mode)."""
+    report = ReadReport()
+    for _ in iter_validated(path, 8192, cfg.data.on_error, report=report):
+        pass
+    log.info("training data: %s", report.summary())
+    return report
+
+
+def run_pretrain(cfg: Config, *, overwrite: bool = True) -> Path:
+    """Stage 1 only; writes checkpoints/pretrain.pt and policy.pt (the SP baseline).
+
+    ``overwrite``: replace an earlier result in the run directory (else refuse)."""
+    with data_scope(cfg):
+        _claim_stage1(Path(cfg.run_dir), overwrite)
+        run_dir, logger = _start(cfg)
+        train_path, _ = prepare_data(cfg)
+        meta = read_meta(train_path)
+        report = count_rows(cfg, train_path)
+        if report.rows_used == 0:
+            raise SchemaError(f"{train_path}: no usable rows ({report.summary()})")
+        policy = new_policy(cfg, meta, train_path)
+        pretrain(cfg, policy, meta, train_path, logger)
+        path = save_policy(run_dir / CHECKPOINT_DIR / f"{PRETRAIN_CKPT}.pt", policy, cfg, meta)
+        save_policy(run_dir / POLICY_FILE, policy, cfg, meta, {"stage": 1})
+        _write_json(run_dir / "summary.json", {"data": _counts(report), "stage": 1})
+        logger.close()
     return path
 
 
 def initial_policy(cfg: Config, meta, train_path: str, logger: MetricsLogger | None):
-    """Stage 1 result: loaded from RUN_DIR/checkpoints/pretrain.pt if present, else trained."""
+    """Stage 1 result: loaded from RUN_DIR/checkpoints/pretrain.pt if present, else trained
+    (Stage 1 rows of an earlier attempt that left no checkpoint are dropped first)."""
     ckpt = Path(cfg.run_dir) / CHECKPOINT_DIR / f"{PRETRAIN_CKPT}.pt"
+    if not ckpt.exists() and logger is not None and _stage_rows(Path(cfg.run_dir), 1):
+        log.warning("%s: Stage 1 rows without its checkpoint (an interrupted run); redone", ckpt)
+        _drop_stage_rows(Path(cfg.run_dir), 1)
     if ckpt.exists():
         policy, saved_meta, _ = load_policy(ckpt)
         if saved_meta.task_names != meta.task_names:
-            raise ValueError(
+            raise RunDirError(
                 f"{ckpt} was trained on tasks {saved_meta.task_names}, data has "
                 f"{meta.task_names}; delete it or use another run_dir"
             )
@@ -112,8 +218,9 @@ def build_plan(cfg: Config, train_path: str) -> DataPlan:
         data_passes=g.data_passes,
         requests_per_round=g.requests_per_round,
         on_error=cfg.data.on_error,
-        rejects_path=Path(cfg.run_dir) / "rejects.parquet",
+        rejects_path=rejects_file(Path(cfg.run_dir) / REJECTS_DIR, train_path),
         cache_dir=decode_cache_dir(cfg),
+        max_candidates=cfg.data.max_candidates,
     )
 
 
@@ -124,8 +231,16 @@ def decode_cache_dir(cfg: Config) -> Path | None:
     return Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.run_dir) / "decoded"
 
 
-def run_train_local(cfg: Config, resume: bool = False) -> Path:
-    """Stage 1 + Stage 2 in this process (no Ray)."""
+def run_train_local(cfg: Config, resume: bool = False, *, overwrite: bool = True) -> Path:
+    """Stage 1 + Stage 2 in this process (no Ray). ``resume``: continue from the newest
+    round checkpoint that loads; ``overwrite``: replace an earlier Stage 2 run in the run
+    directory (else refuse)."""
+    claim_stage2(Path(cfg.run_dir), resume, overwrite)
+    with data_scope(cfg):
+        return _train_local(cfg, resume)
+
+
+def _train_local(cfg: Config, resume: bool) -> Path:
     run_dir, logger = _start(cfg)
     train_path, eval_path = prepare_data(cfg)
     meta = read_meta(train_path)
@@ -142,12 +257,7 @@ def run_train_local(cfg: Config, resume: bool = False) -> Path:
     )
     probe = Probe(cfg, meta, eval_path, simulator_for(cfg))
     trainer = GRPOTrainer(cfg, plan, learner, backend, logger, run_dir, probe)
-    if resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            log.warning("--resume: no checkpoint in %s; starting fresh", run_dir)
-        else:
-            trainer.resume_from(ckpt)
+    resume_trainer(trainer, run_dir, resume)
     trainer.fit()
     out = save_policy(
         run_dir / POLICY_FILE,
@@ -161,6 +271,25 @@ def run_train_local(cfg: Config, resume: bool = False) -> Path:
     return out
 
 
+def resume_trainer(trainer: GRPOTrainer, run_dir: Path, resume: bool) -> None:
+    """Continue ``trainer`` from the run's newest loadable round checkpoint (``resume``), or
+    start it fresh; either way its metrics file then holds exactly its done rounds."""
+    found = load_latest(run_dir, trainer.check_state) if resume else None
+    if found is None:
+        if resume:
+            log.warning("--resume: no round checkpoint in %s; starting Stage 2 fresh", run_dir)
+        trainer.sync_metrics()
+        return
+    path, state = found
+    trainer.restore(state)
+    log.info(
+        "resumed from %s at round %d/%d",
+        path,
+        trainer.position.next_round,
+        len(trainer.plan.rounds),
+    )
+
+
 def load_policy_copy(policy):
     """A detached copy of a policy for a rollout worker."""
     import copy
@@ -168,15 +297,28 @@ def load_policy_copy(policy):
     return copy.deepcopy(getattr(policy, "module", policy)).eval()
 
 
+def _counts(report: ReadReport) -> dict:
+    return {
+        "rows_read": report.rows_read,
+        "rows_used": report.rows_used,
+        "rows_rejected": report.rows_rejected,
+        "reasons": report.reasons,
+        "rejects_path": report.rejects_path,
+    }
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float))
+    tmp.replace(path)
+
+
 def write_summary(run_dir: Path, plan: DataPlan, history: list[dict]) -> None:
+    """RUN_DIR/summary.json: the data accounting, rounds and the last round's metrics."""
     summary = {
-        "data": {
-            "rows_read": plan.report.rows_read,
-            "rows_used": plan.report.rows_used,
-            "rows_rejected": plan.report.rows_rejected,
-            "reasons": plan.report.reasons,
-        },
+        "data": _counts(plan.report),
         "rounds": len(history),
+        "requests": int(sum(h.get(keys.ROLLOUT_REQUESTS, 0) for h in history)),
         "final": history[-1] if history else {},
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    _write_json(run_dir / "summary.json", summary)

@@ -23,25 +23,37 @@ from typing import Any
 from grade_ray.config import Config, from_dict
 from grade_ray.data.schema import read_meta
 from grade_ray.learner.reward_fit import run_reward_fit
-from grade_ray.raysession import check_resources, init_ray
+from grade_ray.raysession import (
+    check_resources,
+    init_ray,
+    local_only_session,
+    loopback_torch_config,
+)
 
 log = logging.getLogger(__name__)
 
 
 def _train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker: build learner + rollout actors, run the remaining rounds."""
+    from grade_ray.jobs.train import data_scope
+
+    cfg = from_dict(Config, config["cfg"])
+    with data_scope(cfg):
+        _train_rounds(cfg, config)
+
+
+def _train_rounds(cfg: Config, config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     import torch
 
-    from grade_ray.jobs.train import build_plan, simulator_for
+    from grade_ray.jobs.train import build_plan, resume_trainer, simulator_for
     from grade_ray.learner.grpo import GRPOLearner, GRPOSettings
     from grade_ray.learner.loop import GRPOTrainer, Probe, load_policy, rollout_spec
     from grade_ray.rollout.actor import RayRollout
-    from grade_ray.runlog import MetricsLogger, latest_checkpoint, load_checkpoint
+    from grade_ray.runlog import MetricsLogger, load_checkpoint
 
     torch.set_num_threads(1)
-    cfg = from_dict(Config, config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     plan = build_plan(cfg, config["train_path"])
@@ -89,14 +101,14 @@ def _train_loop(config: dict[str, Any]) -> None:
     train_ckpt = ray.train.get_checkpoint()
     if train_ckpt is not None:  # restarted by FailureConfig
         with train_ckpt.as_directory() as d:
-            trainer.load_state_dict(load_checkpoint(Path(d) / "state.pt"))
+            trainer.restore(load_checkpoint(Path(d) / "state.pt"))
         log.info(
             "rank %d restarted from the last reported checkpoint (round %d)",
             rank,
             trainer.position.next_round,
         )
-    elif config["resume"] and latest_checkpoint(cfg.run_dir) is not None:
-        trainer.resume_from(latest_checkpoint(cfg.run_dir))
+    else:
+        resume_trainer(trainer, Path(cfg.run_dir), config["resume"])
     fail_at = config.get("fail_at_round")
     if fail_at is not None and train_ckpt is None:
         trainer.fail_at_round = int(fail_at)
@@ -124,13 +136,30 @@ def run_train_ray(
     address: str | None = None,
     fail_at_round: int | None = None,
     callbacks: list | None = None,
+    *,
+    overwrite: bool = True,
 ) -> Path:
     """Stage 1 in the driver, then Stage 2 on Ray Train + rollout actors. Returns policy.pt.
 
     ``callbacks`` go to Ray Train's RunConfig (Tune passes its report callback here, so
     every round's metrics reach the Tuner); ``fail_at_round`` injects a learner failure
-    after that round (fault-tolerance tests).
+    after that round (fault-tolerance tests). ``resume`` / ``overwrite``: as
+    :func:`grade_ray.jobs.train.run_train_local`.
     """
+    from grade_ray.jobs.train import claim_stage2, data_scope
+
+    claim_stage2(Path(cfg.run_dir), resume, overwrite)
+    with data_scope(cfg):
+        return _run(cfg, resume, address, fail_at_round, callbacks)
+
+
+def _run(
+    cfg: Config,
+    resume: bool,
+    address: str | None,
+    fail_at_round: int | None,
+    callbacks: list | None,
+) -> Path:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -177,6 +206,8 @@ def run_train_ray(
             failure_config=FailureConfig(max_failures=lr.max_failures),
             callbacks=callbacks or [],
         ),
+        # on this machine only: no rendezvous port beyond loopback (torch's TCPStore binds *)
+        **({"torch_config": loopback_torch_config()} if local_only_session() else {}),
     )
     trainer.fit()
     return run_dir / POLICY_FILE

@@ -37,7 +37,14 @@ from grade_ray.learner.supervised import SupervisedLearner, SupervisedSettings
 from grade_ray.models.policy import FusionPolicy, build_policy
 from grade_ray.rollout.backend import task_seed
 from grade_ray.rollout.worker import RolloutSpec, rollout_summary
-from grade_ray.runlog import MetricsLogger, Progress, load_checkpoint, save_checkpoint
+from grade_ray.runlog import (
+    CheckpointError,
+    MetricsLogger,
+    Progress,
+    load_checkpoint,
+    read_metrics,
+    save_checkpoint,
+)
 from grade_ray.spec import RewardSpec, as_tensor
 
 log = logging.getLogger(__name__)
@@ -360,6 +367,22 @@ class GRPOTrainer:
             "torch_rng": torch.get_rng_state(),
         }
 
+    STATE_KEYS = ("learner", "next_round", "steps_done", "history", "torch_rng")
+
+    def check_state(self, state: dict[str, Any]) -> None:
+        """Raise :class:`CheckpointError` unless ``state`` is a Stage 2 checkpoint this plan
+        can continue from."""
+        missing = [k for k in self.STATE_KEYS if k not in state]
+        if missing:
+            raise CheckpointError(f"not a Stage 2 round checkpoint (lacks {missing})")
+        if not 0 <= int(state["next_round"]) <= len(self.plan.rounds) or len(
+            state["history"]
+        ) != int(state["next_round"]):
+            raise CheckpointError(
+                f"checkpoint at round {state['next_round']} with {len(state['history'])} "
+                f"rounds of history does not fit this plan's {len(self.plan.rounds)} rounds"
+            )
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.learner.load_state_dict(state["learner"])
         self.position.next_round = int(state["next_round"])
@@ -367,11 +390,43 @@ class GRPOTrainer:
         self.history = [dict(h) for h in state["history"]]
         torch.set_rng_state(state["torch_rng"])
 
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's state; the metrics file is made to hold exactly its
+        rounds (see :meth:`sync_metrics`)."""
+        self.check_state(state)
+        self.load_state_dict(state)
+        self.sync_metrics()
+
     def resume_from(self, path: str | Path) -> None:
-        self.load_state_dict(load_checkpoint(path))
+        try:
+            self.restore(load_checkpoint(path))
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from e
         log.info(
             "resumed from %s at round %d/%d", path, self.position.next_round, len(self.plan.rounds)
         )
+
+    def sync_metrics(self) -> None:
+        """Make ``metrics.jsonl`` hold each round this trainer has done exactly once, after
+        the rows of other stages: a round logged but not checkpointed before a kill is
+        dropped (it runs again), a round checkpointed but not yet logged is written from
+        the checkpoint's history. Rank 0 only (it owns the logger)."""
+        if self.logger is None or self.rank != 0:
+            return
+        rows = read_metrics(self.logger.run_dir)
+        times = {r.get(keys.ROUND): r.get("time") for r in rows if r.get("stage") == 2}
+        stage2 = [
+            {"step": int(h[keys.ROUND]), "time": times.get(h[keys.ROUND]) or time.time(), **h}
+            for h in self.history
+        ]
+        kept = [r for r in rows if r.get("stage") != 2]
+        if kept + stage2 != rows:
+            log.info(
+                "metrics.jsonl: %d Stage 2 row(s) -> the %d round(s) of the checkpoint",
+                len(rows) - len(kept),
+                len(stage2),
+            )
+            self.logger.rewrite(kept + stage2)
 
     # -- the loop -------------------------------------------------------------
     def fit(self) -> list[dict[str, float]]:
@@ -466,8 +521,10 @@ class GRPOTrainer:
         )
         ckpt = None
         if self.rank == 0:
+            # checkpoint first: a process killed before the metrics row is written resumes
+            # from this round and writes the row from the checkpoint's history
+            ckpt = save_checkpoint(self.run_dir, f"round-{r:04d}", self.state_dict())
             if self.logger:
                 self.logger.log(r, metrics)
-            ckpt = save_checkpoint(self.run_dir, f"round-{r:04d}", self.state_dict())
         if self.report_fn is not None:  # every rank reports, the same number of times
             self.report_fn(metrics, ckpt)

@@ -7,11 +7,15 @@ An export directory holds::
     policy.onnx    the same graph as ONNX, only when torch.onnx.export works here
                    without extra packages (it needs ``onnx``; not installed -> skipped)
     metadata.json  feature names and preprocessing, task order, fusion form and eps,
-                   versions, training-data range, config hash, sha256 of every file
+                   versions, training-data range, config hash, sha256 of the model files
+    manifest.json  sha256 of every other file (metadata.json included) and a digest of
+                   that list; written last, so an export without it is incomplete
 
 Loading never unpickles Python objects: TorchScript archives are read with
 ``torch.jit.load`` (TorchScript's own restricted format) and metadata is JSON.
-:class:`grade_ray.serving.service.FusionService` is the reader.
+:class:`grade_ray.serving.service.FusionService` is the reader; :func:`verify_export`
+refuses an export whose files (metadata included) differ from its manifest. The hashes
+catch damage and edits that do not rewrite the manifest; they are not a signature.
 """
 
 from __future__ import annotations
@@ -28,17 +32,24 @@ import torch
 from torch import nn
 
 import grade_ray
+from grade_ray.config import UserError
 from grade_ray.learner.loop import load_policy
 from grade_ray.models.policy import FusionPolicy
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMAT_VERSION = 1
+EXPORT_FORMAT_VERSION = 2  # 2: manifest.json covers every file, metadata.json included
 TORCHSCRIPT_FILE = "policy.ts"
 ONNX_FILE = "policy.onnx"
 METADATA_FILE = "metadata.json"
+MANIFEST_FILE = "manifest.json"
 INPUT_NAME = "context"
 OUTPUT_NAME = "weights"
+
+
+class RequestError(UserError, ValueError):
+    """A serving request (or export) the policy cannot answer correctly; the message says
+    how to fix it."""
 
 
 class PolicyWeights(nn.Module):
@@ -167,6 +178,7 @@ def export_policy(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     policy, _, state = load_policy(run_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST_FILE).unlink(missing_ok=True)  # incomplete until the new one is written
     wrapper = PolicyWeights(policy).eval()
 
     ts_path = out / TORCHSCRIPT_FILE
@@ -179,9 +191,9 @@ def export_policy(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
         onnx_path = None
 
     metadata = build_metadata(policy, state, {"torchscript": ts_path, "onnx": onnx_path}, onnx_note)
-    tmp = out / (METADATA_FILE + ".tmp")
-    tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True))
-    tmp.replace(out / METADATA_FILE)
+    _write_json(out / METADATA_FILE, metadata)
+    files = [TORCHSCRIPT_FILE, METADATA_FILE] + ([ONNX_FILE] if onnx_path else [])
+    write_manifest(out, files)
     log.info(
         "exported policy (config %s, K=%d tasks %s, D=%d) to %s",
         metadata["training"]["config_hash"],
@@ -191,6 +203,64 @@ def export_policy(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
         out,
     )
     return metadata
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def _files_digest(files: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def write_manifest(out: Path, names: list[str]) -> dict[str, Any]:
+    """``out/manifest.json``: sha256 of each of ``names`` and a digest of that list."""
+    files = {n: sha256_file(out / n) for n in sorted(names)}
+    manifest = {"format_version": 1, "files": files, "digest": _files_digest(files)}
+    _write_json(out / MANIFEST_FILE, manifest)
+    return manifest
+
+
+def verify_export(export_dir: str | Path) -> dict[str, str]:
+    """Check an export against its manifest; returns file name -> sha256.
+
+    Raises :class:`RequestError` when the manifest is missing or malformed, its digest does
+    not match its file list, it does not cover the model and metadata files, or a listed
+    file is missing or has another sha256.
+    """
+    d = Path(export_dir)
+    path = d / MANIFEST_FILE
+    if not path.is_file():
+        raise RequestError(
+            f"{d}: no {MANIFEST_FILE} (an incomplete export, or one from an older grade_ray); "
+            "re-export it with `grade-ray export`"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+        ok = isinstance(files, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in files.items()
+        )
+        digest = manifest["digest"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise RequestError(f"{path} is not a valid manifest ({type(e).__name__}: {e})") from None
+    if not ok or digest != _files_digest(files):
+        raise RequestError(f"{path} was modified (its digest does not match its file list)")
+    missing = {TORCHSCRIPT_FILE, METADATA_FILE} - set(files)
+    if missing:
+        raise RequestError(f"{path} does not cover {sorted(missing)}; re-export")
+    for name, want in files.items():
+        f = d / name
+        if "/" in name or name.startswith(".") or not f.is_file():
+            raise RequestError(f"{f}, listed in {path}, is missing; re-export")
+        if sha256_file(f) != want:
+            raise RequestError(
+                f"{f} does not match the sha256 in {path}; the export was modified or "
+                "truncated: re-export it"
+            )
+    return files
 
 
 # ---------------------------------------------------------------------------
@@ -205,6 +275,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(
             f"  {kind}: " + ("not exported" if f is None else f"{f['path']} sha256={f['sha256']}")
         )
+    print(f"  manifest: {MANIFEST_FILE} (sha256 of every file, {METADATA_FILE} included)")
     for note in md["notes"]:
         print(f"  note: {note}")
     return 0

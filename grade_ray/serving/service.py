@@ -8,6 +8,11 @@ unpickled) and answers, for a batch of requests::
     fused_scores(context, scores)     scores (B, N, K) -> s (B, N), s_i = sum_k w_k phi(p_ik)
     rank(context, scores)             -> (B, N) candidate indices, best first
 
+Loading checks the export before answering anything: every file against
+``manifest.json`` (metadata included), the metadata's structure, and the model on
+test contexts (weights of the right shape, on the simplex). A damaged or edited
+export raises :class:`RequestError`.
+
 Input policy (bad requests raise :class:`RequestError`, never a wrong answer):
 
 - arrays of any real numeric dtype (float16/32/64, signed/unsigned ints) are
@@ -18,7 +23,13 @@ Input policy (bad requests raise :class:`RequestError`, never a wrong answer):
   with context (1, D)), mask (B, N) bool;
 - NaN/inf (also values that overflow float32) are rejected naming the rows;
   padded (masked-out) candidates may hold anything;
-- ``log_product`` fusion needs scores >= 0 on real candidates.
+- scores are checked as training checks them: a ``prob`` task in [0, 1], a
+  ``value`` task >= 0 (``log_product`` fusion needs every score >= 0);
+- every answer's weights are checked to be finite and on the simplex.
+
+Work is done in bounded chunks (:data:`CHUNK_ROWS` requests through the network,
+:data:`CHUNK_CELLS` request x candidate cells through the fusion), so memory beyond
+the caller's arrays and the answer does not grow with the batch.
 
 Backends are registered by name (``BACKENDS``): ``torchscript`` (the export),
 ``eager`` (the same weights in an in-framework :class:`FusionPolicy`, for
@@ -26,61 +37,45 @@ parity checks and benchmarks) and ``onnx`` (only where onnxruntime and an ONNX
 file exist). Ray Serve is not wired in: ``ray.serve`` does not import in this
 environment (its HTTP dependencies are not installed); a deployment would hold
 one ``FusionService`` per replica and call :meth:`FusionService.rank`.
-
-``grade-ray infer EXPORT_DIR --data SESSIONS --out OUT.parquet`` scores
-logged sessions in bounded memory and writes one row per request.
+``grade-ray infer`` (:mod:`grade_ray.serving.infer`) scores session files.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from grade_ray.algos.fusion import fuse
+from grade_ray.algos.fusion import FUSIONS, fuse
 from grade_ray.algos.registry import Registry
-from grade_ray.data.schema import (
-    ReadReport,
-    SchemaError,
-    SessionMeta,
-    iter_batches,
-    list_files,
-    read_meta,
-)
+from grade_ray.data.schema import TASK_KINDS, SessionMeta
 from grade_ray.models.policy import FusionPolicy
-from grade_ray.runlog import Progress
 from grade_ray.serving.export import (
     EXPORT_FORMAT_VERSION,
     METADATA_FILE,
     ONNX_FILE,
     TORCHSCRIPT_FILE,
-    sha256_file,
+    RequestError,
+    verify_export,
 )
 
 log = logging.getLogger(__name__)
 
-# Columns of the `grade-ray infer` output.
-OUT_REQUEST_ID = "request_id"  # int64
-OUT_WEIGHTS = "weights"  # list<float32>, K values in the export's task order
-OUT_RANKING = "ranking"  # list<int32>, candidate indices (logged order) best first
-OUT_META_KEY = b"grade_ray_infer"
-OUT_SCHEMA = pa.schema(
-    [
-        pa.field(OUT_REQUEST_ID, pa.int64(), nullable=False),
-        pa.field(OUT_WEIGHTS, pa.list_(pa.float32()), nullable=False),
-        pa.field(OUT_RANKING, pa.list_(pa.int32()), nullable=False),
-    ]
-)
+__all__ = ["BACKENDS", "FusionService", "RequestError", "serving_latency"]
+
+CHUNK_ROWS = 16_384
+"""Requests per call into the network (bounds its activations)."""
+CHUNK_CELLS = 1 << 20
+"""Request x candidate cells per fusion chunk (bounds the fusion's temporaries)."""
+SIMPLEX_TOL = 1e-4
+"""Served weights must be >= -tol and sum to 1 within tol."""
 
 # Benchmark keys (milliseconds per ``weights()`` call on one request batch).
 LAT_P50_B1 = "serving.p50_ms_b1"
@@ -88,10 +83,6 @@ LAT_P99_B1 = "serving.p99_ms_b1"
 LAT_P50_B256 = "serving.p50_ms_b256"
 LAT_P99_B256 = "serving.p99_ms_b256"
 EAGER_PREFIX = "serving.eager_"  # same keys for the eager backend: serving.eager_p50_ms_b1 ...
-
-
-class RequestError(ValueError):
-    """A serving request the policy cannot answer correctly; the message says how to fix it."""
 
 
 # ---------------------------------------------------------------------------
@@ -184,10 +175,76 @@ def as_real_float32(a: Any, name: str) -> np.ndarray:
     return out if out.flags.writeable else out.copy()  # torch.from_numpy wants writable memory
 
 
-def _bad_rows(bad: np.ndarray, limit: int = 5) -> str:
-    rows = np.flatnonzero(bad)
+def _bad_rows(bad: np.ndarray, first: int = 0, limit: int = 5) -> str:
+    rows = np.flatnonzero(bad) + first
     more = f" and {len(rows) - limit} more" if len(rows) > limit else ""
     return f"{rows[:limit].tolist()}{more}"
+
+
+# ---------------------------------------------------------------------------
+# Export metadata
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """metadata.json, checked for what serving relies on; anything off raises
+    :class:`RequestError` naming the file and the key."""
+    try:
+        md = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RequestError(f"{path} is not valid JSON ({e}); re-export the run") from None
+    if not isinstance(md, dict):
+        raise RequestError(f"{path} must hold a JSON object; re-export the run")
+    version = md.get("format_version")
+    if version != EXPORT_FORMAT_VERSION:
+        raise RequestError(
+            f"{path}: export format_version={version}; this grade_ray reads version "
+            f"{EXPORT_FORMAT_VERSION} (re-export the run with this version)"
+        )
+    try:
+        _check_metadata(md)
+    except (KeyError, TypeError) as e:
+        raise RequestError(f"{path}: missing or malformed {e}; re-export the run") from None
+    except ValueError as e:
+        raise RequestError(f"{path}: {e}; re-export the run") from None
+    return md
+
+
+def _check_metadata(md: dict[str, Any]) -> None:
+    """Raise KeyError/TypeError/ValueError (naming the key) unless ``md`` is usable."""
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise ValueError(what)
+
+    def strings(v: Any) -> bool:
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+    ctx, tasks, fusion, arch = md["context"], md["tasks"], md["fusion"], md["architecture"]
+    dim = ctx["dim"]
+    need(isinstance(dim, int) and dim >= 1, f"context.dim={dim!r} must be an integer >= 1")
+    need(strings(ctx["names"]) and len(ctx["names"]) in (0, dim), "context.names: D names")
+    pre = ctx["preprocessing"]
+    for key in ("mean", "std"):
+        v = pre[key]
+        need(
+            isinstance(v, list) and len(v) == dim and all(_finite(x) for x in v),
+            f"context.preprocessing.{key} must be {dim} finite numbers",
+        )
+    names, kinds = tasks["names"], tasks["kinds"]
+    need(strings(names) and names and len(set(names)) == len(names), "tasks.names")
+    need(strings(kinds) and len(kinds) == len(names), "tasks.kinds: one kind per task")
+    need(all(k in TASK_KINDS for k in kinds), f"tasks.kinds {kinds}: valid {list(TASK_KINDS)}")
+    need(fusion["form"] in FUSIONS, f"fusion.form={fusion['form']!r}: valid {FUSIONS.names()}")
+    need(_finite(fusion["eps"]) and fusion["eps"] > 0, "fusion.eps must be a number > 0")
+    need(
+        arch["context_dim"] == dim and arch["num_tasks"] == len(names),
+        "architecture.context_dim / num_tasks disagree with context.dim / tasks.names",
+    )
+    need(isinstance(md["files"], dict) and "torchscript" in md["files"], "files.torchscript")
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 class FusionService:
@@ -203,6 +260,7 @@ class FusionService:
         self.context_dim: int = metadata["context"]["dim"]
         self.context_names: tuple[str, ...] = tuple(metadata["context"]["names"])
         self.task_names: tuple[str, ...] = tuple(metadata["tasks"]["names"])
+        self.task_kinds: tuple[str, ...] = tuple(metadata["tasks"]["kinds"])
         self.num_tasks: int = len(self.task_names)
         self.fusion: str = metadata["fusion"]["form"]
         self.fusion_eps: float = metadata["fusion"]["eps"]
@@ -211,40 +269,57 @@ class FusionService:
     def load(
         cls, export_dir: str | Path, backend: str = "torchscript", verify: bool = True
     ) -> FusionService:
-        """Read ``export_dir`` (metadata.json + policy.ts); ``verify`` checks file sha256s."""
+        """Read ``export_dir`` (metadata.json + policy.ts). ``verify`` checks every file
+        against manifest.json; the metadata and the model's answers are always checked."""
         d = Path(export_dir)
         md_path = d / METADATA_FILE
         if not md_path.exists():
             raise FileNotFoundError(
                 f"no {METADATA_FILE} in {d} (write one with `grade-ray export`)"
             )
-        metadata = json.loads(md_path.read_text())
-        version = metadata.get("format_version")
-        if version != EXPORT_FORMAT_VERSION:
-            raise RequestError(
-                f"{md_path}: export format_version={version}; this grade_ray reads version "
-                f"{EXPORT_FORMAT_VERSION} (re-export the run with this version)"
-            )
         if verify:
-            for kind, f in metadata["files"].items():
-                if f is None:
-                    continue
-                got = sha256_file(d / f["path"])
-                if got != f["sha256"]:
-                    raise RequestError(
-                        f"{d / f['path']} ({kind}) does not match the sha256 in {md_path}; "
-                        "the export was modified or truncated: re-export it"
-                    )
-        predict = BACKENDS.get(backend)(d, metadata)
+            verify_export(d)
+        metadata = read_metadata(md_path)
+        make = BACKENDS.get(backend)
+        try:
+            predict = make(d, metadata)
+        except RequestError:
+            raise
+        except Exception as e:  # torch.jit / onnxruntime raise many kinds on a bad file
+            raise RequestError(
+                f"{d}: the {backend} model does not load ({type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); re-export"
+            ) from e
+        service = cls(predict, metadata, backend)
+        service._self_test(d)
         log.info(
             "loaded %s policy from %s (D=%d, tasks %s, fusion %s)",
             backend,
             d,
-            metadata["context"]["dim"],
-            metadata["tasks"]["names"],
-            metadata["fusion"]["form"],
+            service.context_dim,
+            list(service.task_names),
+            service.fusion,
         )
-        return cls(predict, metadata, backend)
+        return service
+
+    def _self_test(self, d: Path) -> None:
+        """The model must map contexts around the training data to weights on the simplex."""
+        pre = self.metadata["context"]["preprocessing"]
+        mean, std = np.asarray(pre["mean"], np.float64), np.asarray(pre["std"], np.float64)
+        x = (mean + np.array([[0.0], [1.0], [-1.0]]) * std).astype(np.float32)
+        try:
+            w = np.asarray(self._predict(x))
+        except Exception as e:  # a model of another shape fails inside the backend
+            raise RequestError(
+                f"{d}: the model fails on {self.context_dim}-feature contexts "
+                f"({type(e).__name__}); it does not match {METADATA_FILE}: re-export"
+            ) from e
+        if w.shape != (len(x), self.num_tasks) or not _on_simplex(w).all():
+            raise RequestError(
+                f"{d}: the model returns {w.shape} weights {np.round(w, 3).tolist()} for "
+                f"contexts at the training mean, not {self.num_tasks} weights on the simplex "
+                "per request; the export is damaged or not a fusion policy: re-export"
+            )
 
     # -- checks ---------------------------------------------------------------
     def check_context(self, context: Any) -> np.ndarray:
@@ -269,11 +344,17 @@ class FusionService:
         return x
 
     def check_meta(self, meta: SessionMeta) -> None:
-        """Raise unless session data ``meta`` has this policy's tasks (in order) and features."""
+        """Raise unless session data ``meta`` has this policy's tasks (names, order, kinds)
+        and features."""
         if tuple(meta.task_names) != self.task_names:
             raise RequestError(
                 f"data tasks {list(meta.task_names)} differ from the policy's "
                 f"{list(self.task_names)} (names and order must match)"
+            )
+        if tuple(meta.task_kinds) != self.task_kinds:
+            raise RequestError(
+                f"data task kinds {list(meta.task_kinds)} differ from the policy's "
+                f"{list(self.task_kinds)}"
             )
         if meta.context_dim != self.context_dim or (
             meta.context_names and self.context_names and meta.context_names != self.context_names
@@ -283,8 +364,8 @@ class FusionService:
                 f"{list(self.context_names)}"
             )
 
-    def _check_scores(self, scores: Any, mask: Any, batch: int) -> tuple[np.ndarray, np.ndarray]:
-        """-> scores (B, N, K) float32 (0 where masked), mask (B, N) bool."""
+    def _check_shapes(self, scores: Any, mask: Any, batch: int):
+        """-> scores (B, N, K) float32, mask (B, N) bool or None (all real)."""
         s = as_real_float32(scores, "scores")
         single = s.ndim == 2
         if single:
@@ -309,38 +390,71 @@ class FusionService:
                 )
             )
         if mask is None:
-            m = np.ones(s.shape[:2], dtype=bool)
-        else:
-            m = np.asarray(mask)
-            if m.dtype != np.bool_:
-                raise RequestError(
-                    f"mask must be a bool array (True = real candidate), got dtype {m.dtype}"
-                )
-            m = m[None] if single and m.ndim == 1 else m
-            if m.shape != s.shape[:2]:
-                raise RequestError(f"mask has shape {m.shape}, scores need {s.shape[:2]}")
+            return s, None
+        m = np.asarray(mask)
+        if m.dtype != np.bool_:
+            raise RequestError(
+                f"mask must be a bool array (True = real candidate), got dtype {m.dtype}"
+            )
+        m = m[None] if single and m.ndim == 1 else m
+        if m.shape != s.shape[:2]:
+            raise RequestError(f"mask has shape {m.shape}, scores need {s.shape[:2]}")
+        return s, m
+
+    def _check_values(self, s: np.ndarray, m: np.ndarray, first: int) -> np.ndarray:
+        """Rows of scores (b, N, K) with mask (b, N), starting at request ``first``; returns
+        them with 0 where masked, or raises naming the requests."""
         bad = (~np.isfinite(s).all(axis=2) & m).any(axis=1)
         if bad.any():
             raise RequestError(
-                f"NaN or inf in scores of real candidates in requests {_bad_rows(bad)}"
+                f"NaN or inf in scores of real candidates in requests {_bad_rows(bad, first)}"
             )
         if self.fusion == "log_product":
             neg = ((s < 0).any(axis=2) & m).any(axis=1)
             if neg.any():
                 raise RequestError(
-                    f"negative scores in requests {_bad_rows(neg)}; log_product fusion "
+                    f"negative scores in requests {_bad_rows(neg, first)}; log_product fusion "
                     "(sum_k w_k log(p_k + eps)) needs scores >= 0"
                 )
-        return np.where(m[..., None], s, np.float32(0)), m
+        for k, (name, kind) in enumerate(zip(self.task_names, self.task_kinds)):
+            v = s[..., k]
+            out = ((v < 0) | (v > 1)) if kind == "prob" else (v < 0)
+            bad = (out & m).any(axis=1)
+            if bad.any():
+                want = "a probability in [0, 1]" if kind == "prob" else "a value >= 0"
+                raise RequestError(
+                    f"task {name!r} must be {want} (as in training) but is not in requests "
+                    f"{_bad_rows(bad, first)}"
+                )
+        return np.where(m[..., None], s, np.float32(0))
 
     # -- API ------------------------------------------------------------------
+    def predict_rows(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Checked contexts (B, D) float32 -> weights (B, K) float32 and (B,) bool rows whose
+        weights are not finite (contexts far outside the training range). Runs in chunks of
+        :data:`CHUNK_ROWS`; finite weights off the simplex raise (a damaged model)."""
+        w = np.empty((len(x), self.num_tasks), dtype=np.float32)
+        for a in range(0, len(x), CHUNK_ROWS):
+            part = np.asarray(self._predict(x[a : a + CHUNK_ROWS]))
+            if part.shape != (min(CHUNK_ROWS, len(x) - a), self.num_tasks):
+                raise RequestError(f"the model returned shape {part.shape}; re-export it")
+            w[a : a + len(part)] = part
+        finite = np.isfinite(w).all(axis=1)
+        off = finite & ~_on_simplex(w)
+        if off.any():
+            raise RequestError(
+                f"the model gave weights off the simplex for context rows {_bad_rows(off)} "
+                f"(e.g. {np.round(w[np.flatnonzero(off)[0]], 4).tolist()}); the export is "
+                "damaged or not a fusion policy: re-export it"
+            )
+        return w, ~finite
+
     def weights(self, context: Any) -> np.ndarray:
         """context: (B, D) raw features -> fusion weights (B, K) float32, rows on the simplex."""
         x = self.check_context(context)
         if len(x) == 0:
             return np.zeros((0, self.num_tasks), dtype=np.float32)
-        w = self._predict(x)
-        bad = ~np.isfinite(w).all(axis=1)
+        w, bad = self.predict_rows(x)
         if bad.any():
             raise RequestError(
                 f"context rows {_bad_rows(bad)} gave non-finite weights (values far outside "
@@ -351,12 +465,24 @@ class FusionService:
     def fuse(self, weights: np.ndarray, scores: Any, mask: Any = None) -> np.ndarray:
         """weights (B, K); scores (B, N, K) | (N, K); mask (B, N) | (N,) bool -> (B, N) float32.
 
-        s_i = sum_k w_k phi(p_ik); masked-out candidates get -inf.
+        s_i = sum_k w_k phi(p_ik); masked-out candidates get -inf. Fused in chunks of
+        :data:`CHUNK_CELLS` request x candidate cells.
         """
         w = as_real_float32(weights, "weights")
         if w.ndim != 2 or w.shape[1] != self.num_tasks:
             raise RequestError(f"weights must be (batch, {self.num_tasks}), got shape {w.shape}")
-        s, m = self._check_scores(scores, mask, len(w))
+        s, m = self._check_shapes(scores, mask, len(w))
+        b, n = s.shape[:2]
+        out = np.empty((b, n), dtype=np.float32)
+        step = max(1, CHUNK_CELLS // max(n, 1))
+        for a in range(0, b, step):
+            mc = np.ones((min(step, b - a), n), bool) if m is None else m[a : a + step]
+            sc = self._check_values(s[a : a + step], mc, a)
+            out[a : a + step] = self._fuse_chunk(w[a : a + step], sc, mc)
+        return out
+
+    def _fuse_chunk(self, w: np.ndarray, s: np.ndarray, m: np.ndarray) -> np.ndarray:
+        """(b, K) weights, checked (b, N, K) scores, (b, N) mask -> (b, N), -inf where masked."""
         fused = fuse(self.fusion, torch.from_numpy(s), torch.from_numpy(w), self.fusion_eps)
         return np.where(m, fused.numpy(), np.float32(-np.inf))
 
@@ -377,111 +503,10 @@ class FusionService:
         return self.order(self.fused_scores(context, scores, mask))
 
 
-# ---------------------------------------------------------------------------
-# Batch inference over logged sessions
-
-
-def _result_table(
-    request_id: np.ndarray, weights: np.ndarray, order: np.ndarray, lengths: np.ndarray
-) -> pa.Table:
-    """(B,) ids, (B, K) weights, (B, N) order, (B,) real candidates -> one row per request."""
-    b, k = weights.shape
-    keep = np.arange(order.shape[1])[None, :] < lengths[:, None]  # masked ones sort last
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    return pa.Table.from_arrays(
-        [
-            pa.array(request_id, pa.int64()),
-            pa.ListArray.from_arrays(
-                pa.array(np.arange(b + 1, dtype=np.int32) * k),
-                pa.array(weights.reshape(-1), pa.float32()),
-            ),
-            pa.ListArray.from_arrays(
-                pa.array(offsets), pa.array(order[keep].astype(np.int32), pa.int32())
-            ),
-        ],
-        schema=OUT_SCHEMA,
-    )
-
-
-def run_infer(
-    export_dir: str | Path,
-    data: str | Path,
-    out: str | Path,
-    *,
-    batch_size: int = 4096,
-    on_error: str = "raise",
-    rejects_path: str | Path | None = None,
-    backend: str = "torchscript",
-) -> dict[str, Any]:
-    """Score every request in ``data`` (Parquet file/dir) and write ``out`` (Parquet).
-
-    Streams ``batch_size`` requests at a time (memory bounded by one batch);
-    output rows: request_id, weights (K,), ranking (N_q,) candidate indices best
-    first. Returns the read accounting and timing.
-    """
-    service = FusionService.load(export_dir, backend)
-    files = list_files(data)
-    service.check_meta(read_meta(files[0]))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if on_error == "reject" and rejects_path is None:
-        rejects_path = out.with_name(out.stem + ".rejects.parquet")
-    total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    progress = Progress("infer", total)
-    report = ReadReport()
-    schema = _out_schema(service, export_dir, data)
-    t0 = time.perf_counter()
-    batches = iter_batches(data, batch_size, on_error, rejects_path, report, files)
-    written = _write_scored(service, batches, report, progress, schema, out)
-    seconds = time.perf_counter() - t0
-    log.info("infer: %s; wrote %d rows to %s in %.1fs", report.summary(), written, out, seconds)
-    return {
-        "rows_read": report.rows_read,
-        "rows_used": report.rows_used,
-        "rows_rejected": report.rows_rejected,
-        "rows_written": written,
-        "rejects_path": report.rejects_path,
-        "out": str(out),
-        "seconds": seconds,
-    }
-
-
-def _out_schema(service: FusionService, export_dir: str | Path, data: str | Path) -> pa.Schema:
-    """:data:`OUT_SCHEMA` with what produced the scores (tasks, fusion, config hash, inputs)."""
-    provenance = {
-        "tasks": list(service.task_names),
-        "fusion": service.metadata["fusion"],
-        "config_hash": service.metadata["training"]["config_hash"],
-        "export_dir": str(export_dir),
-        "data": str(data),
-    }
-    return OUT_SCHEMA.with_metadata({OUT_META_KEY: json.dumps(provenance).encode()})
-
-
-def _write_scored(
-    service: FusionService,
-    batches,
-    report: ReadReport,
-    progress: Progress,
-    schema: pa.Schema,
-    out: Path,
-) -> int:
-    """Weights and rankings of every batch into ``out`` (written aside, then moved into
-    place); returns the rows written. Progress counts the rows read (rejects included)."""
-    tmp = out.with_name(out.name + ".tmp")
-    written, seen = 0, 0
-    with pq.ParquetWriter(tmp, schema) as writer:
-        for b in batches:
-            w = service.weights(b.context)
-            order = service.order(service.fuse(w, b.scores, b.mask))
-            writer.write_table(
-                _result_table(b.request_id, w, order, b.mask.sum(axis=1)).cast(schema)
-            )
-            written += len(b)
-            progress.update(report.rows_read - seen)
-            seen = report.rows_read
-    tmp.replace(out)
-    return written
+def _on_simplex(w: np.ndarray) -> np.ndarray:
+    """(B, K) -> (B,) rows that are weights on the simplex (within :data:`SIMPLEX_TOL`)."""
+    with np.errstate(invalid="ignore"):
+        return (w >= -SIMPLEX_TOL).all(axis=1) & (np.abs(w.sum(axis=1) - 1) <= SIMPLEX_TOL)
 
 
 # ---------------------------------------------------------------------------
@@ -531,45 +556,3 @@ def serving_latency(
         return out
     finally:
         torch.set_num_threads(previous)
-
-
-# ---------------------------------------------------------------------------
-# CLI
-
-
-def cmd_infer(args: argparse.Namespace) -> int:
-    try:
-        result = run_infer(
-            args.export_dir,
-            args.data,
-            args.out,
-            batch_size=args.batch_size,
-            on_error=args.on_error,
-            rejects_path=args.rejects,
-            backend=args.backend,
-        )
-    except (RequestError, SchemaError) as e:
-        print(f"grade-ray: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, indent=2))
-    return 0
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``grade-ray infer EXPORT_DIR --data SESSIONS --out OUT.parquet``."""
-    p = subparsers.add_parser(
-        "infer", help="batch-score logged sessions with an exported policy (weights + ranking)"
-    )
-    p.add_argument("export_dir", metavar="EXPORT_DIR", help="directory from `grade-ray export`")
-    p.add_argument("--data", required=True, help="session Parquet file or directory")
-    p.add_argument("--out", required=True, help="output Parquet file")
-    p.add_argument("--batch-size", type=int, default=4096, help="requests per streamed batch")
-    p.add_argument(
-        "--on-error",
-        choices=("raise", "reject"),
-        default="raise",
-        help="bad input rows: stop (default) or set aside to a rejects file and count them",
-    )
-    p.add_argument("--rejects", help="rejects file (default OUT.rejects.parquet)")
-    p.add_argument("--backend", choices=BACKENDS.names(), default="torchscript")
-    p.set_defaults(fn=cmd_infer)

@@ -157,13 +157,6 @@ def test_ray_data_reader_sees_every_row(ray_session, tmp_path):
     assert sorted(r["request_id"] for r in ds.take_all()) == list(range(10))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in grade_ray/data/schema.py _row_problems: the NaN/inf and range checks of "
-    "scores and labels run only when every item in the chunk has the right width, so in "
-    "reject mode one row with a wrong number of values lets other bad rows of its chunk "
-    "through (NaN scores/labels, probabilities outside [0, 1])",
-)
 @pytest.mark.parametrize(
     "width_column, other",
     [("scores", "nan score"), ("scores", "prob > 1"), ("labels", "nan label")],

@@ -16,16 +16,15 @@ from grade_ray.algos.fusion import fuse
 from grade_ray.cli import main
 from grade_ray.data.schema import SessionMeta, read_meta, read_sessions
 from grade_ray.learner.loop import load_policy, new_policy, save_policy
-from grade_ray.serving.export import METADATA_FILE, TORCHSCRIPT_FILE, export_policy, sha256_file
-from grade_ray.serving.service import (
-    EAGER_PREFIX,
-    OUT_RANKING,
-    OUT_REQUEST_ID,
-    OUT_WEIGHTS,
-    FusionService,
-    RequestError,
-    serving_latency,
+from grade_ray.serving.export import (
+    MANIFEST_FILE,
+    METADATA_FILE,
+    TORCHSCRIPT_FILE,
+    export_policy,
+    sha256_file,
 )
+from grade_ray.serving.infer import OUT_RANKING, OUT_REQUEST_ID, OUT_WEIGHTS
+from grade_ray.serving.service import EAGER_PREFIX, FusionService, RequestError, serving_latency
 
 TS_RANGE = [1_700_000_000, 1_700_600_000]
 
@@ -84,7 +83,7 @@ def _contexts(policy, n: int, seed: int = 0) -> np.ndarray:
 def test_export_writes_torchscript_zip_and_json_only(export_dir):
     names = {p.name for p in export_dir.iterdir()}
     md = json.loads((export_dir / METADATA_FILE).read_text())
-    expected = {TORCHSCRIPT_FILE, METADATA_FILE} | (
+    expected = {TORCHSCRIPT_FILE, METADATA_FILE, MANIFEST_FILE} | (
         {md["files"]["onnx"]["path"]} if md["files"]["onnx"] else set()
     )
     assert names == expected
@@ -98,7 +97,7 @@ def test_export_writes_torchscript_zip_and_json_only(export_dir):
 def test_metadata_content(export_dir, reference, smoke_cfg):
     policy, meta = reference
     md = json.loads((export_dir / METADATA_FILE).read_text())
-    assert md["format_version"] == 1
+    assert md["format_version"] == 2
     assert md["grade_ray_version"]
     assert md["context"]["names"] == list(meta.context_names)
     assert md["context"]["dim"] == meta.context_dim
