@@ -299,7 +299,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "read-offset-stuck",
-        "data/schema.py",
+        "data/reading.py",
         "                offset += rb.num_rows\n",
         "                offset += 0\n",
         (f"{T_CHUNKS}::test_plan_names_every_row_exactly_once",),

@@ -29,7 +29,7 @@ from grade_ray.algos.fusion import fuse
 from grade_ray.algos.metrics import ideal_dcg_at_k
 from grade_ray.config import load_config
 from grade_ray.data.oracles import ValueTable, simplex_grid, truth_table
-from grade_ray.data.schema import read_sessions
+from grade_ray.data.reading import read_sessions
 from grade_ray.data.simulator import MarketplaceSimulator
 from grade_ray.learner.reward_fit import fit_prior_calibration
 from grade_ray.spec import RewardFit, RewardSpec, as_tensor

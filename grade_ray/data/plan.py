@@ -26,11 +26,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from grade_ray.data.reading import (
+    PAD_FLOOR_CELLS,
+    file_meta,
+    iter_validated,
+    list_files,
+    row_lengths,
+)
 from grade_ray.data.schema import (
     CONTEXT,
     LABELS,
     LOGGED_POSITION,
-    PAD_FLOOR_CELLS,
     REQUEST_ID,
     SCORES,
     TS,
@@ -39,11 +45,7 @@ from grade_ray.data.schema import (
     SchemaError,
     SessionBatch,
     SessionMeta,
-    file_meta,
-    iter_validated,
-    list_files,
     normalize_table,
-    row_lengths,
     table_to_batch,
 )
 

@@ -1,4 +1,4 @@
-"""The logged-session format: one Arrow schema, its metadata, validation, I/O.
+"""The logged-session format: one Arrow schema, its metadata, row validation.
 
 One row per request::
 
@@ -15,18 +15,16 @@ The Parquet file's key-value metadata (key ``grade_ray``) carries a JSON
 :class:`SessionMeta`: task names and kinds (``prob`` in [0, 1] or ``value``
 >= 0), label names, the context feature names and free-form provenance.
 
-Readers turn a table into a :class:`SessionBatch` of padded numpy arrays, the
-shape every other module consumes. Validation names file, row and column and
-checks every row: types, lengths, NaN/inf, probability and value ranges,
-labels >= 0, logged positions in [0, MAX_LOGGED_POSITION), at most
-``max_candidates`` candidates (``data.max_candidates``) and request ids unique
-over the whole read. With ``on_error="reject"`` bad rows go to a rejects file
-(never beside the input data: a path the caller gives, or a file per input under
-the directory of :func:`read_scope`) with the reason and their row number in the
-source file, and are counted. Every read returns a :class:`ReadReport` (rows
-read/used/rejected). Streamed batches are cut where one long candidate list
-would pad the rest (:func:`length_segments`), so memory follows the data, not
-the longest list times the batch size.
+A table becomes a :class:`SessionBatch` of padded numpy arrays, the shape every
+other module consumes. Validation names file, row and column and checks every row:
+types, lengths, NaN/inf, probability and value ranges, labels >= 0, logged positions
+in [0, MAX_LOGGED_POSITION), at most ``max_candidates`` candidates
+(``data.max_candidates``) and request ids unique over the whole read. With
+``on_error="reject"`` bad rows go to a rejects file (never beside the input data: a
+path the caller gives, or a file per input under the directory of :func:`read_scope`)
+with the reason and their row number in the source file, and are counted in a
+:class:`ReadReport` (rows read/used/rejected). Reading files is
+:mod:`grade_ray.data.reading`.
 """
 
 from __future__ import annotations
@@ -36,7 +34,6 @@ import contextvars
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import uuid
 from collections.abc import Iterator, Sequence
@@ -48,8 +45,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from grade_ray.config import UserError
-
-log = logging.getLogger(__name__)
 
 META_KEY = b"grade_ray"
 FORMAT_VERSION = 1
@@ -73,9 +68,6 @@ MAX_CANDIDATES = 1_000
 """Default longest candidate list a row may have (``data.max_candidates``)."""
 MAX_LOGGED_POSITION = 100_000
 """Logged positions are 0-based ranks below this (larger ones are logging bugs)."""
-PAD_FLOOR_CELLS = 1 << 18
-"""A streamed batch is cut only when its padded (rows x longest list) cells exceed both
-twice its real cells and this floor, so ordinary batches are never cut."""
 
 SCHEMA = pa.schema(
     [
@@ -400,7 +392,7 @@ class ShardWriter:
 
 
 # ---------------------------------------------------------------------------
-# Reading and validation
+# Validation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -434,6 +426,11 @@ def read_scope(
         _SCOPE.reset(token)
 
 
+def current_scope() -> ReadScope:
+    """The innermost :func:`read_scope` in effect (the defaults outside any)."""
+    return _SCOPE.get()
+
+
 def rejects_file(rejects_dir: str | Path, source: str | Path) -> Path:
     """``rejects_dir/NAME-HASH.parquet`` for the input ``source`` (file or directory): one
     file per input, so the training and the held-out data keep separate rejects."""
@@ -442,58 +439,10 @@ def rejects_file(rejects_dir: str | Path, source: str | Path) -> Path:
     return Path(rejects_dir) / f"{Path(src).name}-{digest}.parquet"
 
 
-def list_files(path: str | Path) -> list[Path]:
-    """A Parquet file, or every ``*.parquet`` below a directory (sorted)."""
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*.parquet") if f.is_file())
-        if not files:
-            raise FileNotFoundError(f"no *.parquet files under {p}")
-        return files
-    if not p.exists():
-        raise FileNotFoundError(f"no such session file or directory: {p}")
-    return [p]
-
-
-def _brief(e: BaseException) -> str:
+def error_brief(e: BaseException) -> str:
     """First line of an exception's message, for one-line user errors."""
     text = str(e).strip().splitlines()
     return (text[0][:200] if text else type(e).__name__) or type(e).__name__
-
-
-def _file_schema(file: str | Path) -> pa.Schema:
-    try:
-        schema = pq.read_schema(file)
-    except (pa.ArrowException, OSError) as e:
-        raise SchemaError(
-            f"{file}: not a readable Parquet file ({_brief(e)}); is it truncated or in "
-            "another format?"
-        ) from None
-    if REJECT_REASON in schema.names:
-        raise SchemaError(
-            f"{file}: this is a rejects file (it has a {REJECT_REASON!r} column), not "
-            "session data; move it out of the data directory"
-        )
-    return schema
-
-
-def file_meta(file: str | Path) -> SessionMeta:
-    """Metadata of one session file; a missing or malformed one raises naming the file."""
-    md = _file_schema(file).metadata or {}
-    if META_KEY not in md:
-        raise SchemaError(
-            f"{file}: no grade_ray metadata (task and label names); write sessions with "
-            "grade_ray.data.schema.ShardWriter or convert them with `grade-ray data`"
-        )
-    try:
-        return SessionMeta.from_json(md[META_KEY])
-    except SchemaError as e:
-        raise SchemaError(f"{file}: grade_ray metadata: {e}") from None
-
-
-def read_meta(path: str | Path) -> SessionMeta:
-    """Metadata of the first file at ``path``; raises if absent or malformed."""
-    return file_meta(list_files(path)[0])
 
 
 class _Flags:
@@ -527,7 +476,7 @@ def _row_problems(table: pa.Table, meta: SessionMeta, max_candidates: int) -> _F
     for col in REQUIRED_COLUMNS + ((LOGGED_POSITION,) if has_pos else ()):
         f.flag(_is_null(table.column(col)), col, "null value")
 
-    n_items = _list_len(table.column(ITEM_IDS))
+    n_items = list_lengths(table.column(ITEM_IDS))
     f.flag(n_items == 0, ITEM_IDS, "empty candidate list")
     f.flag(
         n_items > max_candidates,
@@ -536,14 +485,14 @@ def _row_problems(table: pa.Table, meta: SessionMeta, max_candidates: int) -> _F
         "request)",
     )
     f.flag(_any_per_row(_values_null(table.column(ITEM_IDS)), n_items), ITEM_IDS, "null item id")
-    ctx_len = _list_len(table.column(CONTEXT))
+    ctx_len = list_lengths(table.column(CONTEXT))
     f.flag(ctx_len != meta.context_dim, CONTEXT, f"context length != {meta.context_dim}")
     ctx_vals = _flat_values(table.column(CONTEXT))
     f.flag(_any_per_row(~np.isfinite(ctx_vals), ctx_len), CONTEXT, "NaN or inf in context")
 
     if has_pos:
         pos = table.column(LOGGED_POSITION)
-        pos_len = _list_len(pos)
+        pos_len = list_lengths(pos)
         f.flag(pos_len != n_items, LOGGED_POSITION, "logged_position length != item_ids length")
         p = _flat_values(pos)
         f.flag(
@@ -573,10 +522,10 @@ def _check_nested(
     the other rows' values from the NaN and range checks.
     """
     width = len(names)
-    outer = _list_len(column)
+    outer = list_lengths(column)
     f.flag(outer != n_items, col, f"{col} has a different number of items than item_ids")
     inner = pc.list_flatten(column)
-    inner_len = _list_len(inner)
+    inner_len = list_lengths(inner)
     f.flag(
         _any_per_row(inner_len != width, outer),
         col,
@@ -615,7 +564,8 @@ def _values_null(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return _is_null(pc.list_flatten(col))
 
 
-def _list_len(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+def list_lengths(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """(R,) int64 length of each list in a list column (0 where null)."""
     return np.asarray(
         pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False), dtype=np.int64
     )
@@ -766,7 +716,7 @@ def _cast(col: pa.ChunkedArray, want: pa.DataType, name: str, file: str) -> pa.C
                 return col.cast(pa.list_(pa.int64()))
         raise SchemaError(
             f"{file}: column {name!r}: values do not convert from {col.type} to {want} "
-            f"({_brief(e)})"
+            f"({error_brief(e)})"
         ) from None
 
 
@@ -859,7 +809,7 @@ def table_to_batch(table: pa.Table, meta: SessionMeta) -> SessionBatch:
     """
     b = table.num_rows
     has_items = ITEM_IDS in table.column_names
-    lengths = _list_len(table.column(ITEM_IDS if has_items else SCORES))
+    lengths = list_lengths(table.column(ITEM_IDS if has_items else SCORES))
     n = int(lengths.max(initial=1)) if b else 1
     k, n_labels, d = meta.num_tasks, meta.num_labels, meta.context_dim
     mask = np.arange(n)[None, :] < lengths[:, None]
@@ -942,239 +892,3 @@ class RejectsWriter:
                 self._tmp.unlink(missing_ok=True)
         elif complete and self.path is not None and self.rows == 0:
             self.path.unlink(missing_ok=True)  # an older read's rejects: stale now
-
-
-@dataclasses.dataclass
-class ValidatedChunk:
-    """One validated Parquet record batch: its file, the file row of its first row, the
-    good rows as a table and which of its rows were kept."""
-
-    file_index: int
-    file: str
-    offset: int
-    good: pa.Table
-    kept: np.ndarray  # (rows in the record batch,) bool
-
-    @property
-    def rows(self) -> np.ndarray:
-        """(good rows,) int64 row numbers of the good rows in their file."""
-        return np.flatnonzero(self.kept).astype(np.int64) + self.offset
-
-
-def iter_validated(
-    path: str | Path,
-    batch_size: int = 4096,
-    on_error: str = "raise",
-    rejects_path: str | Path | None = None,
-    report: ReadReport | None = None,
-    files: Sequence[Path | str] | None = None,
-    *,
-    max_candidates: int | None = None,
-    rejects: RejectsWriter | None = None,
-) -> Iterator[ValidatedChunk]:
-    """Validate every row of the session files at ``path``, one record batch at a time.
-
-    Every file must have the first file's tasks, labels and context features; request ids
-    must be unique over the whole read. ``report`` (if given) is updated in place. With
-    ``on_error="reject"`` bad rows go to ``rejects_path``, by default a file under the
-    :func:`read_scope`'s ``rejects_dir`` (none there: counted only), and the report names
-    it. ``max_candidates``: default the scope's. Unreadable files raise naming the file.
-    ``rejects``: a writer the caller owns (and closes) instead of ``rejects_path``, for a
-    caller that rejects more rows of its own into the same file.
-    """
-    if on_error not in ("raise", "reject"):
-        raise ValueError(f"on_error must be 'raise' or 'reject', got {on_error!r}")
-    scope = _SCOPE.get()
-    files = [str(f) for f in (files if files is not None else list_files(path))]
-    meta = file_meta(files[0])
-    if on_error == "reject" and rejects_path is None and scope.rejects_dir is not None:
-        rejects_path = rejects_file(scope.rejects_dir, path)
-    limit = scope.max_candidates if max_candidates is None else max_candidates
-    owned = rejects is None
-    if owned:
-        rejects = RejectsWriter(rejects_path if on_error == "reject" else None)
-    return _validated_chunks(
-        files,
-        meta,
-        batch_size,
-        on_error,
-        rejects,
-        report if report is not None else ReadReport(),
-        limit,
-        owned,
-    )
-
-
-def _validated_chunks(
-    files: list[str],
-    meta: SessionMeta,
-    batch_size: int,
-    on_error: str,
-    rejects: RejectsWriter,
-    report: ReadReport,
-    max_candidates: int,
-    owned: bool = True,
-) -> Iterator[ValidatedChunk]:
-    seen = SeenIds()
-    complete = False
-    try:
-        for fi, f in enumerate(files):
-            _check_same_meta(f, meta, files[0])
-            offset = 0
-            for rb in _record_batches(f, batch_size):
-                good, rej, rep = validate_table(
-                    pa.Table.from_batches([rb]),
-                    meta,
-                    f,
-                    offset,
-                    on_error,
-                    max_candidates=max_candidates,
-                    seen=seen,
-                )
-                report.add(rep)
-                rejects.write(rej)
-                kept = np.ones(rb.num_rows, dtype=bool)
-                if rej is not None:
-                    kept[np.asarray(rej.column(SOURCE_ROW).to_numpy()) - offset] = False
-                yield ValidatedChunk(fi, f, offset, good, kept)
-                offset += rb.num_rows
-        complete = True
-    finally:
-        if owned:
-            rejects.close(complete)
-        if rejects.rows and rejects.path is not None:
-            report.rejects_path = str(rejects.path)
-        elif rejects.rows:
-            log.warning(
-                "%d row(s) rejected and counted but not kept (this read has no rejects file)",
-                rejects.rows,
-            )
-
-
-def _check_same_meta(file: str, meta: SessionMeta, first: str) -> None:
-    m = file_meta(file)
-    if (m.task_names, m.label_names) != (meta.task_names, meta.label_names):
-        raise SchemaError(
-            f"{file}: tasks {list(m.task_names)} / labels {list(m.label_names)} differ from "
-            f"{first}'s {list(meta.task_names)} / {list(meta.label_names)}"
-        )
-    if (m.task_kinds, m.context_names) != (meta.task_kinds, meta.context_names):
-        raise SchemaError(
-            f"{file}: task kinds {list(m.task_kinds)} / context features "
-            f"{list(m.context_names)} differ from {first}'s {list(meta.task_kinds)} / "
-            f"{list(meta.context_names)}"
-        )
-
-
-def _record_batches(file: str, batch_size: int) -> Iterator[pa.RecordBatch]:
-    """A file's record batches; a truncated or corrupt file raises naming it and the row."""
-    try:
-        batches = pq.ParquetFile(file).iter_batches(batch_size=batch_size)
-    except (pa.ArrowException, OSError) as e:
-        raise SchemaError(f"{file}: not a readable Parquet file ({_brief(e)})") from None
-    row = 0
-    while True:
-        try:
-            rb = next(batches)
-        except StopIteration:
-            return
-        except (pa.ArrowException, OSError) as e:
-            raise SchemaError(
-                f"{file}: rows from {row} on cannot be read ({_brief(e)}); the file is "
-                "truncated or corrupt"
-            ) from None
-        row += rb.num_rows
-        yield rb
-
-
-def length_segments(lengths: np.ndarray, floor: int = PAD_FLOOR_CELLS) -> list[tuple[int, int]]:
-    """Cut consecutive rows with candidate-list ``lengths`` (R,) into [start, stop) runs whose
-    padded size (rows x longest list) stays within max(2 x their real cells, ``floor``).
-
-    Rows keep their order. Batches of similar lengths are one run; a long list gets a run of
-    its own instead of padding every other row to its length.
-    """
-    n = len(lengths)
-    if n == 0:
-        return []
-    lengths = np.maximum(np.asarray(lengths, dtype=np.int64), 1)
-    if n * int(lengths.max()) <= max(2 * int(lengths.sum()), floor):
-        return [(0, n)]
-    out, start, longest, real = [], 0, 0, 0
-    for i, length in enumerate(lengths.tolist()):
-        top = max(longest, length)
-        if i > start and (i - start + 1) * top > max(2 * (real + length), floor):
-            out.append((start, i))
-            start, longest, real = i, length, length
-        else:
-            longest, real = top, real + length
-    out.append((start, n))
-    return out
-
-
-def row_lengths(table: pa.Table) -> np.ndarray:
-    """(R,) candidates per row of a session table."""
-    return _list_len(table.column(ITEM_IDS if ITEM_IDS in table.column_names else SCORES))
-
-
-def iter_batches(
-    path: str | Path,
-    batch_size: int = 4096,
-    on_error: str = "raise",
-    rejects_path: str | Path | None = None,
-    report: ReadReport | None = None,
-    files: Sequence[Path] | None = None,
-    *,
-    max_candidates: int | None = None,
-) -> Iterator[SessionBatch]:
-    """Stream validated :class:`SessionBatch` es of at most ``batch_size`` rows, in file order.
-
-    Memory is bounded by one Parquet record batch: a record batch whose lists differ much
-    in length is split (:func:`length_segments`) rather than padded to its longest list.
-    Arguments as :func:`iter_validated`.
-    """
-    files = list(files) if files is not None else list_files(path)
-    meta = file_meta(files[0])
-    chunks = iter_validated(
-        path, batch_size, on_error, rejects_path, report, files, max_candidates=max_candidates
-    )
-    return _batches(chunks, meta)
-
-
-def _batches(chunks: Iterator[ValidatedChunk], meta: SessionMeta) -> Iterator[SessionBatch]:
-    for chunk in chunks:
-        for start, stop in length_segments(row_lengths(chunk.good)):
-            yield table_to_batch(chunk.good.slice(start, stop - start), meta)
-
-
-def read_sessions(
-    path: str | Path,
-    on_error: str = "raise",
-    rejects_path: str | Path | None = None,
-    max_rows: int | None = None,
-) -> tuple[SessionBatch, SessionMeta, ReadReport]:
-    """Read everything at ``path`` into one padded batch (for data that fits in memory)."""
-    report = ReadReport()
-    meta = read_meta(path)
-    parts: list[SessionBatch] = []
-    rows = 0
-    for b in iter_batches(path, on_error=on_error, rejects_path=rejects_path, report=report):
-        parts.append(b)
-        rows += len(b)
-        if max_rows is not None and rows >= max_rows:
-            break
-    if not parts:
-        raise SchemaError(f"{path}: no usable rows ({report.summary()})")
-    batch = SessionBatch.concat(parts)
-    if max_rows is not None:
-        batch = batch.slice(0, max_rows)
-    log.info("read %s: %s", path, report.summary())
-    return batch, meta, report
-
-
-def read_ray_dataset(path: str | Path, **read_kwargs):
-    """Ray Data dataset over the session files (validated per block when consumed)."""
-    import ray.data
-
-    files = [str(f) for f in list_files(path)]
-    return ray.data.read_parquet(files, **read_kwargs)

@@ -35,7 +35,8 @@ from grade_ray.algos.metrics import gauc, ndcg_at_k
 from grade_ray.config import Config
 from grade_ray.data.abtest import ab_test
 from grade_ray.data.oracles import simplex_grid
-from grade_ray.data.schema import SessionBatch, SessionMeta, read_sessions
+from grade_ray.data.reading import read_sessions
+from grade_ray.data.schema import SessionBatch, SessionMeta
 from grade_ray.jobs.headroom import (
     SEGMENT_ORACLE,
     STATIC,
@@ -183,7 +184,7 @@ def default_arms(
     cfg: Config, run_dir: Path, train_path: str, baselines: bool
 ) -> tuple[dict[str, WeightFn], dict[str, list[float]]]:
     """Baseline and policy arms for a run, plus the static weights used."""
-    from grade_ray.data.schema import read_meta
+    from grade_ray.data.reading import read_meta
 
     meta = read_meta(train_path)
     arms: dict[str, WeightFn] = {}

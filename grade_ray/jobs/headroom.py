@@ -24,7 +24,7 @@ import numpy as np
 
 from grade_ray.config import Config
 from grade_ray.data.oracles import ValueTable, simplex_grid, truth_table
-from grade_ray.data.schema import read_sessions
+from grade_ray.data.reading import read_sessions
 from grade_ray.data.simulator import MarketplaceSimulator
 from grade_ray.learner.reward_fit import reward_spec
 

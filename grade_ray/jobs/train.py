@@ -22,14 +22,8 @@ from pathlib import Path
 from grade_ray import keys
 from grade_ray.config import Config, save_config
 from grade_ray.data.plan import DataPlan
-from grade_ray.data.schema import (
-    ReadReport,
-    SchemaError,
-    iter_validated,
-    read_meta,
-    read_scope,
-    rejects_file,
-)
+from grade_ray.data.reading import iter_validated, read_meta
+from grade_ray.data.schema import ReadReport, SchemaError, read_scope, rejects_file
 from grade_ray.learner.grpo import GRPOLearner, GRPOSettings
 from grade_ray.learner.loop import (
     POLICY_FILE,

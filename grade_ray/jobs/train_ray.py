@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from grade_ray.config import Config, from_dict
-from grade_ray.data.schema import read_meta
+from grade_ray.data.reading import read_meta
 from grade_ray.learner.reward_fit import run_reward_fit
 from grade_ray.raysession import (
     check_resources,

@@ -1,9 +1,9 @@
 """``grade-ray infer EXPORT_DIR --data SESSIONS --out OUT.parquet``: batch scoring of logged
 sessions with an exported policy, in bounded memory.
 
-Rows are validated as training validates them (:func:`grade_ray.data.schema.iter_validated`:
+Rows are validated as training validates them (:func:`grade_ray.data.reading.iter_validated`:
 the same checks, ``--max-candidates``), read ``--batch-size`` at a time and cut where one
-long candidate list would pad the rest (:func:`~grade_ray.data.schema.length_segments`).
+long candidate list would pad the rest (:func:`~grade_ray.data.reading.length_segments`).
 Each request gives one output row: request_id, weights (K,) and ranking (its candidate
 indices, best first). Rows whose context drives the network to non-finite weights are bad
 rows too. Bad rows stop the run naming file, row (in the source file) and column, or with
@@ -26,6 +26,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from grade_ray.data.reading import (
+    ValidatedChunk,
+    file_meta,
+    iter_validated,
+    length_segments,
+    list_files,
+    row_lengths,
+)
 from grade_ray.data.schema import (
     CONTEXT,
     MAX_CANDIDATES,
@@ -33,13 +41,7 @@ from grade_ray.data.schema import (
     RejectsWriter,
     SchemaError,
     SessionMeta,
-    ValidatedChunk,
-    file_meta,
-    iter_validated,
-    length_segments,
-    list_files,
     rejects_table,
-    row_lengths,
     table_to_batch,
 )
 from grade_ray.runlog import Progress

@@ -14,7 +14,7 @@ from grade_ray.baselines.rllib_ppo.env import (
     make_logged_request_env,
 )
 from grade_ray.baselines.rllib_ppo.training import PPOSettings, bench_rllib_ppo, train_rllib_ppo
-from grade_ray.data.schema import read_sessions
+from grade_ray.data.reading import read_sessions
 from grade_ray.learner.reward_fit import reward_spec
 from grade_ray.spec import as_tensor
 
@@ -98,7 +98,7 @@ def test_vector_env_matches_single_env(smoke_cfg, smoke_data):
 
 
 def test_refuses_to_overwrite_another_policy(smoke_cfg, smoke_data, tmp_path):
-    from grade_ray.data.schema import read_meta
+    from grade_ray.data.reading import read_meta
     from grade_ray.learner.loop import new_policy, save_policy
 
     train_path, _ = smoke_data
@@ -159,7 +159,7 @@ def test_rl_module_wraps_fusion_policy(smoke_cfg, smoke_data, tmp_path):
     from ray.rllib.core.columns import Columns
 
     from grade_ray.baselines.rllib_ppo.module import fusion_ppo_module_class
-    from grade_ray.data.schema import read_meta
+    from grade_ray.data.reading import read_meta
     from grade_ray.learner.loop import new_policy, save_policy
     from grade_ray.models.policy import FusionPolicy
 

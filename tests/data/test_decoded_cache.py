@@ -146,7 +146,7 @@ def test_cache_only_serves_rollout_columns(smoke_data, tmp_path):
 def test_concurrent_writers_publish_one_whole_file(smoke_data, tmp_path):
     """Two plans (e.g. two learner ranks) writing the same shard's cache at once."""
     from grade_ray.data.plan import DecodedCache
-    from grade_ray.data.schema import iter_validated
+    from grade_ray.data.reading import iter_validated
 
     chunks = list(iter_validated(smoke_data[0]))
     a, b = DecodedCache(tmp_path / "c"), DecodedCache(tmp_path / "c")

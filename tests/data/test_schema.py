@@ -8,15 +8,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from grade_ray.data.plan import DataPlan
+from grade_ray.data.reading import iter_batches, read_meta, read_sessions
 from grade_ray.data.schema import (
     ReadReport,
     SchemaError,
     SessionBatch,
     SessionMeta,
     ShardWriter,
-    iter_batches,
-    read_meta,
-    read_sessions,
     to_table,
 )
 
@@ -148,7 +146,7 @@ def test_files_must_agree_on_tasks_and_labels(tmp_path):
 
 @pytest.mark.ray
 def test_ray_data_reader_sees_every_row(ray_session, tmp_path):
-    from grade_ray.data.schema import read_ray_dataset
+    from grade_ray.data.reading import read_ray_dataset
 
     with ShardWriter(tmp_path, META, rows_per_shard=4) as w:
         w.write(make_batch(10))

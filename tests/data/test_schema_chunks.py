@@ -12,15 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from grade_ray.data.plan import ROLLOUT_COLUMNS, DataPlan, TaskReader
-from grade_ray.data.schema import (
-    ReadReport,
-    SchemaError,
-    SessionBatch,
-    SessionMeta,
-    ShardWriter,
-    iter_batches,
-    iter_validated,
-)
+from grade_ray.data.reading import iter_batches, iter_validated
+from grade_ray.data.schema import ReadReport, SchemaError, SessionBatch, SessionMeta, ShardWriter
 
 META = SessionMeta(("ctr", "cvr", "gmv"), ("prob", "prob", "value"), ("click", "order"), ("a", "b"))
 ROWS, CHUNK = 10_000, 1_000

@@ -17,6 +17,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from grade_ray.data.plan import DataPlan
+from grade_ray.data.reading import (
+    iter_batches,
+    iter_validated,
+    length_segments,
+    read_meta,
+    read_sessions,
+)
 from grade_ray.data.schema import (
     META_KEY,
     ReadReport,
@@ -24,12 +31,7 @@ from grade_ray.data.schema import (
     SessionBatch,
     SessionMeta,
     ShardWriter,
-    iter_batches,
-    iter_validated,
-    length_segments,
-    read_meta,
     read_scope,
-    read_sessions,
     rejects_file,
     to_table,
 )

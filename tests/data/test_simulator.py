@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from grade_ray.config import SimulatorConfig
-from grade_ray.data.schema import read_meta, read_sessions
+from grade_ray.data.reading import read_meta, read_sessions
 from grade_ray.data.simulator import (
     CHUNK,
     OUTCOME_KEYS,

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from grade_ray.data.schema import read_meta, read_sessions
+from grade_ray.data.reading import read_meta, read_sessions
 from grade_ray.datasets.kuairand.convert import convert_kuairand, convert_more, score_log
 from grade_ray.datasets.kuairand.dataset import LABEL_NAMES, USER_CATEGORICAL, KuaiRandOptions
 from grade_ray.datasets.kuairand.features import KuaiRandEncoder

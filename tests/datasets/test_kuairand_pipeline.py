@@ -19,7 +19,8 @@ import torch
 
 from grade_ray.cli import main
 from grade_ray.config import load_config
-from grade_ray.data.schema import SessionMeta, read_meta, read_sessions
+from grade_ray.data.reading import read_meta, read_sessions
+from grade_ray.data.schema import SessionMeta
 from grade_ray.datasets.kuairand.datadir import (
     STAMP_FILE,
     ConvertOptions,

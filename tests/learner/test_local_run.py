@@ -177,7 +177,7 @@ def test_evaluate_scores_the_runs_policy(local_run, smoke_data, evaluated):
     logged rank) and its online north-star equal an independent computation."""
     from grade_ray.algos.fusion import fuse
     from grade_ray.algos.metrics import ndcg_at_k
-    from grade_ray.data.schema import read_sessions
+    from grade_ray.data.reading import read_sessions
     from grade_ray.jobs.train import simulator_for
     from grade_ray.learner.loop import load_policy
 
@@ -214,7 +214,7 @@ def test_evaluate_scores_the_runs_policy(local_run, smoke_data, evaluated):
 def test_best_static_weights_beat_every_grid_point(local_run, smoke_data):
     import itertools
 
-    from grade_ray.data.schema import read_sessions
+    from grade_ray.data.reading import read_sessions
     from grade_ray.jobs.evaluate import ranking_reward, search_best_static
     from grade_ray.learner.reward_fit import reward_spec
 

@@ -10,7 +10,7 @@ import torch
 from grade_ray import keys
 from grade_ray.algos.fusion import fuse
 from grade_ray.algos.metrics import ndcg_at_k
-from grade_ray.data.schema import read_meta, read_sessions
+from grade_ray.data.reading import read_meta, read_sessions
 from grade_ray.jobs.train import simulator_for
 from grade_ray.learner.loop import Probe, new_policy
 

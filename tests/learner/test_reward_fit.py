@@ -10,7 +10,7 @@ import torch
 
 from grade_ray.algos.calibration import PriorCalibration, apply_calibration
 from grade_ray.config import ConfigError, SimulatorConfig, load_config
-from grade_ray.data.schema import read_meta, read_sessions
+from grade_ray.data.reading import read_meta, read_sessions
 from grade_ray.data.simulator import MarketplaceSimulator
 from grade_ray.learner.reward_fit import (
     REWARD_FIT_FILE,

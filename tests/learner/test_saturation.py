@@ -16,7 +16,7 @@ import torch
 
 from grade_ray import keys
 from grade_ray.data.plan import DataPlan, TaskReader
-from grade_ray.data.schema import read_meta, read_sessions
+from grade_ray.data.reading import read_meta, read_sessions
 from grade_ray.learner.diagnostics import failure_warnings, policy_diagnostics
 from grade_ray.learner.grpo import GRPOLearner, GRPOSettings
 from grade_ray.learner.loop import new_policy, pretrain, rollout_spec

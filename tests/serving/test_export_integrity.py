@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import grade_ray.serving.service as service_mod
-from grade_ray.data.schema import read_meta, read_sessions
+from grade_ray.data.reading import read_meta, read_sessions
 from grade_ray.learner.loop import new_policy, save_policy
 from grade_ray.serving.export import (
     MANIFEST_FILE,

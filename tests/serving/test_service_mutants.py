@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from grade_ray.algos.fusion import fuse
-from grade_ray.data.schema import read_meta, read_sessions
+from grade_ray.data.reading import read_meta, read_sessions
 from grade_ray.learner.loop import load_policy, new_policy, save_policy
 from grade_ray.serving.export import export_policy
 from grade_ray.serving.infer import OUT_RANKING, OUT_REQUEST_ID, OUT_WEIGHTS, run_infer

@@ -27,7 +27,7 @@ from grade_ray.algos.rewards import REWARD
 from grade_ray.baselines.rllib_ppo.env import ENV_ID, load_requests, make_logged_request_env
 from grade_ray.baselines.rllib_ppo.module import fusion_ppo_module_class
 from grade_ray.config import Config
-from grade_ray.data.schema import read_meta
+from grade_ray.data.reading import read_meta
 from grade_ray.learner.reward_fit import run_reward_fit
 from grade_ray.models.policy import FusionPolicy
 
@@ -100,7 +100,7 @@ def _norm_stats(cfg: Config, train_path: str, init_policy: str | None) -> tuple[
 
         p, _, _ = load_policy(init_policy)
     else:
-        from grade_ray.data.schema import read_meta
+        from grade_ray.data.reading import read_meta
         from grade_ray.learner.loop import new_policy
 
         p = new_policy(cfg, read_meta(train_path), train_path)

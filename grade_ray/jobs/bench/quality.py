@@ -156,7 +156,7 @@ class TrainedArm:
 
 def _probe(cfg: Config, train_path: str, eval_path: str):
     """The training loop's held-out probe for this config (simulator data only)."""
-    from grade_ray.data.schema import read_meta
+    from grade_ray.data.reading import read_meta
     from grade_ray.jobs.train import simulator_for
     from grade_ray.learner.loop import Probe
 

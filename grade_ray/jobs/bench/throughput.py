@@ -253,7 +253,7 @@ def bench_simulator(root: Path, requests: int) -> dict[str, float]:
 
 def bench_serving(cfg: Config, train_path: str, root: Path) -> dict[str, float]:
     """p50/p99 latency of the exported policy (TorchScript and eager), one CPU thread."""
-    from grade_ray.data.schema import read_meta
+    from grade_ray.data.reading import read_meta
     from grade_ray.learner.loop import POLICY_FILE, new_policy, save_policy
     from grade_ray.serving.export import export_policy
     from grade_ray.serving.service import serving_latency

@@ -187,7 +187,7 @@ def _scheduler(spec: TuneSpec):
 
 def prepare_shared(spec: TuneSpec) -> None:
     """Simulate the sweep's data and train its Stage 1 policy once, in the driver."""
-    from grade_ray.data.schema import read_meta
+    from grade_ray.data.reading import read_meta
     from grade_ray.jobs.train import initial_policy, prepare_data
     from grade_ray.learner.loop import PRETRAIN_CKPT, save_policy
     from grade_ray.runlog import CHECKPOINT_DIR
