@@ -2,7 +2,7 @@
 
 :class:`RewardSpec` turns the reward config's label/task *names* into the
 index tuples the pure math in ``grade_ray.algos`` takes, checking every name
-against the data's :class:`~grade_ray.data.schema.SessionMeta`.
+against the data's :class:`~grade_ray.data.sessions.SessionMeta`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from grade_ray.algos.calibration import PriorCalibration, apply_calibration
 from grade_ray.algos.metrics import label_gains, product_gains
 from grade_ray.algos.rewards import group_rewards
 from grade_ray.config import ConfigError, RewardConfig
-from grade_ray.data.schema import SessionMeta
+from grade_ray.data.sessions import SessionMeta
 
 
 @dataclasses.dataclass(frozen=True)

@@ -283,7 +283,7 @@ MUTATIONS: list[Mutation] = [
     # -- data -------------------------------------------------------------------------------
     Mutation(
         "nan-labels-accepted",
-        "data/schema.py",
+        "data/validation.py",
         "_any_per_row(~np.isfinite(per_item).all(axis=1), items_per_row),",
         "_any_per_row(~np.isfinite(per_item).all(axis=1), items_per_row) & (col == SCORES),",
         ("tests/data/test_schema.py::test_bad_input_names_file_row_column",),
@@ -291,7 +291,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "error-row-without-offset",
-        "data/schema.py",
+        "data/validation.py",
         'f"{file}: row {row_offset + int(idx[0])}, column {col!r}: {msg} "',
         'f"{file}: row {int(idx[0])}, column {col!r}: {msg} "',
         (f"{T_CHUNKS}::test_error_names_the_absolute_row",),
@@ -307,7 +307,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "rejects-rows-without-offset",
-        "data/schema.py",
+        "data/validation.py",
         '.append_column("source_row", pa.array((idx + row_offset).astype(np.int64)))',
         '.append_column("source_row", pa.array(idx.astype(np.int64)))',
         (f"{T_CHUNKS}::test_reject_mode_across_chunks",),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from grade_ray.config import ConfigError, RewardConfig
-from grade_ray.data.schema import SessionMeta
+from grade_ray.data.sessions import SessionMeta
 from grade_ray.spec import RewardSpec
 
 META = SessionMeta(

@@ -12,7 +12,7 @@ import dataclasses
 
 import numpy as np
 
-from grade_ray.data.schema import SessionBatch
+from grade_ray.data.sessions import SessionBatch
 from grade_ray.data.simulator import OUTCOME_KEYS, MarketplaceSimulator, Truth
 
 AB_METRICS = ("ctr", "cvr", "opm", "gpm", "profit_pm", "orders", "north_star")

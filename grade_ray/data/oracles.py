@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from grade_ray.algos.fusion import fuse
-from grade_ray.data.schema import SessionBatch
+from grade_ray.data.sessions import SessionBatch
 from grade_ray.data.simulator import TASK_NAMES, MarketplaceSimulator, Truth, exam_prob
 
 

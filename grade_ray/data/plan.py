@@ -33,7 +33,7 @@ from grade_ray.data.reading import (
     list_files,
     row_lengths,
 )
-from grade_ray.data.schema import (
+from grade_ray.data.sessions import (
     CONTEXT,
     LABELS,
     LOGGED_POSITION,
@@ -41,13 +41,12 @@ from grade_ray.data.schema import (
     SCORES,
     TS,
     USER_ID,
-    ReadReport,
     SchemaError,
     SessionBatch,
     SessionMeta,
-    normalize_table,
     table_to_batch,
 )
+from grade_ray.data.validation import ReadReport, normalize_table
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Reading session files: list them, read their metadata, stream validated rows as batches.
 
-Every read checks every row (:func:`~grade_ray.data.schema.validate_table`) and counts what
-it read, used and rejected in a :class:`~grade_ray.data.schema.ReadReport`. Streamed
+Every read checks every row (:func:`~grade_ray.data.validation.validate_table`) and counts what
+it read, used and rejected in a :class:`~grade_ray.data.validation.ReadReport`. Streamed
 batches are cut where one long candidate list would pad the rest (:func:`length_segments`),
 so memory follows the data, not the longest list times the batch size.
 """
@@ -17,23 +17,25 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from grade_ray.data.schema import (
+from grade_ray.data.sessions import (
     ITEM_IDS,
     META_KEY,
-    REJECT_REASON,
     SCORES,
+    SchemaError,
+    SessionBatch,
+    SessionMeta,
+    error_brief,
+    list_lengths,
+    table_to_batch,
+)
+from grade_ray.data.validation import (
+    REJECT_REASON,
     SOURCE_ROW,
     ReadReport,
     RejectsWriter,
-    SchemaError,
     SeenIds,
-    SessionBatch,
-    SessionMeta,
     current_scope,
-    error_brief,
-    list_lengths,
     rejects_file,
-    table_to_batch,
     validate_table,
 )
 
@@ -79,7 +81,7 @@ def file_meta(file: str | Path) -> SessionMeta:
     if META_KEY not in md:
         raise SchemaError(
             f"{file}: no grade_ray metadata (task and label names); write sessions with "
-            "grade_ray.data.schema.ShardWriter or convert them with `grade-ray data`"
+            "grade_ray.data.sessions.ShardWriter or convert them with `grade-ray data`"
         )
     try:
         return SessionMeta.from_json(md[META_KEY])

@@ -43,7 +43,7 @@ measures how much per-segment oracle weights beat the best single static
 weight vector on fresh requests (about 7% with the defaults; sorting each
 request by its true item values would give about 15%).
 
-Generation streams shards through :class:`~grade_ray.data.schema.ShardWriter`
+Generation streams shards through :class:`~grade_ray.data.sessions.ShardWriter`
 in chunks of :data:`CHUNK` requests (memory bounded by one chunk and one
 shard's buffer; the user and item tables are the only full-size state). Each
 chunk has its own seed derived from ``(seed, split, chunk index)``: the same
@@ -65,7 +65,7 @@ import torch
 
 from grade_ray.algos.fusion import fuse
 from grade_ray.config import SimulatorConfig
-from grade_ray.data.schema import SessionBatch, SessionMeta, ShardWriter
+from grade_ray.data.sessions import SessionBatch, SessionMeta, ShardWriter
 from grade_ray.data.world import SEGMENTS, Catalogue, Population
 
 log = logging.getLogger(__name__)

@@ -36,7 +36,7 @@ from grade_ray.config import Config
 from grade_ray.data.abtest import ab_test
 from grade_ray.data.oracles import simplex_grid
 from grade_ray.data.reading import read_sessions
-from grade_ray.data.schema import SessionBatch, SessionMeta
+from grade_ray.data.sessions import SessionBatch, SessionMeta
 from grade_ray.jobs.headroom import (
     SEGMENT_ORACLE,
     STATIC,

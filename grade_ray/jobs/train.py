@@ -23,7 +23,8 @@ from grade_ray import keys
 from grade_ray.config import Config, save_config
 from grade_ray.data.plan import DataPlan
 from grade_ray.data.reading import iter_validated, read_meta
-from grade_ray.data.schema import ReadReport, SchemaError, read_scope, rejects_file
+from grade_ray.data.sessions import SchemaError
+from grade_ray.data.validation import ReadReport, read_scope, rejects_file
 from grade_ray.learner.grpo import GRPOLearner, GRPOSettings
 from grade_ray.learner.loop import (
     POLICY_FILE,

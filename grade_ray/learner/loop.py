@@ -31,7 +31,7 @@ from grade_ray.algos.metrics import ndcg_at_k
 from grade_ray.config import Config
 from grade_ray.data.plan import DataPlan, lanes
 from grade_ray.data.reading import iter_batches, read_sessions
-from grade_ray.data.schema import SessionBatch, SessionMeta
+from grade_ray.data.sessions import SessionBatch, SessionMeta
 from grade_ray.learner.diagnostics import failure_warnings, policy_diagnostics
 from grade_ray.learner.grpo import GRPOLearner
 from grade_ray.learner.supervised import SupervisedLearner, SupervisedSettings

@@ -30,7 +30,7 @@ from grade_ray.algos.calibration import (
 from grade_ray.algos.metrics import ideal_dcg_at_k
 from grade_ray.config import Config, ConfigError
 from grade_ray.data.reading import read_sessions
-from grade_ray.data.schema import SessionBatch, SessionMeta
+from grade_ray.data.sessions import SessionBatch, SessionMeta
 from grade_ray.runlog import load_checkpoint
 from grade_ray.spec import RewardFit, RewardSpec, as_tensor
 

@@ -16,7 +16,7 @@ from grade_ray import keys
 from grade_ray.algos.fusion import fuse
 from grade_ray.algos.losses import lambda_loss
 from grade_ray.algos.metrics import ndcg_at_k
-from grade_ray.data.schema import SessionBatch
+from grade_ray.data.sessions import SessionBatch
 from grade_ray.spec import RewardSpec, as_tensor
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from grade_ray.data.plan import ROLLOUT_COLUMNS, Task, TaskReader
-from grade_ray.data.schema import SessionMeta
+from grade_ray.data.sessions import SessionMeta
 from grade_ray.models.policy import FusionPolicy
 from grade_ray.rollout.worker import RolloutSpec, RolloutWorker
 

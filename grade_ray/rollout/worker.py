@@ -20,7 +20,7 @@ import torch
 from grade_ray import keys
 from grade_ray.algos.advantages import group_advantages
 from grade_ray.algos.exploration import EXPLORATIONS
-from grade_ray.data.schema import SessionBatch
+from grade_ray.data.sessions import SessionBatch
 from grade_ray.models.policy import FusionPolicy
 from grade_ray.spec import RewardSpec, as_tensor
 

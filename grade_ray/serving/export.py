@@ -125,7 +125,7 @@ def build_metadata(
     onnx_note: str | None,
 ) -> dict[str, Any]:
     """metadata.json content for an exported policy (plain JSON values only)."""
-    from grade_ray.data.schema import SessionMeta
+    from grade_ray.data.sessions import SessionMeta
 
     meta = SessionMeta.from_json(state["meta"])
     pcfg = state["config"]["policy"]

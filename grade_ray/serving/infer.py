@@ -34,16 +34,8 @@ from grade_ray.data.reading import (
     list_files,
     row_lengths,
 )
-from grade_ray.data.schema import (
-    CONTEXT,
-    MAX_CANDIDATES,
-    ReadReport,
-    RejectsWriter,
-    SchemaError,
-    SessionMeta,
-    rejects_table,
-    table_to_batch,
-)
+from grade_ray.data.sessions import CONTEXT, SchemaError, SessionMeta, table_to_batch
+from grade_ray.data.validation import MAX_CANDIDATES, ReadReport, RejectsWriter, rejects_table
 from grade_ray.runlog import Progress
 from grade_ray.serving.service import BACKENDS, FusionService, RequestError
 

@@ -55,7 +55,7 @@ import torch
 
 from grade_ray.algos.fusion import FUSIONS, fuse
 from grade_ray.algos.registry import Registry
-from grade_ray.data.schema import TASK_KINDS, SessionMeta
+from grade_ray.data.sessions import TASK_KINDS, SessionMeta
 from grade_ray.models.policy import FusionPolicy
 from grade_ray.serving.export import (
     EXPORT_FORMAT_VERSION,

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from grade_ray.data.schema import META_KEY, SessionBatch, SessionMeta, to_table
+from grade_ray.data.sessions import META_KEY, SessionBatch, SessionMeta, to_table
 
 META = SessionMeta(
     ("ctr", "cvr", "gmv", "profit"),

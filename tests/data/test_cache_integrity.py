@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from grade_ray.data.plan import ROLLOUT_COLUMNS, DataPlan, TaskReader
-from grade_ray.data.schema import SessionBatch, SessionMeta, to_table
+from grade_ray.data.sessions import SessionBatch, SessionMeta, to_table
 
 META = SessionMeta(("ctr", "cvr"), ("prob", "prob"), ("click",), ("a",))
 

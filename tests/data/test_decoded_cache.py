@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from grade_ray.data.plan import ROLLOUT_COLUMNS, DataPlan, TaskReader
-from grade_ray.data.schema import SessionBatch, SessionMeta, to_table
+from grade_ray.data.sessions import SessionBatch, SessionMeta, to_table
 
 FIELDS = ("request_id", "user_id", "ts", "context", "scores", "labels", "mask", "position")
 

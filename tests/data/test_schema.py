@@ -9,14 +9,8 @@ import pytest
 
 from grade_ray.data.plan import DataPlan
 from grade_ray.data.reading import iter_batches, read_meta, read_sessions
-from grade_ray.data.schema import (
-    ReadReport,
-    SchemaError,
-    SessionBatch,
-    SessionMeta,
-    ShardWriter,
-    to_table,
-)
+from grade_ray.data.sessions import SchemaError, SessionBatch, SessionMeta, ShardWriter, to_table
+from grade_ray.data.validation import ReadReport
 
 META = SessionMeta(("ctr", "cvr", "gmv"), ("prob", "prob", "value"), ("click", "order"), ("a", "b"))
 

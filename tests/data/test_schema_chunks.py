@@ -13,7 +13,8 @@ import pytest
 
 from grade_ray.data.plan import ROLLOUT_COLUMNS, DataPlan, TaskReader
 from grade_ray.data.reading import iter_batches, iter_validated
-from grade_ray.data.schema import ReadReport, SchemaError, SessionBatch, SessionMeta, ShardWriter
+from grade_ray.data.sessions import SchemaError, SessionBatch, SessionMeta, ShardWriter
+from grade_ray.data.validation import ReadReport
 
 META = SessionMeta(("ctr", "cvr", "gmv"), ("prob", "prob", "value"), ("click", "order"), ("a", "b"))
 ROWS, CHUNK = 10_000, 1_000

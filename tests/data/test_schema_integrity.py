@@ -24,17 +24,15 @@ from grade_ray.data.reading import (
     read_meta,
     read_sessions,
 )
-from grade_ray.data.schema import (
+from grade_ray.data.sessions import (
     META_KEY,
-    ReadReport,
     SchemaError,
     SessionBatch,
     SessionMeta,
     ShardWriter,
-    read_scope,
-    rejects_file,
     to_table,
 )
+from grade_ray.data.validation import ReadReport, read_scope, rejects_file
 
 META = SessionMeta(("ctr", "cvr", "gmv"), ("prob", "prob", "value"), ("click", "order"), ("a", "b"))
 

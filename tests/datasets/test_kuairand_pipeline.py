@@ -20,7 +20,7 @@ import torch
 from grade_ray.cli import main
 from grade_ray.config import load_config
 from grade_ray.data.reading import read_meta, read_sessions
-from grade_ray.data.schema import SessionMeta
+from grade_ray.data.sessions import SessionMeta
 from grade_ray.datasets.kuairand.datadir import (
     STAMP_FILE,
     ConvertOptions,

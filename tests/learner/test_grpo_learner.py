@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from grade_ray import keys
-from grade_ray.data.schema import SessionBatch
+from grade_ray.data.sessions import SessionBatch
 from grade_ray.learner.grpo import GRPOLearner, GRPOSettings
 from grade_ray.models.policy import FusionPolicy
 from grade_ray.rollout.worker import RolloutSpec, RolloutWorker

@@ -15,7 +15,7 @@ import torch
 from grade_ray.algos.fusion import fuse
 from grade_ray.cli import main
 from grade_ray.data.reading import read_meta, read_sessions
-from grade_ray.data.schema import SessionMeta
+from grade_ray.data.sessions import SessionMeta
 from grade_ray.learner.loop import load_policy, new_policy, save_policy
 from grade_ray.serving.export import (
     MANIFEST_FILE,

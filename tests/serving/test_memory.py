@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from grade_ray.data.reading import read_meta
-from grade_ray.data.schema import SessionBatch, SessionMeta, to_table
+from grade_ray.data.sessions import SessionBatch, SessionMeta, to_table
 from grade_ray.learner.loop import new_policy, save_policy
 from grade_ray.serving.export import export_policy
 

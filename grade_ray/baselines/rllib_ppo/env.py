@@ -27,7 +27,7 @@ import torch
 from grade_ray.algos.rewards import FORMAT, POST, PRIOR, REWARD
 from grade_ray.config import Config, from_dict
 from grade_ray.data.reading import read_sessions
-from grade_ray.data.schema import SessionBatch, SessionMeta
+from grade_ray.data.sessions import SessionBatch, SessionMeta
 from grade_ray.learner.reward_fit import run_reward_fit
 from grade_ray.spec import RewardFit, RewardSpec, as_tensor
 

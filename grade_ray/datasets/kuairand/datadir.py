@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from grade_ray.data.schema import SessionMeta
+from grade_ray.data.sessions import SessionMeta
 from grade_ray.datasets.kuairand.convert import convert_kuairand
 from grade_ray.datasets.kuairand.scoring import LeakageError
 

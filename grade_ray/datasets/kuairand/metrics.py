@@ -18,7 +18,7 @@ import torch
 from grade_ray.algos.fusion import fuse
 from grade_ray.algos.metrics import ndcg_at_k, request_auc
 from grade_ray.config import Config
-from grade_ray.data.schema import SessionBatch, SessionMeta
+from grade_ray.data.sessions import SessionBatch, SessionMeta
 from grade_ray.spec import RewardSpec, as_tensor
 
 BASELINE = "best_static"

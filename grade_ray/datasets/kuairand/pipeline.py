@@ -53,7 +53,7 @@ import numpy as np
 
 from grade_ray.config import Config, save_config
 from grade_ray.data.reading import read_sessions
-from grade_ray.data.schema import SessionBatch, SessionMeta
+from grade_ray.data.sessions import SessionBatch, SessionMeta
 from grade_ray.datasets.kuairand.datadir import ConvertOptions, check_split_dates, convert
 from grade_ray.datasets.kuairand.dataset import ATTRIBUTION, LICENCE_NOTICE
 from grade_ray.datasets.kuairand.replay import evaluate_replay

@@ -14,7 +14,7 @@ import numpy as np
 
 from grade_ray.config import Config
 from grade_ray.data.oracles import simplex_grid
-from grade_ray.data.schema import SessionBatch, SessionMeta
+from grade_ray.data.sessions import SessionBatch, SessionMeta
 from grade_ray.datasets.kuairand.evidence import (
     context_evidence,
     headroom,

@@ -1,7 +1,7 @@
-"""Scored impressions -> session Parquet (``grade_ray.data.schema``), with stats and a README.
+"""Scored impressions -> session Parquet (``grade_ray.data.sessions``), with stats and a README.
 
 Groups impressions into requests, sets short lists aside, pads each request into
-a :class:`~grade_ray.data.schema.SessionBatch` row (position j = the j-th
+a :class:`~grade_ray.data.sessions.SessionBatch` row (position j = the j-th
 impression in time order = logged_position) and writes one directory of shards
 per split; the metadata and the README carry the licence notice.
 """
@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from grade_ray.data.schema import SessionBatch, SessionMeta, ShardWriter
+from grade_ray.data.sessions import SessionBatch, SessionMeta, ShardWriter
 from grade_ray.datasets.kuairand.dataset import (
     ATTRIBUTION,
     BINARY_LABELS,
@@ -241,7 +241,7 @@ def _readme(report: dict) -> str:
         )
     lines += [
         "",
-        "Layout: one directory of Parquet shards per split (`grade_ray.data.schema` format;",
+        "Layout: one directory of Parquet shards per split (`grade_ray.data.sessions` format;",
         "task, label and context names in the file metadata, with this licence notice);",
         "`upstream/` holds the upstream model (weights.pt: a plain state_dict; upstream.json:",
         "architecture and vocabularies) for converting further days with `convert_more`.",
