@@ -92,6 +92,21 @@ def test_dependencies_point_down():
     assert not bad, f"imports that point up the layers: {bad}"
 
 
+# The logged-session modules: the format, then row checks on it, then reading files.
+SESSION_LAYERS = ("grade_ray.data.sessions", "grade_ray.data.validation", "grade_ray.data.reading")
+
+
+def test_session_modules_point_one_way():
+    mods = _modules()
+    bad = [
+        f"{low} -> {high}"
+        for i, low in enumerate(SESSION_LAYERS)
+        for high in SESSION_LAYERS[i + 1 :]
+        if high in mods[low]
+    ]
+    assert not bad, f"sessions <- validation <- reading; imports the other way: {bad}"
+
+
 def test_string_references_to_modules_resolve():
     import importlib
 
