@@ -111,35 +111,9 @@ class DataPlan:
         files = [str(f) for f in list_files(path)]
         meta = file_meta(files[0])
         report = ReadReport()
-        file_idx, row_idx, ts_all = [], [], []
-        cache = DecodedCache(cache_dir) if cache_dir else None
-        if cache is not None and not cache.fits(files):
-            cache = None
-        try:
-            chunks = iter_validated(
-                path,
-                read_batch,
-                on_error,
-                rejects_path,
-                report,
-                files,
-                max_candidates=max_candidates,
-            )
-            for chunk in chunks:
-                rows = chunk.rows
-                file_idx.append(np.full(len(rows), chunk.file_index, dtype=np.int32))
-                row_idx.append(rows.astype(np.int64))
-                ts_all.append(np.asarray(chunk.good.column("ts").to_numpy(), dtype=np.int64))
-                if cache is not None:
-                    cache.add(chunk.file, chunk.good, rows)
-        except BaseException:
-            if cache is not None:
-                cache.abort()
-            raise
-        cached = cache.close() if cache is not None else {}
-        if report.rows_used == 0:
-            raise SchemaError(f"{path}: no usable rows ({report.summary()})")
-        fidx, ridx, ts = (np.concatenate(a) for a in (file_idx, row_idx, ts_all))
+        fidx, ridx, ts, cached = _scan(
+            path, files, report, on_error, rejects_path, read_batch, cache_dir, max_candidates
+        )
         order = np.argsort(ts, kind="stable")
         windows = np.array_split(order, rounds // data_passes)
         plan_rounds = []
@@ -150,6 +124,47 @@ class DataPlan:
             plan_rounds.append(_tasks(r, window, fidx, ridx, files, batch_size))
         log.info("data plan: %s; %d rounds", report.summary(), rounds)
         return cls(files, meta, report, plan_rounds, (int(ts.min()), int(ts.max())), cached)
+
+
+def _scan(
+    path: str | Path,
+    files: list[str],
+    report: ReadReport,
+    on_error: str,
+    rejects_path: str | Path | None,
+    read_batch: int,
+    cache_dir: str | Path | None,
+    max_candidates: int | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """One validating pass over the logs: (file index, row, ts) of every good row.
+
+    Also writes the decoded cache when ``cache_dir`` is set and the cache does not
+    already fit ``files``; a failed pass leaves no partial cache behind.
+    """
+    file_idx, row_idx, ts_all = [], [], []
+    cache = DecodedCache(cache_dir) if cache_dir else None
+    if cache is not None and not cache.fits(files):
+        cache = None
+    try:
+        chunks = iter_validated(
+            path, read_batch, on_error, rejects_path, report, files, max_candidates=max_candidates
+        )
+        for chunk in chunks:
+            rows = chunk.rows
+            file_idx.append(np.full(len(rows), chunk.file_index, dtype=np.int32))
+            row_idx.append(rows.astype(np.int64))
+            ts_all.append(np.asarray(chunk.good.column("ts").to_numpy(), dtype=np.int64))
+            if cache is not None:
+                cache.add(chunk.file, chunk.good, rows)
+    except BaseException:
+        if cache is not None:
+            cache.abort()
+        raise
+    cached = cache.close() if cache is not None else {}
+    if report.rows_used == 0:
+        raise SchemaError(f"{path}: no usable rows ({report.summary()})")
+    fidx, ridx, ts = (np.concatenate(a) for a in (file_idx, row_idx, ts_all))
+    return fidx, ridx, ts, cached
 
 
 def _tasks(

@@ -114,13 +114,7 @@ def run_infer(
         service.check_meta(meta)
     except RequestError as e:
         raise RequestError(f"{files[0]}: {e}") from None
-    out = Path(out)
-    if on_error == "reject" and rejects_path is None:
-        rejects_path = out.with_name(out.stem + ".rejects.parquet")
-    _outside(out, Path(data), "--out")
-    if rejects_path is not None:
-        _outside(Path(rejects_path), Path(data), "the rejects file")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out, rejects_path = _output_paths(Path(out), Path(data), on_error, rejects_path)
     total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     report = ReadReport()
     rejects = RejectsWriter(rejects_path if on_error == "reject" else None)
@@ -155,6 +149,20 @@ def run_infer(
         "out": str(out),
         "seconds": seconds,
     }
+
+
+def _output_paths(
+    out: Path, data: Path, on_error: str, rejects_path: str | Path | None
+) -> tuple[Path, str | Path | None]:
+    """The output and rejects paths (default rejects: ``OUT.rejects.parquet`` beside the
+    output), refused inside the input data directory; creates the output's directory."""
+    if on_error == "reject" and rejects_path is None:
+        rejects_path = out.with_name(out.stem + ".rejects.parquet")
+    _outside(out, data, "--out")
+    if rejects_path is not None:
+        _outside(Path(rejects_path), data, "the rejects file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out, rejects_path
 
 
 def _out_schema(service: FusionService, export_dir: str | Path, data: str | Path) -> pa.Schema:
