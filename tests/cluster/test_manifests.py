@@ -21,8 +21,11 @@ import copy
 import functools
 import hashlib
 import json
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -658,28 +661,157 @@ def _env(c: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {e["name"]: e for e in c.get("env", [])}
 
 
-def test_raycluster_token_auth_from_secret(raycluster):
-    envs = [(g, _env(c)) for g, c in _containers(raycluster)]
-    envs.append(
-        ("autoscaler", {e["name"]: e for e in raycluster["spec"]["autoscalerOptions"]["env"]})
-    )
+_TOKEN_SOURCES = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def auth_guard_problems(doc: dict[str, Any]) -> list[str]:
+    """Why the manifest could bring up a Ray without token auth, if it could.
+
+    Every Ray container (head and each worker group) must say
+    RAY_AUTH_MODE=token itself, not rely on `authOptions`: a KubeRay older
+    than v1.5.1 drops `authOptions`, and with the mode set but no token Ray
+    2.60's `ray start` refuses to start (test_ray_refuses_to_start_without_token).
+    * RayCluster (no authOptions): the token comes from one Secret
+      (secretKeyRef, not optional) in every Ray container and the autoscaler.
+    * RayJob (authOptions.mode: token): the operator creates the token Secret
+      and adds RAY_AUTH_TOKEN, and uses the same token for its own job
+      submission and status calls. A token source in the manifest would
+      replace the operator's in the Ray containers and lock the operator out,
+      so none is allowed; under an older operator none is there, and Ray stops.
+    """
+    problems = []
+    spec = _cluster_spec(doc)
+    managed = "authOptions" in spec
+    if managed and spec["authOptions"].get("mode") != "token":
+        problems.append(f"authOptions.mode is {spec['authOptions'].get('mode')!r}, not 'token'")
+    where_env = [(g, _env(c)) for g, c in _containers(doc)]
+    if not managed:
+        where_env.append(("autoscaler", _env(spec.get("autoscalerOptions", {}))))
     secrets = set()
-    for where, env in envs:
-        assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", where
-        ref = env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef")
-        assert ref and ref.get("name") and ref.get("key"), f"{where}: token must come from a Secret"
-        secrets.add((ref["name"], ref["key"]))
-    assert len(secrets) == 1, f"all containers must share one token: {secrets}"
+    for where, env in where_env:
+        mode = env.get("RAY_AUTH_MODE", {})
+        if mode.get("value") != "token" or "valueFrom" in mode:
+            problems.append(f"{where}: RAY_AUTH_MODE must be the literal 'token'")
+        if managed:
+            problems += [
+                f"{where}: {k} overrides the operator's token" for k in _TOKEN_SOURCES if k in env
+            ]
+            continue
+        ref = env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef") or {}
+        if not (ref.get("name") and ref.get("key")) or ref.get("optional"):
+            problems.append(f"{where}: RAY_AUTH_TOKEN must come from a (non-optional) Secret")
+        else:
+            secrets.add((ref["name"], ref["key"]))
+    if len(secrets) > 1:
+        problems.append(f"all containers must share one token Secret: {sorted(secrets)}")
+    return problems
 
 
-def test_rayjob_token_auth(rayjob):
-    spec = rayjob["spec"]["rayClusterSpec"]
-    # Operator-managed token (KubeRay v1.5+): it creates the Secret, injects
-    # RAY_AUTH_MODE/RAY_AUTH_TOKEN, and authenticates its own job calls.
-    assert spec.get("authOptions", {}).get("mode") == "token"
-    for where, c in _containers(rayjob):
+def test_manifests_guard_against_running_without_auth(manifest):
+    _, doc = manifest
+    assert auth_guard_problems(doc) == []
+
+
+@pytest.mark.parametrize(
+    "mutate, expect",
+    [
+        (lambda s: _c0(s, "head")["env"].clear(), "head: RAY_AUTH_MODE must be"),
+        (
+            lambda s: _c0(s, 1)["env"].__setitem__(
+                0, {"name": "RAY_AUTH_MODE", "value": "disabled"}
+            ),
+            "learner: RAY_AUTH_MODE must be",
+        ),
+    ],
+    ids=["head-without-mode", "learner-auth-disabled"],
+)
+def test_auth_guard_catches_missing_mode(manifest, mutate, expect):
+    _, doc = manifest
+    bad = copy.deepcopy(doc)
+    mutate(_cluster_spec(bad))
+    assert any(expect in p for p in auth_guard_problems(bad)), auth_guard_problems(bad)
+
+
+def test_auth_guard_catches_token_mistakes(raycluster, rayjob):
+    bad = copy.deepcopy(raycluster)
+    _env(_c0(bad["spec"], 0))["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] = True
+    assert any("non-optional" in p for p in auth_guard_problems(bad))
+    bad = copy.deepcopy(raycluster)
+    _env(_c0(bad["spec"], 1))["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] = "other"
+    assert any("one token Secret" in p for p in auth_guard_problems(bad))
+    bad = copy.deepcopy(rayjob)
+    _c0(bad["spec"]["rayClusterSpec"], "head")["env"].append(
+        {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": "x", "key": "t"}}}
+    )
+    assert any("overrides the operator's token" in p for p in auth_guard_problems(bad))
+    bad = copy.deepcopy(rayjob)
+    bad["spec"]["rayClusterSpec"]["authOptions"]["mode"] = "disabled"
+    assert any("authOptions.mode" in p for p in auth_guard_problems(bad))
+
+
+def test_authOptions_needs_the_minimum_kuberay(rayjob):
+    # authOptions is in the oldest CRD the manifests are checked against ...
+    for kuberay in KUBERAY_VERSIONS:
+        cluster = crd_schema(kuberay, "ray.io/v1", "RayCluster")["properties"]["spec"]
+        job = crd_schema(kuberay, "ray.io/v1", "RayJob")["properties"]["spec"]
+        assert "authOptions" in cluster["properties"], kuberay
+        assert "authOptions" in job["properties"]["rayClusterSpec"]["properties"], kuberay
+    # ... and the manifests and the README name that minimum.
+    needle = f"KubeRay {MIN_KUBERAY}"
+    for path in (RAYCLUSTER_YAML, RAYJOB_YAML, CLUSTER / "README.md"):
+        assert needle in path.read_text(), f"{path.name} must state the minimum {needle}"
+    # An older API server prunes authOptions (as an undeclared field). What is
+    # left must still demand a token: RAY_AUTH_MODE=token and no token source.
+    pruned = copy.deepcopy(rayjob)
+    del pruned["spec"]["rayClusterSpec"]["authOptions"]
+    for where, c in _containers(pruned):
         env = _env(c)
-        assert env.get("RAY_AUTH_MODE", {}).get("value") in (None, "token"), where
+        assert env["RAY_AUTH_MODE"]["value"] == "token", where
+        assert not set(_TOKEN_SOURCES) & set(env), where
+
+
+_RAY_START_AUTH_CHECK = """
+import inspect, json, sys
+from ray.scripts import scripts
+from ray._private.authentication.authentication_token_setup import (
+    ensure_token_if_auth_enabled, maybe_enable_token_auth_if_token_available)
+src = inspect.getsource(scripts.start.callback)  # a click command
+# ray start (head and worker branch) refuses instead of creating a token:
+calls = src.count("ensure_token_if_auth_enabled(system_config, create_token_if_missing=False)")
+try:
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    ensure_token_if_auth_enabled(None, create_token_if_missing=False)
+    outcome = "started"
+except Exception as exc:
+    outcome = type(exc).__name__
+print(json.dumps({"calls": calls, "outcome": outcome}))
+"""
+
+
+def _ray_start_auth(tmp_path: Path, **env: str) -> dict[str, Any]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    base.update(HOME=str(tmp_path), OMP_NUM_THREADS="1", **env)  # no ~/.ray/auth_token
+    out = subprocess.run(
+        [sys.executable, "-c", _RAY_START_AUTH_CHECK],
+        env=base,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_ray_refuses_to_start_without_token(tmp_path):
+    """The guard's premise, in the installed Ray: `ray start` runs these checks."""
+    refused = _ray_start_auth(tmp_path, RAY_AUTH_MODE="token")
+    assert refused == {"calls": 2, "outcome": "AuthenticationError"}
+    assert _ray_start_auth(tmp_path, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="t" * 32)["outcome"] == (
+        "started"
+    )
+    # Without the mode and without a token Ray starts, with auth disabled:
+    # what a pre-v1.5.1 operator would run if the manifest relied on authOptions.
+    assert _ray_start_auth(tmp_path)["outcome"] == "started"
 
 
 def _mounts(doc: dict[str, Any]) -> dict[str, dict[str, str]]:
