@@ -82,9 +82,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     run = Path(args.run) if args.run else Path(cfg.run_dir)
+    # the ablations `compare` and `grade-ray kuairand` trained beside the run are arms too
+    variants = {p.parent.name: str(p) for p in sorted(run.glob("variants/*/policy.pt"))}
     with data_scope(cfg, run):  # rejects (reject mode) under RUN/rejects/
         result = run_evaluate(
-            cfg, run, eval_path=args.data, baselines=not args.no_baselines, out_dir=args.out
+            cfg,
+            run,
+            eval_path=args.data,
+            baselines=not args.no_baselines,
+            extra_arms=variants,
+            out_dir=args.out,
         )
     print(result.markdown)
     return 0
