@@ -82,8 +82,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     run = Path(args.run) if args.run else Path(cfg.run_dir)
+    # the ablations `compare` and `grade-ray kuairand` trained beside the run are arms too
+    variants = {p.parent.name: str(p) for p in sorted(run.glob("variants/*/policy.pt"))}
     with data_scope(cfg, run):  # rejects (reject mode) under RUN/rejects/
-        result = run_evaluate(cfg, run, eval_path=args.data, baselines=not args.no_baselines)
+        result = run_evaluate(
+            cfg,
+            run,
+            eval_path=args.data,
+            baselines=not args.no_baselines,
+            extra_arms=variants,
+            out_dir=args.out,
+        )
     print(result.markdown)
     return 0
 
@@ -160,6 +169,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("run", nargs="?", help="run directory holding policy.pt (default run_dir)")
     p.add_argument("--data", help="held-out session file/dir (default: the run's eval data)")
     p.add_argument("--no-baselines", action="store_true", help="evaluate the policy only")
+    p.add_argument("--out", help="also write the tables here: eval.md (as printed) and eval.json")
     p.set_defaults(fn=cmd_evaluate)
 
 

@@ -426,6 +426,14 @@ class EvalConfig:
     oracle_requests: int = 20_000
     """Simulator data: logged training requests on which the reward oracle (the grid weights
     that maximise the training reward per segment) is searched."""
+    segment_feature: str = "auto"
+    """Segments of the ``segment_static`` arm (per-segment best static weights searched on the
+    training logs): a one-hot context block ``NAME=VALUE`` named NAME (KuaiRand:
+    ``user_active_degree``); ``auto``: the users' known segment on simulator data, none
+    otherwise; ``""``: no segment_static arm."""
+    day_offset_hours: float = 0.0
+    """Hours added to ``ts`` (seconds since epoch, UTC) before cutting the per-day rows: the
+    logs' time zone (KuaiRand: 8)."""
 
     def __post_init__(self) -> None:
         _check(

@@ -13,7 +13,11 @@ Arms are weight functions ``(SessionBatch, truth | None) -> (B, K)``:
 - ``oracle`` (simulator): each user's segment's true best weights.
 
 Offline: NDCG@k per label and for the composite reward, GAUC per label, with
-bootstrap CIs. Online: the simulator's paired A/B test (CTR, CVR, OPM, GPM,
+bootstrap CIs; with baselines, the paired replay (:mod:`grade_ray.jobs.replay`, the
+KuaiRand pipeline's analysis on any logs): every arm's paired difference to best_static
+with a paired bootstrap CI and a Bonferroni note, a per-segment static where the data
+has segments, each learned arm's mean weights as a static arm (``<arm>-mean-static``)
+and per-day rows when the held-out logs span several days. Online: the simulator's paired A/B test (CTR, CVR, OPM, GPM,
 profit, orders, north-star; lifts over best_static with CIs), the captured
 share of personalization headroom, and how close each arm's per-segment mean
 weights are to the oracle's.
@@ -49,6 +53,13 @@ from grade_ray.jobs.headroom import (
     logs_headroom,
     logs_markdown,
     oracle_arms,
+)
+from grade_ray.jobs.replay import (
+    StaticSearch,
+    find_segments,
+    logs_replay,
+    replay_markdown,
+    static_arms,
 )
 from grade_ray.learner.loop import POLICY_FILE, PRETRAIN_CKPT, load_policy
 from grade_ray.learner.reward_fit import reward_spec
@@ -90,22 +101,28 @@ def ranking_reward(
     return np.concatenate(out)
 
 
-def search_best_static(cfg: Config, train_path: str) -> np.ndarray:
-    """(K,) grid weights maximising the mean ranking reward on training logs (R_prior
-    calibrated as the run's, from ``cfg.run_dir``, when the reward asks for it)."""
+def static_search(cfg: Config, train_path: str) -> StaticSearch:
+    """Every simplex-grid vector's ranking reward on (up to ``eval.search_requests``)
+    training requests (R_prior calibrated as the run's, from ``cfg.run_dir``, when the
+    reward asks for it); ``.best`` is the best static weights."""
     batch, meta, _ = read_sessions(
         train_path, on_error=cfg.data.on_error, max_rows=cfg.eval.search_requests
     )
     spec = reward_spec(cfg, meta, train_path)
     grid = simplex_grid(meta.num_tasks, cfg.eval.static_grid_step)
     reward = ranking_reward(batch, grid, spec, cfg.policy.fusion, cfg.policy.fusion_eps)
-    best = grid[reward.mean(0).argmax()]
+    search = StaticSearch(batch, meta, grid, reward)
     log.info(
         "best static weights on %d training requests: %s",
         len(batch),
-        dict(zip(meta.task_names, best.round(3).tolist())),
+        dict(zip(meta.task_names, search.best.round(3).tolist())),
     )
-    return best
+    return search
+
+
+def search_best_static(cfg: Config, train_path: str) -> np.ndarray:
+    """(K,) grid weights maximising the mean ranking reward on training logs."""
+    return static_search(cfg, train_path).best
 
 
 def static_arm(w: np.ndarray) -> WeightFn:
@@ -167,7 +184,8 @@ class EvalResult:
     headroom: arm -> captured share of the segment oracle's headroom (simulator only);
     oracles: captured attainable headroom, objective and optimisation gaps, per-segment
     north-star; logs: the same question by the training reward on held-out logs (any data);
-    warnings: the diagnosis (what limits the policy).
+    warnings: the diagnosis (what limits the policy); replay: the paired replay on the
+    held-out logs (:func:`grade_ray.jobs.replay.logs_replay`; with baselines).
     """
 
     offline: dict[str, dict[str, float]]
@@ -178,12 +196,18 @@ class EvalResult:
     oracles: Headroom | None = None
     warnings: list[str] = dataclasses.field(default_factory=list)
     logs: LogsHeadroom | None = None
+    replay: dict | None = None
 
 
 def default_arms(
-    cfg: Config, run_dir: Path, train_path: str, baselines: bool
+    cfg: Config,
+    run_dir: Path,
+    train_path: str,
+    baselines: bool,
+    search: StaticSearch | None = None,
 ) -> tuple[dict[str, WeightFn], dict[str, list[float]]]:
-    """Baseline and policy arms for a run, plus the static weights used."""
+    """Baseline and policy arms for a run, plus the static weights used (best_static from
+    ``search`` when given, else searched here)."""
     from grade_ray.data.reading import read_meta
 
     meta = read_meta(train_path)
@@ -192,7 +216,9 @@ def default_arms(
     if baselines:
         k = meta.num_tasks
         arms["uniform"] = static_arm(np.full(k, 1.0 / k, np.float32))
-        best = search_best_static(cfg.replace(run_dir=str(run_dir)), train_path)
+        if search is None:
+            search = static_search(cfg.replace(run_dir=str(run_dir)), train_path)
+        best = search.best
         statics["best_static"] = best.tolist()
         arms["best_static"] = static_arm(best)
         sp = run_dir / CHECKPOINT_DIR / f"{PRETRAIN_CKPT}.pt"
@@ -210,9 +236,10 @@ def run_evaluate(
     eval_path: str | None = None,
     baselines: bool = True,
     extra_arms: dict[str, str] | None = None,
+    out_dir: str | Path | None = None,
 ) -> EvalResult:
     """Evaluate a run's policy (and baselines) offline and, on simulator data, online;
-    writes RUN_DIR/eval/eval.json|md."""
+    writes RUN_DIR/eval/eval.json|md (and the same files under ``out_dir`` when given)."""
     from grade_ray.jobs.train import prepare_data, simulator_for
 
     run_dir = Path(run_dir)
@@ -220,7 +247,8 @@ def run_evaluate(
     eval_path = eval_path or default_eval
     if not eval_path:
         raise FileNotFoundError("no held-out data: set data.eval_path or pass --data")
-    arms, statics = default_arms(cfg, run_dir, train_path, baselines)
+    search = static_search(cfg.replace(run_dir=str(run_dir)), train_path) if baselines else None
+    arms, statics = default_arms(cfg, run_dir, train_path, baselines, search)
     arms.update({name: policy_arm(path) for name, path in (extra_arms or {}).items()})
     if not arms:
         raise FileNotFoundError(f"nothing to evaluate: no {POLICY_FILE} in {run_dir}")
@@ -232,19 +260,43 @@ def run_evaluate(
     sim = simulator_for(cfg)
     if sim is not None:
         online, oracles, recovery = _online(cfg, sim, arms, statics, train_path)
+    replay = None
     if baselines:
         logs = logs_headroom(cfg, spec, train_path, batch, weights)
+        replay = _replay(cfg, sim, search, batch, meta, spec, arms, weights, statics)
     policy = next((a for a in reversed(arms) if a not in ("uniform", "best_static", "SP")), "")
     warnings = diagnose(oracles, weights, policy) + (
         [] if logs is None else diagnose_logs(logs, policy)
     )
     for w in warnings:
         log.warning("%s", w)
-    md = _markdown(offline, online, oracles, recovery, report.summary(), spec.k, warnings, logs)
+    md = _markdown(
+        offline, online, oracles, recovery, report.summary(), spec.k, warnings, logs, replay
+    )
     headroom_seg = None if oracles is None else oracles.captured_segment
-    result = EvalResult(offline, online, headroom_seg, recovery, md, oracles, warnings, logs)
-    _write(run_dir / "eval", result, statics, report.summary())
+    result = EvalResult(
+        offline, online, headroom_seg, recovery, md, oracles, warnings, logs, replay
+    )
+    for out in (run_dir / "eval", *([Path(out_dir)] if out_dir else [])):
+        _write(out, result, statics, report.summary())
     return result
+
+
+BASELINE_ARMS = ("uniform", "best_static")
+
+
+def _replay(cfg, sim, search, batch, meta, spec, arms, weights, statics) -> dict:
+    """The paired replay: the run's arms, segment_static and every learned arm's mean static."""
+    learned = {a: fn for a, fn in arms.items() if a not in BASELINE_ARMS}
+    segments = find_segments(cfg.eval.segment_feature, sim, search.batch, search.meta, batch, meta)
+    extra, static_weights = static_arms(search, segments, learned, len(batch))
+    # the pipeline's order: baselines, segment_static, learned arms, their mean statics
+    order = [*BASELINE_ARMS, "segment_static", *learned]
+    arm_weights = {a: weights.get(a, extra.get(a)) for a in order if a in weights or a in extra}
+    arm_weights.update({a: w for a, w in extra.items() if a not in arm_weights})
+    tasks = search.meta.task_names
+    base = {"best_static": dict(zip(tasks, np.round(statics["best_static"], 3).tolist()))}
+    return logs_replay(cfg, batch, meta, spec, arm_weights, learned, {**base, **static_weights})
 
 
 def _offline(cfg: Config, batch: SessionBatch, meta: SessionMeta, weights, spec) -> dict:
@@ -263,6 +315,7 @@ def _write(out: Path, result: EvalResult, statics: dict, data_summary: str) -> N
         "oracles": None if result.oracles is None else result.oracles.to_dict(),
         "logs_headroom": None if result.logs is None else result.logs.to_dict(),
         "recovery": result.recovery,
+        "replay": result.replay,
         "warnings": result.warnings,
         "static_weights": statics,
         "eval_data": data_summary,
@@ -308,6 +361,7 @@ def _markdown(
     k: int,
     warnings,
     logs: LogsHeadroom | None = None,
+    replay: dict | None = None,
 ) -> str:
     lines = [
         f"Held-out logs: {data_summary}",
@@ -322,6 +376,8 @@ def _markdown(
             f"{m['composite_ci_high']:.4f}] | {m['r_post']:.4f} | {m['r_prior']:.4f} | "
             f"{first_gauc:.4f} |"
         )
+    if replay is not None:
+        lines += ["", replay_markdown(replay)]
     if online:
         metrics = list(dict.fromkeys(r["metric"] for r in online))
         arms = list(dict.fromkeys(r["arm"] for r in online))

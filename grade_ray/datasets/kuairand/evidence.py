@@ -13,7 +13,7 @@ import numpy as np
 
 from grade_ray.config import Config
 from grade_ray.data.sessions import SessionBatch, SessionMeta
-from grade_ray.datasets.kuairand.metrics import grid_rewards, json_float
+from grade_ray.jobs.paired import grid_rewards, json_float
 from grade_ray.spec import RewardSpec, as_tensor
 
 

@@ -13,7 +13,8 @@
       -> offline replay on the held-out day(s): uniform, best static (grid search on
          the *training* days), a per-segment static, SP, GRADE and the ablations;
          NDCG@k per feedback type, composite, GAUC, bootstrap CIs over requests and
-         paired differences against best static (``replay``, ``metrics``, ``evidence``)
+         paired differences against best static (``replay``, ``evidence``; the statistics
+         and statics shared with ``grade-ray evaluate``: ``grade_ray.jobs.paired``, ``.replay``)
       -> RUN/results.json, RUN/results.md (tables, data evidence, an interpretation
          computed from the numbers, licence notice; ``results_text``)
 

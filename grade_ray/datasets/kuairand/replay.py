@@ -21,7 +21,7 @@ from grade_ray.datasets.kuairand.evidence import (
     split_evidence,
     weight_stats,
 )
-from grade_ray.datasets.kuairand.metrics import (
+from grade_ray.jobs.paired import (
     BASELINE,
     arm_table,
     bootstrap_rows,
@@ -29,47 +29,11 @@ from grade_ray.datasets.kuairand.metrics import (
     paired_diff,
     per_request_metrics,
 )
+from grade_ray.jobs.replay import MEAN_STATIC, context_segments, segment_static
 from grade_ray.spec import RewardSpec
 
 SEGMENT_FEATURE = "user_active_degree"
 """User categorical whose one-hot context block defines the per-segment static arm's segments."""
-MIN_SEGMENT_REQUESTS = 200
-"""A segment needs this many training requests to get its own static weights."""
-MEAN_STATIC = "GRADE-mean-static"
-"""GRADE's mean weights over the training requests, used as one static vector for everyone:
-GRADE minus this arm is what the per-request variation of its weights adds."""
-
-
-def _segments(batch: SessionBatch, meta: SessionMeta, feature: str) -> tuple[np.ndarray, list]:
-    """(B,) segment index from the one-hot context block of ``feature``, and its names."""
-    cols = [i for i, c in enumerate(meta.context_names) if c.startswith(f"{feature}=")]
-    if not cols:
-        return np.zeros(len(batch), dtype=np.int64), ["all"]
-    return batch.context[:, cols].argmax(1), [meta.context_names[i] for i in cols]
-
-
-def segment_static(
-    train: SessionBatch,
-    meta: SessionMeta,
-    train_grid: np.ndarray,
-    grid: np.ndarray,
-    feature: str = SEGMENT_FEATURE,
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Per-segment best grid weights fitted on training requests: ((S, K), report).
-
-    Segments with fewer than :data:`MIN_SEGMENT_REQUESTS` training requests use the
-    global best.
-    """
-    seg, names = _segments(train, meta, feature)
-    best = int(train_grid.mean(0).argmax())
-    table = np.tile(grid[best], (len(names), 1))
-    report = {}
-    for s, name in enumerate(names):
-        sel = seg == s
-        if sel.sum() >= MIN_SEGMENT_REQUESTS:
-            table[s] = grid[int(train_grid[sel].mean(0).argmax())]
-        report[name] = {"train_requests": int(sel.sum()), "weights": table[s].round(3).tolist()}
-    return table, report
 
 
 def _eval_weights(
@@ -138,8 +102,11 @@ def evaluate_replay(
 
     arms, statics = default_arms(cfg, Path(cfg.run_dir), cfg.data.train_path, baselines=True)
     grid = simplex_grid(meta.num_tasks, cfg.eval.static_grid_step)
-    seg_table, seg_report = segment_static(train, meta, grid_rewards(train, spec, cfg, grid), grid)
-    eval_seg, _ = _segments(ev, eval_meta, SEGMENT_FEATURE)
+    train_seg, names = context_segments(train, meta, SEGMENT_FEATURE)
+    seg_table, seg_report = segment_static(
+        train_seg, names, grid_rewards(train, spec, cfg, grid), grid
+    )
+    eval_seg, _ = context_segments(ev, eval_meta, SEGMENT_FEATURE)
     weights = _eval_weights(arms, ev, seg_table[eval_seg].astype(np.float32), variants)
     train_weights = {a: arms[a](train, None) for a in ("SP", "GRADE") if a in arms}
     if "GRADE" in train_weights:  # deployable: GRADE's mean weights over *training* requests

@@ -1,24 +1,30 @@
 """results.md and its interpretation paragraph, computed from the results dict.
 
 The report is data first: each table is a header and rows of cells
-(:func:`ranking_table`, :func:`per_label_table`, ...) rendered by one small
-:func:`markdown_table`; each section is a list of blocks (a heading, a
+(:func:`per_label_table`, ... and the shared :func:`~grade_ray.jobs.replay.ranking_table`) rendered by
+:func:`~grade_ray.jobs.replay.markdown_table`; each section is a list of blocks (a heading, a
 paragraph, a table) and :func:`results_markdown` joins them with blank lines.
 The interpretation is one sentence per named part (:func:`interpret`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from grade_ray.datasets.kuairand.metrics import BASELINE
 from grade_ray.datasets.kuairand.replay import SEGMENT_FEATURE
-
-Block = list[str]
-"""Lines of one Markdown block (a heading, a paragraph or a table)."""
-VS = f"vs_{BASELINE}"
-
+from grade_ray.jobs.paired import BASELINE
+from grade_ray.jobs.replay import (
+    VS,
+    Block,
+    cell,
+    diff_cell,
+    diff_ci,
+    fmt,
+    interval,
+    markdown_table,
+    ranking_table,
+)
 
 # ---------------------------------------------------------------------------
 # Numbers as text
@@ -43,38 +49,6 @@ def _overlap(results: dict, a: str, b: str, metric: str = "composite") -> bool:
     if None in (x["ci_low"], x["ci_high"], y["ci_low"], y["ci_high"]):
         return True
     return not (x["ci_low"] > y["ci_high"] or y["ci_low"] > x["ci_high"])
-
-
-def _fmt(x: float | None, digits: int = 4, sign: bool = False) -> str:
-    if x is None:
-        return "–"
-    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
-
-
-def _interval(d: dict[str, Any], adjusted: bool = False) -> str:
-    lo, hi = ("adj_ci_low", "adj_ci_high") if adjusted else ("ci_low", "ci_high")
-    return f"[{_fmt(d[lo], sign=True)}, {_fmt(d[hi], sign=True)}]"
-
-
-def _ci(d: dict[str, Any]) -> str:
-    return f"{_fmt(d['diff'], sign=True)} {_interval(d)}"
-
-
-def _cell(m: dict[str, Any]) -> str:
-    """A metric with its 95% CI: ``value [low, high]``."""
-    if m["value"] is None:
-        return "–"
-    return f"{m['value']:.4f} [{_fmt(m['ci_low'])}, {_fmt(m['ci_high'])}]"
-
-
-def _diff_cell(d: dict[str, Any] | None) -> str:
-    """A paired difference, starred (* 95% CI excludes 0, ** also the adjusted one)."""
-    if not d or d["diff"] is None:
-        return "–"
-    star = "*" * (int(d["significant"]) + int(d.get("significant_adjusted", False)))
-    return (
-        f"{d['diff']:+.4f}{star} [{_fmt(d['ci_low'], sign=True)}, {_fmt(d['ci_high'], sign=True)}]"
-    )
 
 
 def _names(names: Sequence[str], most: int = 8) -> str:
@@ -118,10 +92,10 @@ def _grade_sentence(results: dict) -> tuple[str, bool]:
     text = (
         f"On {results['evidence']['eval']['requests']} held-out requests "
         f"({', '.join(map(str, results['dates']['eval']))}), GRADE {word} the best static "
-        f"weights searched on the training days: composite {_fmt(g['value'])} vs "
-        f"{_fmt(b['value'])}, paired difference {_ci(d)} (R_post NDCG@{results['k']}: {_ci(dp)})"
+        f"weights searched on the training days: composite {fmt(g['value'])} vs "
+        f"{fmt(b['value'])}, paired difference {diff_ci(d)} (R_post NDCG@{results['k']}: {diff_ci(dp)})"
         f"; with a Bonferroni correction for the {d['comparisons']} arms compared with best "
-        f"static the interval is {_interval(d, adjusted=True)}"
+        f"static the interval is {interval(d, adjusted=True)}"
         f", and the two arms' marginal 95% CIs {overlap}."
     )
     return text, ahead
@@ -131,7 +105,7 @@ def _other_arms_sentence(results: dict) -> str | None:
     """Every other arm's composite difference to best static and its verdict."""
     arms = results["arms"]
     others = [
-        f"{arm} {_fmt(arms[arm][VS]['composite']['diff'], sign=True)} ({_verdict(results, arm)})"
+        f"{arm} {fmt(arms[arm][VS]['composite']['diff'], sign=True)} ({_verdict(results, arm)})"
         for arm in arms
         if arm not in ("GRADE", BASELINE)
     ]
@@ -159,7 +133,7 @@ def _personalization_sentence(results: dict) -> str | None:
     gw = results["weights"]["GRADE"]
     return (
         f"Personalization itself: GRADE minus its own mean weights (over the training "
-        f"requests) used as one static vector for everyone is {_ci(pers)}, so the "
+        f"requests) used as one static vector for everyone is {diff_ci(pers)}, so the "
         f"per-request variation of its weights (mean std {gw['spread']:.3f} across eval "
         f"requests, {gw['polarized_frac']:.0%} of them polarized) {what}."
     )
@@ -252,41 +226,13 @@ def interpret(results: dict) -> str:
 # results.md: tables as rows of cells, sections as blocks
 
 
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Block:
-    """``| a | b |`` lines: the header (an empty header cell stays one space wide), ``|---|``
-    per column, then one line per row."""
-    lines = ["|" + "".join(f" {h} |" if h else " |" for h in header)]
-    lines.append("|" + "---|" * len(header))
-    lines += ["| " + " | ".join(f"{c}" for c in row) + " |" for row in rows]
-    return lines
-
-
-def ranking_table(results: dict) -> Block:
-    """Composite, R_post, R_prior per arm, with paired differences to best static."""
-    rows = []
-    for arm, row in results["arms"].items():
-        m, d = row["metrics"], row.get(VS, {})
-        rows.append(
-            [
-                arm,
-                _cell(m["composite"]),
-                _diff_cell(d.get("composite")),
-                _cell(m["r_post"]),
-                _diff_cell(d.get("r_post")),
-                _cell(m["r_prior"]),
-            ]
-        )
-    header = ["arm", "composite", "Δ composite", "R_post", "Δ R_post", "R_prior"]
-    return markdown_table(header, rows)
-
-
 def per_label_table(results: dict, metric: str) -> Block:
     """``metric/<label>`` (ndcg or gauc) per arm and label; n = requests it is defined on."""
     arms, labels = results["arms"], results["labels"]
     first = arms[next(iter(arms))]["metrics"]
     header = ["arm", *(f"{lab} (n={first[f'{metric}/{lab}']['n']})" for lab in labels)]
     rows = [
-        [arm, *(_cell(row["metrics"][f"{metric}/{lab}"]) for lab in labels)]
+        [arm, *(cell(row["metrics"][f"{metric}/{lab}"]) for lab in labels)]
         for arm, row in arms.items()
     ]
     return markdown_table(header, rows)
@@ -296,7 +242,7 @@ def ndcg_diff_table(results: dict) -> Block:
     """Paired NDCG differences to best static per arm and label."""
     labels = results["labels"]
     rows = [
-        [arm, *(_diff_cell(row[VS].get(f"ndcg/{lab}")) for lab in labels)]
+        [arm, *(diff_cell(row[VS].get(f"ndcg/{lab}")) for lab in labels)]
         for arm, row in results["arms"].items()
         if VS in row
     ]
@@ -312,8 +258,8 @@ def weights_table(results: dict) -> Block:
         [
             arm,
             *(f"{w['mean'][t]:.3f}" for t in tasks),
-            _fmt(w["spread"], 3),
-            _fmt(w["polarized_frac"], 3),
+            fmt(w["spread"], 3),
+            fmt(w["polarized_frac"], 3),
         ]
         for arm, w in results["weights"].items()
     ]
@@ -332,7 +278,7 @@ def headroom_table(results: dict) -> Block:
     """In-sample references on the eval day: composite and R_post."""
     hr = results["headroom"]
     rows = [
-        [label, _fmt(hr["composite"][key]), _fmt(hr["r_post"][key])] for key, label in HEADROOM_ROWS
+        [label, fmt(hr["composite"][key]), fmt(hr["r_post"][key])] for key, label in HEADROOM_ROWS
     ]
     return markdown_table(["", "composite", "R_post"], rows)
 
@@ -351,8 +297,8 @@ def evidence_table(results: dict) -> Block:
         ("users with > 1 request", *both("users_with_repeat_requests")),
         (
             "mean list length",
-            _fmt(tr["list_length"]["mean"], 2),
-            _fmt(te["list_length"]["mean"], 2),
+            fmt(tr["list_length"]["mean"], 2),
+            fmt(te["list_length"]["mean"], 2),
         ),
         ("median / max list length", _mm(tr), _mm(te)),
         ("list length histogram", _hist(tr), _hist(te)),
@@ -364,8 +310,8 @@ def evidence_table(results: dict) -> Block:
         rows.append(
             (
                 f"{lab}: impression rate / requests with a positive",
-                f"{_fmt(a['impression_positive_rate'])} / {a['requests_with_positive']}",
-                f"{_fmt(b['impression_positive_rate'])} / {b['requests_with_positive']}",
+                f"{fmt(a['impression_positive_rate'])} / {a['requests_with_positive']}",
+                f"{fmt(b['impression_positive_rate'])} / {b['requests_with_positive']}",
             )
         )
     return markdown_table(["", "train split", "eval split"], rows)

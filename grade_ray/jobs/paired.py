@@ -1,5 +1,6 @@
-"""Replay metrics per request and their bootstrap statistics.
+"""Replay metrics per request and their paired bootstrap statistics, for any logs.
 
+Shared by ``grade-ray evaluate`` (:mod:`grade_ray.jobs.replay`) and the KuaiRand pipeline.
 Each metric is sum(num) / sum(den) over requests (:func:`per_request_metrics`);
 :func:`arm_table` gives every arm percentile-bootstrap 95% CIs over the same
 resampled requests and paired differences against the baseline, with a
