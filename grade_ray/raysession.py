@@ -73,8 +73,9 @@ def ray_log_level() -> int:
     Without ``-v`` a job's console holds grade_ray's own lines (one per round, from the Train
     worker) plus every warning and error, Ray's included; Ray's INFO lines (a ``Reporting
     training result ... metrics={...}`` line and a checkpoint path per report, the Train
-    controller's worker-group banners, "Started a local Ray instance") are left out. They
-    still reach Ray Train's log files under the session directory (``logs/train/``)."""
+    controller's worker-group banners, "Started a local Ray instance") are left out. Ray
+    Train's system log files under the session directory (``logs/train/``) keep its
+    ``ray.train`` records at every level; each round's metrics are in RUN_DIR/metrics.csv."""
     return logging.INFO if verbose() else logging.WARNING
 
 
