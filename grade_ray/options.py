@@ -15,8 +15,9 @@ from grade_ray.config import Config, load_config
 
 # ``-v``: Ray's own INFO lines (Train's per-report lines, checkpoint paths, worker-group
 # banners) reach the console too; without it only its warnings and errors do. Kept in the
-# environment so that the processes a job starts later (the embedded Ray's workers, a Tune
-# trial's driver actor) see it as well; grade_ray.raysession turns it into Ray's settings.
+# environment so that the processes an embedded Ray starts later (its workers, a Tune
+# trial's driver actor) see it as well; grade_ray.raysession turns it into Ray's settings
+# (Train workers on a cluster get it through their train-loop config).
 VERBOSE_ENV = "GRADE_RAY_VERBOSE"
 
 # Subcommands defined in grade_ray.cli itself.
