@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from grade_ray.config import UserError
-from grade_ray.options import COMMAND_MODULES, add_common_args, config_from_args
+from grade_ray.options import COMMAND_MODULES, add_common_args, config_from_args, set_verbose
 
 log = logging.getLogger("grade_ray")
 
@@ -126,7 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="grade-ray", description="GRADE personalized multi-task fusion on Ray"
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging, tracebacks, and Ray's own INFO lines (Train reports, checkpoints)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_simulate, _add_pretrain, _add_train, _add_evaluate, _add_compare, _add_bench):
         add(sub)
@@ -222,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    set_verbose(args.verbose)  # before any Ray session starts: its processes inherit it
     try:
         return args.fn(args)
     except USER_ERRORS as e:

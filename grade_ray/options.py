@@ -9,8 +9,16 @@ jobs that use Ray; ``config_from_args(args)`` turns them into a :class:`Config`.
 from __future__ import annotations
 
 import argparse
+import os
 
 from grade_ray.config import Config, load_config
+
+# ``-v``: Ray's own INFO lines (Train's per-report lines, checkpoint paths, worker-group
+# banners) reach the console too; without it only its warnings and errors do. Kept in the
+# environment so that the processes an embedded Ray starts later (its workers, a Tune
+# trial's driver actor) see it as well; grade_ray.raysession turns it into Ray's settings
+# (Train workers on a cluster get it through their train-loop config).
+VERBOSE_ENV = "GRADE_RAY_VERBOSE"
 
 # Subcommands defined in grade_ray.cli itself.
 CORE_COMMANDS: tuple[str, ...] = ("simulate", "pretrain", "train", "evaluate", "compare", "bench")
@@ -26,6 +34,16 @@ COMMAND_MODULES: tuple[str, ...] = (
     "grade_ray.jobs.suite",
     "grade_ray.baselines.rllib_ppo.command",
 )
+
+
+def set_verbose(verbose: bool) -> None:
+    """Record ``-v`` for this process and the ones it starts (see ``VERBOSE_ENV``)."""
+    os.environ[VERBOSE_ENV] = "1" if verbose else "0"
+
+
+def verbose() -> bool:
+    """Whether ``-v`` was given (Ray's INFO lines on the console)."""
+    return os.environ.get(VERBOSE_ENV) == "1"
 
 
 def command_names() -> list[str]:

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import ray
 
 from grade_ray.config import Config, UserError
+from grade_ray.options import verbose
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,10 @@ LOOPBACK = "127.0.0.1"
 # Ray binds its node IP; it uses the loopback address as node IP only when "Ray clusters"
 # are off (ray._private.ray_constants.ENABLE_RAY_CLUSTER, read from this variable).
 _LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Ray Train's preemption watcher polls for node drains (spot / autoscaler); a one-machine Ray
+# has none, and in 2.60 its start prints a false-alarm core_worker error line (416 chars:
+# constructor arguments in the object store with max_restarts > 0, ray issue 53727).
+_PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 class ResourceError(UserError, RuntimeError):
@@ -62,23 +67,93 @@ def loopback_only() -> Iterator[None]:
             os.environ[_LOCAL_ONLY_ENV] = old_env
 
 
+def ray_log_level() -> int:
+    """The level of Ray's own log lines on the console: INFO with ``-v``, else WARNING.
+
+    Without ``-v`` a job's console holds grade_ray's own lines (one per round, from the Train
+    worker) plus every warning and error, Ray's included; Ray's INFO lines (a ``Reporting
+    training result ... metrics={...}`` line and a checkpoint path per report, the Train
+    controller's worker-group banners, "Started a local Ray instance") are left out. Ray
+    Train's system log files under the session directory (``logs/train/``) keep its
+    ``ray.train`` records at every level; each round's metrics are in RUN_DIR/metrics.csv."""
+    return logging.INFO if verbose() else logging.WARNING
+
+
+def train_logging_config():
+    """Ray Train's ``LoggingConfig`` at :func:`ray_log_level`. Train applies it to the
+    ``ray.train`` loggers of its controller and of every worker (wherever they run), and
+    leaves the workers' root logger, which carries grade_ray's lines, at INFO."""
+    import ray.train
+
+    return ray.train.LoggingConfig(log_level=logging.getLevelName(ray_log_level()))
+
+
+class _RayInfoFilter(logging.Filter):
+    """Drops records below ``level`` that Ray's own code emitted (its source file lies in
+    the ray package), whatever their logger's name; passes everything else."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+        self.ray_dir = os.path.dirname(ray.__file__) + os.sep
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level or not record.pathname.startswith(self.ray_dir)
+
+
+def quiet_ray_info(level: int) -> None:
+    """In a Ray Train worker: Ray's records below ``level`` leave its root handlers.
+
+    :func:`train_logging_config` covers the ``ray.train.*`` loggers only, but Ray 2.60's
+    ``Reporting training result ... metrics={...}`` line (one per report, every metric as a
+    dict) comes from a logger named after its file
+    (``ray/train/v2/_internal/execution/context.py``) and propagates to the worker's root
+    logger, which Train sets to INFO with a console handler for the job's own lines. This
+    filters those handlers by the record's source file instead, so grade_ray's INFO lines
+    and every warning still pass. Train configures a worker's logging before it runs the
+    train function, so calling this from the train function is not undone."""
+    if level <= logging.INFO:
+        return
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _RayInfoFilter) for f in handler.filters):
+            handler.addFilter(_RayInfoFilter(level))
+
+
+@contextlib.contextmanager
+def _env_default(name: str, value: str) -> Iterator[None]:
+    """``name=value`` in the environment while a local Ray node starts inside this block
+    (the processes it starts keep it), unless the user set ``name``; restored afterwards."""
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to ``address`` / RAY_ADDRESS, else start an embedded local Ray."""
+    """Connect to ``address`` / RAY_ADDRESS, else start an embedded local Ray (without Ray
+    Train's preemption watcher: one machine has no node drains to watch). Workers' output
+    reaches this console (grade_ray's round lines come from the Train worker); the
+    driver's ``ray`` logger is at :func:`ray_log_level`."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_level=ray_log_level())
     else:
         # The dashboard serves the State API that Ray Train's PlacementGroupCleaner needs:
         # without it every finished Train run leaks its placement group, and a Tune sweep
         # (many Train runs in one Ray session) deadlocks once the leaks fill the CPUs.
-        with loopback_only():
+        with loopback_only(), _env_default(_PREEMPTION_WATCHER_ENV, "0"):
             ray.init(
                 num_cpus=num_cpus,
                 include_dashboard=True,
                 dashboard_host=LOOPBACK,
                 log_to_driver=True,
+                logging_level=ray_log_level(),
             )
         ip = ray.util.get_node_ip_address()
         if ip != LOOPBACK:

@@ -214,14 +214,18 @@ def restore_rng(
 class Progress:
     """A one-line-per-update progress reporter for long jobs (logs, never prints)."""
 
-    def __init__(self, what: str, total: int, every_s: float = 5.0) -> None:
+    def __init__(self, what: str, total: int, every_s: float = 5.0, at_end: bool = True) -> None:
+        """``at_end=False``: no line when the work completes (the caller logs a summary)."""
         self.what, self.total, self.every_s = what, max(int(total), 1), every_s
+        self.at_end = at_end
         self.done = 0
         self.t0 = self._last = time.perf_counter()
 
     def update(self, n: int, extra: str = "") -> None:
         self.done += n
         now = time.perf_counter()
+        if self.done >= self.total and not self.at_end:
+            return
         if now - self._last >= self.every_s or self.done >= self.total:
             self._last = now
             rate = self.done / max(now - self.t0, 1e-9)

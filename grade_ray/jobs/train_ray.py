@@ -28,6 +28,9 @@ from grade_ray.raysession import (
     init_ray,
     local_only_session,
     loopback_torch_config,
+    quiet_ray_info,
+    ray_log_level,
+    train_logging_config,
 )
 
 if TYPE_CHECKING:
@@ -46,6 +49,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker: build learner + rollout actors, run the remaining rounds."""
     from grade_ray.jobs.train import data_scope
 
+    quiet_ray_info(config["ray_log_level"])  # the driver's -v, wherever this worker runs
     cfg = from_dict(Config, config["cfg"])
     with data_scope(cfg):
         _train_rounds(cfg, config)
@@ -223,6 +227,7 @@ def _run(
         "init_policy": str(init),
         "resume": resume,
         "fail_at_round": fail_at_round,
+        "ray_log_level": ray_log_level(),
     }
     _torch_trainer(cfg, run_dir, loop_config, callbacks).fit()
     return run_dir / POLICY_FILE
@@ -284,6 +289,9 @@ def _torch_trainer(
             storage_path=str(run_dir / "ray_train"),
             failure_config=FailureConfig(max_failures=lr.max_failures),
             callbacks=callbacks or [],
+            # Train's INFO lines (each report's metrics, checkpoint paths, worker-group
+            # banners) only with -v; grade_ray's own round line and all warnings always
+            logging_config=train_logging_config(),
         ),
         # on this machine only: no rendezvous port beyond loopback (torch's TCPStore binds *)
         **({"torch_config": loopback_torch_config()} if local_only_session() else {}),

@@ -446,8 +446,11 @@ class GRPOTrainer:
         steps = self._step_tasks(r)
         sums: dict[str, float] = collections.defaultdict(float)
         seen: list[np.ndarray] = []
+        # every few seconds within a long round; its end is the summary line of end_round
         progress = Progress(
-            f"round {r + 1}/{len(self.plan.rounds)}", sum(len(t) for s in steps for t in s)
+            f"round {r + 1}/{len(self.plan.rounds)}",
+            sum(len(t) for s in steps for t in s),
+            at_end=False,
         )
         t0 = time.perf_counter()
         pending: collections.deque = collections.deque()

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,8 @@ from grade_ray.raysession import ResourceError, check_resources
 from grade_ray.runlog import load_checkpoint, read_metrics
 
 pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[2]
 
 VOLATILE = ("time", "step", keys.PERF_ROUND_S, keys.PERF_REQUESTS_PER_S)
 
@@ -249,3 +254,80 @@ def test_two_learner_workers_share_each_round(ray_session, ray_cfg, tmp_path):
     start = load_checkpoint(Path(cfg.run_dir) / "checkpoints" / "pretrain.pt")["state_dict"]
     end = load_checkpoint(Path(cfg.run_dir) / "policy.pt")["state_dict"]
     assert any(not torch.equal(start[k], end[k]) for k in end)
+
+
+def _console(args: list[str], cwd: Path) -> list[str]:
+    """The console lines (stdout + stderr) of ``python -m grade_ray ARGS`` in a fresh
+    process: the embedded Ray, the Train worker's output relayed to the driver."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for name in ("RAY_ADDRESS", "GRADE_RAY_VERBOSE"):
+        env.pop(name, None)
+    done = subprocess.run(
+        [sys.executable, "-m", "grade_ray", *args],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=500,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    return done.stdout.splitlines()
+
+
+def test_train_console_shows_round_lines_and_warnings_ray_info_only_with_v(smoke_data, tmp_path):
+    """Issue 15 item 1: ``grade-ray train`` prints one line per round (its own), warnings
+    and the summary; Ray Train's per-report ``Reporting training result ... metrics={...}``
+    lines (~2,000 characters), checkpoint paths and worker-group banners only with -v.
+    Stage 1 off and a negligible GRPO step keep the policy uniform, so every round warns
+    "no personalization" from the Train worker: a worker's warning must still get through."""
+    train = [
+        "train",
+        "--config",
+        str(ROOT / "configs" / "smoke.yaml"),
+        "--set",
+        f"data.train_path={smoke_data[0]}",
+        "--set",
+        f"data.eval_path={smoke_data[1]}",
+        "--set",
+        "pretrain.epochs=0",
+        "--set",
+        "grpo.lr=1e-12",
+    ]
+    quiet = _console([*train, "--run-dir", str(tmp_path / "quiet")], tmp_path)
+    text = "\n".join(quiet)
+    assert max(len(line) for line in quiet) <= 300, max(quiet, key=len)
+    assert "Reporting training result" not in text
+    assert "Checkpoint successfully created" not in text
+    assert "Started training worker group" not in text
+    rounds = [x for x in quiet if "round 1/2: reward" in x or "round 2/2: reward" in x]
+    assert len(rounds) == 2, text  # one line per round, from the Train worker
+    assert not any("(100%)" in x for x in quiet), text  # the round line is its summary
+    assert any("no personalization" in x for x in quiet), text  # the worker's warning
+    assert quiet[-1].startswith("policy: "), text
+
+    loud = _console(["-v", *train, "--run-dir", str(tmp_path / "loud")], tmp_path)
+    text = "\n".join(loud)
+    assert sum("Reporting training result" in x for x in loud) == 2, text
+    assert "Checkpoint successfully created" in text
+    assert "Started training worker group" in text
+    assert any("round 2/2: reward" in x for x in loud), text
+
+
+def test_quiet_ray_info_keeps_the_jobs_lines_and_every_warning():
+    """The worker-side filter drops Ray's INFO records by their source file, whatever the
+    logger's name, and passes the job's INFO lines and Ray's warnings."""
+    import ray
+
+    from grade_ray.raysession import _RayInfoFilter
+
+    f = _RayInfoFilter(logging.WARNING)
+    ray_file = str(Path(ray.__file__).parent / "train" / "v2" / "x.py")
+
+    def record(path: str, level: int) -> logging.LogRecord:
+        return logging.LogRecord(path, level, path, 1, "msg", None, None)
+
+    assert not f.filter(record(ray_file, logging.INFO))
+    assert f.filter(record(ray_file, logging.WARNING))
+    assert f.filter(record(ray_file, logging.ERROR))
+    assert f.filter(record(str(ROOT / "grade_ray" / "learner" / "loop.py"), logging.INFO))
