@@ -252,16 +252,17 @@ def bench_simulator(root: Path, requests: int) -> dict[str, float]:
 
 
 def bench_serving(cfg: Config, train_path: str, root: Path) -> dict[str, float]:
-    """p50/p99 latency of the exported policy (TorchScript and eager), one CPU thread."""
+    """p50/p99 latency of the exported policy (TorchScript, eager, and onnxruntime when the
+    onnx extra is installed), one CPU thread."""
     from grade_ray.data.reading import read_meta
     from grade_ray.learner.loop import POLICY_FILE, new_policy, save_policy
-    from grade_ray.serving.export import export_policy
+    from grade_ray.serving.export import export_policy, missing_onnx_packages
     from grade_ray.serving.service import serving_latency
 
     meta = read_meta(train_path)
     run = root / "serving_run"
     save_policy(run / POLICY_FILE, new_policy(cfg, meta, train_path), cfg, meta)
-    export_policy(run, run / "export")
+    export_policy(run, run / "export", onnx=not missing_onnx_packages())
     return serving_latency(run / "export", threads=1)
 
 
