@@ -112,18 +112,21 @@ def missing_onnx_packages() -> list[str]:
 
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
-    """torch's ONNX exporter logs a warning per torchvision op it cannot register and warns
-    about its own deprecations; none of it concerns this policy (errors still raise)."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """torch's ONNX exporter logs a warning per torchvision op it cannot register, onnxscript
+    and onnx_ir log each optimisation pass, and both warn about their own deprecations;
+    none of it concerns this policy (errors still raise)."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
             yield
     finally:
-        logger.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def require_onnx() -> None:
