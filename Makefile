@@ -5,9 +5,10 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?= $(if $(wildcard /opt/wheels/torch-$(TORCH_VERSION)+cpu*),,https://download.pytorch.org/whl/cpu)
 PYTEST_ARGS ?=
-# The test install includes the onnx extra (~38 MB of wheels, mostly onnxruntime) so that
-# the ONNX parity tests run; EXTRAS=test installs without it (those tests then skip).
-EXTRAS ?= test,onnx
+# The test install includes the onnx extra (~38 MB of wheels, mostly onnxruntime) and the
+# serve extra (~10 MB) so that the ONNX parity and Ray Serve tests run; EXTRAS=test
+# installs without them (those tests then skip, saying why).
+EXTRAS ?= test,onnx,serve
 
 .PHONY: install demo test test-all lint format bench mutants clean
 
