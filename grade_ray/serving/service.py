@@ -35,7 +35,9 @@ Backends are registered by name (``BACKENDS``): ``torchscript`` (the export),
 ``eager`` (the same weights in an in-framework :class:`FusionPolicy`, for
 parity checks and benchmarks) and ``onnx`` (``policy.onnx`` from ``grade-ray export
 --onnx`` through onnxruntime; the ``grade_ray[onnx]`` extra).
-``grade-ray infer`` (:mod:`grade_ray.serving.infer`) scores session files.
+``grade-ray infer`` (:mod:`grade_ray.serving.infer`) scores session files;
+``grade-ray serve`` (:mod:`grade_ray.serving.serve`) answers over HTTP with Ray Serve,
+one ``FusionService`` per replica.
 """
 
 from __future__ import annotations

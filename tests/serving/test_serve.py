@@ -197,6 +197,14 @@ def test_serve_over_http(ray_session, export_dir, service):
         for body, message in _bad_requests(service):
             status, got = _post(url, body)
             assert (status, got) == (400, {"error": message}), body[:80]
+
+        # the bench's load generator (grade-ray bench's Serve part) on the same app
+        from grade_ray.jobs.bench.serve_load import load, request_body
+
+        res = load(url, request_body(export_dir, candidates=10), requests=18, clients=4)
+        assert res["requests_per_s"] > 0 and 0 < res["p50_ms"] <= res["p99_ms"]
+        with pytest.raises(RuntimeError, match="serve answered 400"):
+            load(url, b'{"context": [[1]]}', requests=4, clients=2)
     finally:
         shutdown()
     with pytest.raises(urllib.error.URLError):
@@ -253,3 +261,12 @@ def test_cli_serve_answers_and_stops_on_sigterm(
     np.testing.assert_array_equal(got["ranking"], service.rank(x, s))
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(url, timeout=5)
+
+
+def test_bench_serve_is_skipped_without_the_extra(export_dir, monkeypatch):
+    import grade_ray.serving.serve as serve_mod
+    from grade_ray.jobs.bench.serve_load import bench_serve
+
+    monkeypatch.setattr(serve_mod, "serve_missing", lambda: "Ray Serve is not installed (x)")
+    monkeypatch.setattr(serve_mod, "deploy", lambda *a, **k: pytest.fail("deployed anyway"))
+    assert bench_serve(export_dir) == {}

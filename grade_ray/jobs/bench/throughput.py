@@ -278,7 +278,7 @@ def run_bench(
     """Benchmarks; writes JSON (and a Markdown table beside it) when ``out`` is given.
 
     ``parts``: "throughput" (rollout, learner, sync, RLlib PPO steps/s, simulator, memory,
-    serving) and/or "quality" (:func:`grade_ray.jobs.bench.quality.bench_quality`: the arms'
+    serving, Ray Serve over HTTP when installed) and/or "quality" (:func:`grade_ray.jobs.bench.quality.bench_quality`: the arms'
     lifts at equal samples and equal time; its run directory is OUT's folder/quality, or a
     temporary one without ``out``).
     """
@@ -338,6 +338,9 @@ def _throughput(quick: bool, address: str | None) -> dict[str, Any]:
                 grade_requests_per_s=results["rollout.requests_per_s_per_worker"],
             )
         )
+        from grade_ray.jobs.bench.serve_load import bench_serve
+
+        results.update(bench_serve(root / "serving_run" / "export"))  # with grade_ray[serve]
         results.update(bench_simulator(root, 20_000 if quick else 200_000))
         results.update(bench_memory(root, 2_000 if quick else 10_000))
     results.update(scaling_projection(results))
