@@ -5,6 +5,10 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?= $(if $(wildcard /opt/wheels/torch-$(TORCH_VERSION)+cpu*),,https://download.pytorch.org/whl/cpu)
 PYTEST_ARGS ?=
+# The test install includes the onnx extra (~38 MB of wheels, mostly onnxruntime) and the
+# serve extra (~10 MB) so that the ONNX parity and Ray Serve tests run; EXTRAS=test
+# installs without them (those tests then skip, saying why).
+EXTRAS ?= test,onnx,serve
 
 .PHONY: install demo test test-all lint format bench mutants clean
 
@@ -13,7 +17,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
 demo: install  # starts fresh: train refuses a run directory that already holds a run

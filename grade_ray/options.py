@@ -29,6 +29,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "grade_ray.cluster.submit",
     "grade_ray.serving.export",
     "grade_ray.serving.infer",
+    "grade_ray.serving.serve",
     "grade_ray.datasets.kuairand.commands",
     "grade_ray.jobs.tune.command",
     "grade_ray.jobs.suite",

@@ -4,8 +4,9 @@ An export directory holds::
 
     policy.ts      TorchScript: raw context (B, D) float32 -> weights (B, K) on the simplex;
                    the context standardisation (x - mean) / std is inside the module
-    policy.onnx    the same graph as ONNX, only when torch.onnx.export works here
-                   without extra packages (it needs ``onnx``; not installed -> skipped)
+    policy.onnx    the same graph as ONNX (opset 18, batch axis dynamic), only with
+                   ``--onnx``; it needs the ``grade_ray[onnx]`` extra (onnx, onnxscript for
+                   torch's exporter, onnxruntime to check the graph before it is kept)
     metadata.json  feature names and preprocessing, task order, fusion form and eps,
                    versions, training-data range, config hash, sha256 of the model files
     manifest.json  sha256 of every other file (metadata.json included) and a digest of
@@ -21,10 +22,12 @@ catch damage and edits that do not rewrite the manifest; they are not a signatur
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
-import io
 import json
 import logging
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,11 @@ METADATA_FILE = "metadata.json"
 MANIFEST_FILE = "manifest.json"
 INPUT_NAME = "context"
 OUTPUT_NAME = "weights"
+ONNX_OPSET = 18
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
+ONNX_EXTRA = "pip install 'grade_ray[onnx]'"
+ONNX_CHECK_ATOL = 1e-5
+"""An ONNX graph whose weights differ from the PyTorch policy's by more is not kept."""
 
 
 class RequestError(UserError, ValueError):
@@ -95,34 +103,103 @@ def _torchscript(wrapper: PolicyWeights, path: Path) -> None:
     torch.jit.save(traced, str(path))
 
 
-def _onnx(wrapper: PolicyWeights, path: Path) -> str | None:
-    """Write ONNX if the exporter works without extra packages; returns why not, or None."""
+def missing_onnx_packages() -> list[str]:
+    """The packages of the ``grade_ray[onnx]`` extra that do not import here."""
+    import importlib.util
+
+    return [m for m in ONNX_PACKAGES if importlib.util.find_spec(m) is None]
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """torch's ONNX exporter logs a warning per torchvision op it cannot register, onnxscript
+    and onnx_ir log each optimisation pass, and both warn about their own deprecations;
+    none of it concerns this policy (errors still raise)."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
-        import onnx  # noqa: F401  (the exporter serialises through it)
-    except ImportError:
-        return "the 'onnx' package is not installed (torch.onnx.export needs it)"
-    buf = io.BytesIO()
-    try:
-        torch.onnx.export(
-            wrapper,
-            (_example_input(wrapper.policy),),
-            buf,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            dynamo=False,
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def require_onnx() -> None:
+    """Raise :class:`RequestError` naming what to install unless the onnx extra is here."""
+    missing = missing_onnx_packages()
+    if missing:
+        raise RequestError(
+            f"--onnx needs the onnx extra ({', '.join(missing)} not installed): {ONNX_EXTRA}"
         )
-    except Exception as e:  # exporter failures vary by torch version; report, do not fail
-        return f"torch.onnx.export failed: {type(e).__name__}: {e}"
-    path.write_bytes(buf.getvalue())
-    return None
+
+
+def _onnx(wrapper: PolicyWeights, path: Path) -> dict[str, Any]:
+    """Export ``wrapper`` to ONNX with torch's exporter (torch.export-based), check it with
+    onnxruntime against the PyTorch module, and write it to ``path``; returns what metadata
+    records about it. Raises :class:`RequestError` when the extra is missing or the graph
+    cannot be exported or disagrees with the policy (nothing is written then)."""
+    require_onnx()
+    import onnxruntime as ort
+
+    tmp = path.with_name(path.name + ".tmp")
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        with _quiet_exporter():
+            torch.onnx.export(
+                wrapper,
+                (_example_input(wrapper.policy),),
+                str(tmp),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: batch},),
+                opset_version=ONNX_OPSET,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        # The graph must answer like the module, and the batch axis must have stayed free.
+        for b in (1, 3, 64):
+            xb = _example_input(wrapper.policy, b)
+            with torch.no_grad():
+                want = wrapper(xb).numpy()
+            got = session.run(None, {INPUT_NAME: xb.numpy()})[0]
+            if got.shape != want.shape or not abs(got - want).max() <= ONNX_CHECK_ATOL:
+                raise RequestError(
+                    f"the ONNX graph disagrees with the PyTorch policy at batch {b} "
+                    f"(shape {got.shape} vs {want.shape}); not writing {path.name}"
+                )
+    except RequestError:
+        tmp.unlink(missing_ok=True)
+        raise
+    except Exception as e:  # exporter failures vary by torch version; the message says which
+        tmp.unlink(missing_ok=True)
+        raise RequestError(
+            f"ONNX export failed ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
+            "export without --onnx to get the TorchScript policy only"
+        ) from e
+    tmp.replace(path)
+    import onnx
+
+    return {
+        "opset": ONNX_OPSET,
+        "dynamic_axes": {INPUT_NAME: [0], OUTPUT_NAME: [0]},
+        "onnx_version": onnx.__version__,
+        "onnxruntime_version": ort.__version__,
+        "checked_atol": ONNX_CHECK_ATOL,
+    }
 
 
 def build_metadata(
     policy: FusionPolicy,
     state: dict[str, Any],
     files: dict[str, Path | None],
-    onnx_note: str | None,
+    onnx_info: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """metadata.json content for an exported policy (plain JSON values only)."""
     from grade_ray.data.sessions import SessionMeta
@@ -165,16 +242,20 @@ def build_metadata(
             kind: None if p is None else {"path": p.name, "sha256": sha256_file(p)}
             for kind, p in files.items()
         },
-        "notes": [] if onnx_note is None else [f"ONNX not exported: {onnx_note}"],
+        "onnx": onnx_info,
+        "notes": [] if onnx_info else ["ONNX not exported (`grade-ray export --onnx` writes it)"],
     }
 
 
-def export_policy(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
+def export_policy(run_dir: str | Path, out_dir: str | Path, onnx: bool = False) -> dict[str, Any]:
     """Export RUN_DIR/policy.pt (or a policy file) to ``out_dir``; returns the metadata dict.
 
-    Writes policy.ts (TorchScript), policy.onnx when possible, and metadata.json.
-    The exported module maps raw context (B, D) float32 -> weights (B, K) on the simplex.
+    Writes policy.ts (TorchScript), policy.onnx when ``onnx`` (checked with onnxruntime
+    first), metadata.json, and manifest.json last. Each exported model maps raw context
+    (B, D) float32 -> weights (B, K) on the simplex.
     """
+    if onnx:
+        require_onnx()  # before anything is written
     policy, _, state = load_policy(run_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -184,22 +265,24 @@ def export_policy(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     ts_path = out / TORCHSCRIPT_FILE
     _torchscript(wrapper, ts_path)
     onnx_path: Path | None = out / ONNX_FILE
-    onnx_note = _onnx(wrapper, onnx_path)
-    if onnx_note is not None:
-        log.info("skipping ONNX export: %s; metadata records onnx: null", onnx_note)
-        onnx_path.unlink(missing_ok=True)  # never leave a stale file from an older export
+    onnx_path.unlink(missing_ok=True)  # never leave a stale file from an older export
+    onnx_info = None
+    if onnx:
+        onnx_info = _onnx(wrapper, onnx_path)
+    else:
         onnx_path = None
 
-    metadata = build_metadata(policy, state, {"torchscript": ts_path, "onnx": onnx_path}, onnx_note)
+    metadata = build_metadata(policy, state, {"torchscript": ts_path, "onnx": onnx_path}, onnx_info)
     _write_json(out / METADATA_FILE, metadata)
     files = [TORCHSCRIPT_FILE, METADATA_FILE] + ([ONNX_FILE] if onnx_path else [])
     write_manifest(out, files)
     log.info(
-        "exported policy (config %s, K=%d tasks %s, D=%d) to %s",
+        "exported policy (config %s, K=%d tasks %s, D=%d%s) to %s",
         metadata["training"]["config_hash"],
         len(metadata["tasks"]["names"]),
         metadata["tasks"]["names"],
         metadata["context"]["dim"],
+        ", + ONNX" if onnx_path else "",
         out,
     )
     return metadata
@@ -269,7 +352,7 @@ def verify_export(export_dir: str | Path) -> dict[str, str]:
 
 def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.run) / "export"
-    md = export_policy(args.run, out)
+    md = export_policy(args.run, out, onnx=args.onnx)
     print(f"exported to {out}")
     for kind, f in md["files"].items():
         print(
@@ -288,4 +371,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run", metavar="RUN_DIR", help="run directory holding policy.pt (or the file)")
     p.add_argument("--out", help="export directory (default RUN_DIR/export)")
+    p.add_argument(
+        "--onnx",
+        action="store_true",
+        help=f"also write {ONNX_FILE} (checked with onnxruntime; needs {ONNX_EXTRA})",
+    )
     p.set_defaults(fn=cmd_export)

@@ -33,11 +33,11 @@ the caller's arrays and the answer does not grow with the batch.
 
 Backends are registered by name (``BACKENDS``): ``torchscript`` (the export),
 ``eager`` (the same weights in an in-framework :class:`FusionPolicy`, for
-parity checks and benchmarks) and ``onnx`` (only where onnxruntime and an ONNX
-file exist). Ray Serve is not wired in: ``ray.serve`` does not import in this
-environment (its HTTP dependencies are not installed); a deployment would hold
-one ``FusionService`` per replica and call :meth:`FusionService.rank`.
-``grade-ray infer`` (:mod:`grade_ray.serving.infer`) scores session files.
+parity checks and benchmarks) and ``onnx`` (``policy.onnx`` from ``grade-ray export
+--onnx`` through onnxruntime; the ``grade_ray[onnx]`` extra).
+``grade-ray infer`` (:mod:`grade_ray.serving.infer`) scores session files;
+``grade-ray serve`` (:mod:`grade_ray.serving.serve`) answers over HTTP with Ray Serve,
+one ``FusionService`` per replica.
 """
 
 from __future__ import annotations
@@ -60,9 +60,11 @@ from grade_ray.models.policy import FusionPolicy
 from grade_ray.serving.export import (
     EXPORT_FORMAT_VERSION,
     METADATA_FILE,
+    ONNX_EXTRA,
     ONNX_FILE,
     TORCHSCRIPT_FILE,
     RequestError,
+    sha256_file,
     verify_export,
 )
 
@@ -83,6 +85,7 @@ LAT_P99_B1 = "serving.p99_ms_b1"
 LAT_P50_B256 = "serving.p50_ms_b256"
 LAT_P99_B256 = "serving.p99_ms_b256"
 EAGER_PREFIX = "serving.eager_"  # same keys for the eager backend: serving.eager_p50_ms_b1 ...
+ONNX_PREFIX = "serving.onnx_"  # and for onnxruntime, when the export has policy.onnx
 
 
 # ---------------------------------------------------------------------------
@@ -136,14 +139,30 @@ def eager_backend(export_dir: Path, metadata: dict[str, Any]) -> Predict:
 
 @BACKENDS.register("onnx")
 def onnx_backend(export_dir: Path, metadata: dict[str, Any]) -> Predict:
-    """The ONNX export through onnxruntime (needs both the file and the package)."""
-    if metadata["files"].get("onnx") is None:
-        raise RequestError(f"{export_dir} has no ONNX export ({'; '.join(metadata['notes'])})")
+    """The ONNX export (``grade-ray export --onnx``) through onnxruntime on as many CPU
+    threads as torch uses at load time; needs the file and the package. The file must have
+    the sha256 metadata.json records (metadata itself is covered by the manifest)."""
+    entry = metadata["files"].get("onnx")
+    if entry is None:
+        raise RequestError(
+            f"{export_dir} has no ONNX export; re-export with `grade-ray export RUN --out "
+            f"{export_dir} --onnx`"
+        )
     try:
         import onnxruntime as ort
     except ImportError:
-        raise RequestError("the onnx backend needs the 'onnxruntime' package") from None
-    sess = ort.InferenceSession(str(export_dir / ONNX_FILE), providers=["CPUExecutionProvider"])
+        raise RequestError(
+            f"the onnx backend needs the 'onnxruntime' package: {ONNX_EXTRA}"
+        ) from None
+    path = export_dir / ONNX_FILE
+    if not path.is_file() or sha256_file(path) != entry.get("sha256"):
+        raise RequestError(
+            f"{path} is missing or does not match the sha256 in {METADATA_FILE}; re-export it"
+        )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = metadata["input"]["name"]
 
     def predict(x: np.ndarray) -> np.ndarray:
@@ -533,16 +552,23 @@ def serving_latency(
 ) -> dict[str, float]:
     """p50/p99 latency (ms) of :meth:`FusionService.weights` for batch 1 and 256.
 
-    Runs on ``threads`` torch threads (restored afterwards), for the TorchScript
-    export (``serving.p50_ms_b1`` ...) and the eager in-framework policy
-    (``serving.eager_p50_ms_b1`` ...). Each timed call includes the input
-    checks. Contexts are drawn around the exported feature mean/std.
+    Runs on ``threads`` torch (and onnxruntime) threads (restored afterwards), for the
+    TorchScript export (``serving.p50_ms_b1`` ...), the eager in-framework policy
+    (``serving.eager_p50_ms_b1`` ...) and, when the export has ``policy.onnx`` and
+    onnxruntime is installed, onnxruntime (``serving.onnx_p50_ms_b1`` ...). Each timed
+    call includes the input checks. Contexts are drawn around the exported feature mean/std.
     """
+    import importlib.util
+
+    backends = [("torchscript", "serving."), ("eager", EAGER_PREFIX)]
+    has_onnx = read_metadata(Path(export_dir) / METADATA_FILE)["files"].get("onnx")
+    if has_onnx and importlib.util.find_spec("onnxruntime") is not None:
+        backends.append(("onnx", ONNX_PREFIX))
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         out: dict[str, float] = {}
-        for backend, prefix in (("torchscript", "serving."), ("eager", EAGER_PREFIX)):
+        for backend, prefix in backends:
             service = FusionService.load(export_dir, backend)
             pre = service.metadata["context"]["preprocessing"]
             rng = np.random.default_rng(0)

@@ -20,12 +20,22 @@ from grade_ray.learner.loop import load_policy, new_policy, save_policy
 from grade_ray.serving.export import (
     MANIFEST_FILE,
     METADATA_FILE,
+    ONNX_FILE,
+    ONNX_OPSET,
+    ONNX_PACKAGES,
     TORCHSCRIPT_FILE,
     export_policy,
     sha256_file,
+    write_manifest,
 )
 from grade_ray.serving.infer import OUT_RANKING, OUT_REQUEST_ID, OUT_WEIGHTS
-from grade_ray.serving.service import EAGER_PREFIX, FusionService, RequestError, serving_latency
+from grade_ray.serving.service import (
+    EAGER_PREFIX,
+    ONNX_PREFIX,
+    FusionService,
+    RequestError,
+    serving_latency,
+)
 
 TS_RANGE = [1_700_000_000, 1_700_600_000]
 
@@ -111,11 +121,8 @@ def test_metadata_content(export_dir, reference, smoke_cfg):
     assert md["training"]["config_hash"] == smoke_cfg.hash()
     ts = md["files"]["torchscript"]
     assert ts["sha256"] == sha256_file(export_dir / ts["path"])
-    try:
-        import onnx  # noqa: F401
-    except ImportError:
-        assert md["files"]["onnx"] is None
-        assert any("onnx" in n.lower() for n in md["notes"])
+    assert md["files"]["onnx"] is None and md["onnx"] is None  # only with --onnx
+    assert any("--onnx" in n for n in md["notes"])
 
 
 def test_load_never_unpickles(export_dir, monkeypatch):
@@ -170,17 +177,164 @@ def test_parity_batch_of_one(service, reference):
         np.testing.assert_allclose(service.weights(row[None]), want, rtol=0, atol=1e-5)
 
 
-def test_onnx_parity(export_dir, reference):
-    pytest.importorskip("onnxruntime")
-    md = json.loads((export_dir / METADATA_FILE).read_text())
-    if md["files"]["onnx"] is None:
-        pytest.skip("no ONNX export here: " + "; ".join(md["notes"]))
+# ---------------------------------------------------------------------------
+# ONNX (`grade-ray export --onnx`, the grade_ray[onnx] extra)
+
+ONNX_REASON = "the grade_ray[onnx] extra is not installed (pip install 'grade_ray[onnx]')"
+
+
+@pytest.fixture(scope="module")
+def onnx_export(run_dir):
+    """An export with policy.onnx; skips (saying why) without the onnx extra."""
+    for module in ONNX_PACKAGES:
+        pytest.importorskip(module, reason=ONNX_REASON)
+    out = run_dir / "export_onnx"
+    md = export_policy(run_dir, out, onnx=True)
+    return out, md
+
+
+def _extreme_contexts(policy) -> np.ndarray:
+    """Contexts with large and tiny raw values: +-1e5 .. +-1e30, 1e-30, subnormal, 0."""
+    d = policy.context_dim
+    rows = [np.full(d, v, np.float32) for v in (1e5, -1e5, 1e10, 1e20, 1e30, -1e30)]
+    rows += [np.full(d, v, np.float32) for v in (1e-30, -1e-30, 1e-45, 0.0)]
+    alternating = np.where(np.arange(d) % 2 == 0, 1e30, -1e30).astype(np.float32)
+    # float32's largest value overflows inside the network: both must say so (non-finite)
+    return np.stack(rows + [alternating, np.full(d, np.finfo(np.float32).max)])
+
+
+def test_onnx_export_is_in_metadata_and_manifest(onnx_export):
+    out, md = onnx_export
+    assert md["files"]["onnx"] == {"path": ONNX_FILE, "sha256": sha256_file(out / ONNX_FILE)}
+    assert md["onnx"]["opset"] == ONNX_OPSET and md["notes"] == []
+    manifest = json.loads((out / MANIFEST_FILE).read_text())["files"]
+    assert manifest[ONNX_FILE] == sha256_file(out / ONNX_FILE)
+    assert manifest[METADATA_FILE] == sha256_file(out / METADATA_FILE)
+    assert {p.name for p in out.iterdir()} == {
+        TORCHSCRIPT_FILE,
+        ONNX_FILE,
+        METADATA_FILE,
+        MANIFEST_FILE,
+    }
+
+
+def test_onnx_parity_every_batch_size(onnx_export, reference):
+    """The raw graph through onnxruntime vs the PyTorch policy, batch sizes 1..256 on one
+    session (the batch axis is dynamic), typical and far-out contexts."""
+    import onnxruntime as ort
+
+    out, md = onnx_export
     policy, _ = reference
-    x = _contexts(policy, 64)
+    sess = ort.InferenceSession(str(out / ONNX_FILE), providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].shape[0] == sess.get_outputs()[0].shape[0] == "batch"
+    x_all = _contexts(policy, 256 * 257 // 2, seed=7)
+    worst, a = 0.0, 0
+    for b in range(1, 257):
+        x = x_all[a : a + b]
+        a += b
+        with torch.no_grad():
+            want = policy.pi(torch.from_numpy(x)).numpy()
+        got = sess.run(None, {md["input"]["name"]: x})[0]
+        assert got.shape == want.shape == (b, policy.num_tasks)
+        worst = max(worst, float(np.abs(got - want).max()))
+    print(f"ONNX vs PyTorch, batch sizes 1..256: max abs error {worst:.3g}")
+    assert worst <= 1e-5
+
+
+def test_onnx_parity_extreme_contexts(onnx_export, reference):
+    import onnxruntime as ort
+
+    out, md = onnx_export
+    policy, _ = reference
+    sess = ort.InferenceSession(str(out / ONNX_FILE), providers=["CPUExecutionProvider"])
+    x = _extreme_contexts(policy)
     with torch.no_grad():
         want = policy.pi(torch.from_numpy(x)).numpy()
-    got = FusionService.load(export_dir, "onnx").weights(x)
+    got = sess.run(None, {md["input"]["name"]: x})[0]
+    finite = np.isfinite(want).all(axis=1)
+    assert finite[:-1].all() and not finite[-1]  # the inputs reach both regimes
+    np.testing.assert_array_equal(np.isfinite(got).all(axis=1), finite)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=0, atol=1e-5)
+
+
+def test_onnx_backend_serves_like_torchscript(onnx_export, reference):
+    out, _ = onnx_export
+    policy, _ = reference
+    onnx_svc = FusionService.load(out, "onnx")
+    ts_svc = FusionService.load(out, "torchscript")
+    x = np.concatenate([_contexts(policy, 64), _extreme_contexts(policy)[:-1]])
+    with torch.no_grad():
+        want = policy.pi(torch.from_numpy(x)).numpy()
+    got = onnx_svc.weights(x)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    rng = np.random.default_rng(0)
+    s = rng.uniform(0.01, 1.0, (len(x), 20, onnx_svc.num_tasks)).astype(np.float32)
+    np.testing.assert_allclose(
+        onnx_svc.fused_scores(x, s), ts_svc.fused_scores(x, s), rtol=1e-5, atol=1e-5
+    )
+    with pytest.raises(RequestError, match="non-finite weights"):  # same checks as torchscript
+        onnx_svc.weights(_extreme_contexts(policy)[-1:])
+
+
+def test_onnx_file_is_checked(onnx_export, tmp_path):
+    import shutil
+
+    out, _ = onnx_export
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    data = bytearray((bad / ONNX_FILE).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bad / ONNX_FILE).write_bytes(bytes(data))
+    with pytest.raises(RequestError, match=f"{ONNX_FILE} does not match the sha256"):
+        FusionService.load(bad, "onnx")
+    # dropped from the manifest: metadata.json (covered) still records its sha256
+    write_manifest(bad, [TORCHSCRIPT_FILE, METADATA_FILE])
+    with pytest.raises(RequestError, match=f"{ONNX_FILE} is missing or does not match"):
+        FusionService.load(bad, "onnx")
+
+
+def test_onnx_backend_needs_an_onnx_export(export_dir):
+    pytest.importorskip("onnxruntime", reason=ONNX_REASON)
+    with pytest.raises(RequestError, match="no ONNX export.*--onnx"):
+        FusionService.load(export_dir, "onnx")
+
+
+def test_cli_export_onnx_and_infer_onnx(onnx_export, run_dir, smoke_data, tmp_path, capsys):
+    _, eval_path = smoke_data
+    out_dir = tmp_path / "exp"
+    assert main(["export", str(run_dir), "--out", str(out_dir), "--onnx"]) == 0
+    assert f"onnx: {ONNX_FILE} sha256=" in capsys.readouterr().out
+    tables = {}
+    for backend in ("torchscript", "onnx"):
+        out = tmp_path / f"{backend}.parquet"
+        argv = ["infer", str(out_dir), "--data", str(eval_path), "--out", str(out)]
+        assert main([*argv, "--backend", backend]) == 0
+        tables[backend] = pq.read_table(out)
+    ts, ox = tables["torchscript"], tables["onnx"]
+    assert ts.num_rows == ox.num_rows > 0
+    np.testing.assert_allclose(
+        np.array(ox.column(OUT_WEIGHTS).to_pylist()),
+        np.array(ts.column(OUT_WEIGHTS).to_pylist()),
+        rtol=0,
+        atol=1e-5,
+    )
+    same = [
+        a == b
+        for a, b in zip(ox.column(OUT_RANKING).to_pylist(), ts.column(OUT_RANKING).to_pylist())
+    ]
+    assert np.mean(same) > 0.99  # fused scores within ~1e-6: only near-ties may swap
+
+
+def test_cli_export_onnx_without_the_extra(run_dir, tmp_path, monkeypatch, capsys):
+    import grade_ray.serving.export as export_mod
+
+    monkeypatch.setattr(export_mod, "missing_onnx_packages", lambda: ["onnxscript"])
+    out_dir = tmp_path / "exp"
+    assert main(["export", str(run_dir), "--out", str(out_dir), "--onnx"]) == 2
+    err = capsys.readouterr().err
+    assert "--onnx needs the onnx extra (onnxscript not installed)" in err
+    assert "grade_ray[onnx]" in err and len(err.strip().splitlines()) == 1
+    assert not out_dir.exists()  # refused before anything is written
 
 
 # ---------------------------------------------------------------------------
@@ -357,6 +511,14 @@ def test_serving_latency_keys(export_dir):
         for k in ("p50_ms_b1", "p99_ms_b1", "p50_ms_b256", "p99_ms_b256"):
             assert res[prefix + k] > 0
         assert res[prefix + "p99_ms_b1"] >= res[prefix + "p50_ms_b1"]
+    assert not any(k.startswith(ONNX_PREFIX) for k in res)  # no policy.onnx in this export
+
+
+def test_serving_latency_onnx_keys(onnx_export):
+    out, _ = onnx_export
+    res = serving_latency(out, repeats_b1=20, repeats_b256=5, warmup=2)
+    for k in ("p50_ms_b1", "p99_ms_b1", "p50_ms_b256", "p99_ms_b256"):
+        assert res["serving." + k] > 0 and res[ONNX_PREFIX + k] > 0
 
 
 def test_export_missing_run_is_clear(tmp_path):

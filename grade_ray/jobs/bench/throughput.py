@@ -252,16 +252,17 @@ def bench_simulator(root: Path, requests: int) -> dict[str, float]:
 
 
 def bench_serving(cfg: Config, train_path: str, root: Path) -> dict[str, float]:
-    """p50/p99 latency of the exported policy (TorchScript and eager), one CPU thread."""
+    """p50/p99 latency of the exported policy (TorchScript, eager, and onnxruntime when the
+    onnx extra is installed), one CPU thread."""
     from grade_ray.data.reading import read_meta
     from grade_ray.learner.loop import POLICY_FILE, new_policy, save_policy
-    from grade_ray.serving.export import export_policy
+    from grade_ray.serving.export import export_policy, missing_onnx_packages
     from grade_ray.serving.service import serving_latency
 
     meta = read_meta(train_path)
     run = root / "serving_run"
     save_policy(run / POLICY_FILE, new_policy(cfg, meta, train_path), cfg, meta)
-    export_policy(run, run / "export")
+    export_policy(run, run / "export", onnx=not missing_onnx_packages())
     return serving_latency(run / "export", threads=1)
 
 
@@ -277,7 +278,7 @@ def run_bench(
     """Benchmarks; writes JSON (and a Markdown table beside it) when ``out`` is given.
 
     ``parts``: "throughput" (rollout, learner, sync, RLlib PPO steps/s, simulator, memory,
-    serving) and/or "quality" (:func:`grade_ray.jobs.bench.quality.bench_quality`: the arms'
+    serving, Ray Serve over HTTP when installed) and/or "quality" (:func:`grade_ray.jobs.bench.quality.bench_quality`: the arms'
     lifts at equal samples and equal time; its run directory is OUT's folder/quality, or a
     temporary one without ``out``).
     """
@@ -337,6 +338,9 @@ def _throughput(quick: bool, address: str | None) -> dict[str, Any]:
                 grade_requests_per_s=results["rollout.requests_per_s_per_worker"],
             )
         )
+        from grade_ray.jobs.bench.serve_load import bench_serve
+
+        results.update(bench_serve(root / "serving_run" / "export"))  # with grade_ray[serve]
         results.update(bench_simulator(root, 20_000 if quick else 200_000))
         results.update(bench_memory(root, 2_000 if quick else 10_000))
     results.update(scaling_projection(results))
