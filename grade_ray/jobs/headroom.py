@@ -378,5 +378,9 @@ def logs_markdown(h: LogsHeadroom) -> list[str]:
         "|---|---:|---:|",
     ]
     for a, r in h.reward.items():
-        lines.append(f"| {a} | {r:.4f} | {h.captured[a]:.2f} |")
+        share = h.captured[a]
+        # no share when the cluster oracle gains nothing over the static (the diagnosis says so)
+        lines.append(
+            f"| {a} | {r:.4f} | {share:.2f} |" if np.isfinite(share) else f"| {a} | {r:.4f} | — |"
+        )
     return lines

@@ -135,3 +135,25 @@ def test_logs_diagnosis_names_the_limit():
     assert "no personalization" in diagnose_logs(h(1.0, 0.99, 1.0), "GRADE")[0]
     more = diagnose_logs(h(1.0, 1.1, 1.09, gain=0.05, ci=0.01), "GRADE")
     assert len(more) == 1 and "more logs should help" in more[0]
+
+
+def test_logs_table_shows_no_share_when_the_cluster_oracle_gains_nothing():
+    """Per-cluster weights no better than one static vector: the share column says '—', not nan."""
+    from grade_ray.jobs.headroom import LogsHeadroom, logs_markdown
+
+    h = LogsHeadroom(
+        reward={"GRADE": 1.3291, "reward_static": 1.3304, "cluster_oracle": 1.3298},
+        captured={
+            "GRADE": float("nan"),
+            "reward_static": float("nan"),
+            "cluster_oracle": float("nan"),
+        },
+        data_gain=0.0,
+        data_gain_ci=0.001,
+        clusters=8,
+    )
+    text = "\n".join(logs_markdown(h))
+    assert "nan" not in text
+    assert "| GRADE | 1.3291 | — |" in text
+    h.captured["GRADE"] = 0.5
+    assert "| GRADE | 1.3291 | 0.50 |" in "\n".join(logs_markdown(h))
