@@ -379,37 +379,41 @@ def _markdown(
     if replay is not None:
         lines += ["", replay_markdown(replay)]
     if online:
-        metrics = list(dict.fromkeys(r["metric"] for r in online))
-        arms = list(dict.fromkeys(r["arm"] for r in online))
-        by = {(r["arm"], r["metric"]): r for r in online}
-        lines += [
-            "",
-            "Simulated online A/B test on fresh users (lift over best_static, "
-            "95% paired bootstrap CI; * = CI excludes 0):",
-            "",
-            "| arm | "
-            + " | ".join(metrics)
-            + " | attainable headroom captured | weight TV to oracle |",
-            "|---|" + "---:|" * (len(metrics) + 2),
-        ]
-        for a in arms:
-            cells = []
-            for m in metrics:
-                r = by[(a, m)]
-                star = "*" if r["significant"] else ""
-                cells.append(
-                    f"{r['value']:.4g} ({r['lift']:+.2%}{star} "
-                    f"[{r['ci_low']:+.2%}, {r['ci_high']:+.2%}])"
-                )
-            lines.append(
-                f"| {a} | "
-                + " | ".join(cells)
-                + f" | {oracles.captured.get(a, float('nan')):.2f} | "
-                f"{recovery.get(a, float('nan')):.3f} |"
-            )
-        lines += headroom_markdown(oracles, arms)
+        lines += _online_markdown(online, oracles, recovery)
     if logs is not None:
         lines += logs_markdown(logs)
     if warnings:
         lines += ["", "Diagnosis:", ""] + [f"- {w}" for w in warnings]
     return "\n".join(lines)
+
+
+def _online_markdown(online, oracles: Headroom | None, recovery) -> list[str]:
+    """The simulated A/B table (every metric's lift with its CI) and the headroom tables."""
+    metrics = list(dict.fromkeys(r["metric"] for r in online))
+    arms = list(dict.fromkeys(r["arm"] for r in online))
+    by = {(r["arm"], r["metric"]): r for r in online}
+    lines = [
+        "",
+        "Simulated online A/B test on fresh users (lift over best_static, "
+        "95% paired bootstrap CI; * = CI excludes 0):",
+        "",
+        "| arm | "
+        + " | ".join(metrics)
+        + " | attainable headroom captured | weight TV to oracle |",
+        "|---|" + "---:|" * (len(metrics) + 2),
+    ]
+    for a in arms:
+        cells = []
+        for m in metrics:
+            r = by[(a, m)]
+            star = "*" if r["significant"] else ""
+            cells.append(
+                f"{r['value']:.4g} ({r['lift']:+.2%}{star} "
+                f"[{r['ci_low']:+.2%}, {r['ci_high']:+.2%}])"
+            )
+        lines.append(
+            f"| {a} | " + " | ".join(cells) + f" | {oracles.captured.get(a, float('nan')):.2f} | "
+            f"{recovery.get(a, float('nan')):.3f} |"
+        )
+    lines += headroom_markdown(oracles, arms)
+    return lines
