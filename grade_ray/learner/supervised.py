@@ -33,6 +33,12 @@ class SupervisedSettings:
     logit_bound: float = 0.0
     """Largest logit spread max_k z - min_k z before a penalty (0 = off)."""
 
+    @classmethod
+    def from_config(cls, cfg) -> SupervisedSettings:
+        """``pretrain.*`` and the policy's fusion from a :class:`grade_ray.config.Config`."""
+        p = cfg.pretrain
+        return cls(p.lr, p.temperature, cfg.policy.fusion, cfg.policy.fusion_eps, p.logit_bound)
+
 
 def weight_entropy(pi: torch.Tensor) -> torch.Tensor:
     """pi: (B, K) on the simplex -> (B,) entropy -sum_k pi_k log pi_k (0 log 0 = 0)."""
