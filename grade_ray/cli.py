@@ -111,9 +111,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from grade_ray.jobs.bench.throughput import run_bench
 
-    parts = ("quality",) if args.quality_only else ("throughput",)
-    if not (args.no_quality or args.quality_only):
-        parts += ("quality",)
+    if args.stage1_only:
+        parts: tuple[str, ...] = ("stage1",)
+    else:
+        parts = ("quality",) if args.quality_only else ("throughput",)
+        if not (args.no_quality or args.quality_only):
+            parts += ("quality",)
     results = run_bench(quick=args.quick, out=args.out, address=args.address, parts=parts)
     curves = {k for k in results if k.startswith("quality.curves.")}  # long lists: in the JSON
     print(
@@ -202,6 +205,11 @@ def _add_bench(sub) -> None:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--no-quality", action="store_true", help="throughput/memory part only")
     which.add_argument("--quality-only", action="store_true", help="the quality table only")
+    which.add_argument(
+        "--stage1-only",
+        action="store_true",
+        help="the Stage 1 kernel only: top-k vs dense LambdaLoss requests/s per thread",
+    )
     p.add_argument("--address", default=None)
     p.set_defaults(fn=cmd_bench)
 

@@ -134,3 +134,43 @@ def lambda_loss(
     per_request = (weight * F.softplus(-diff)).sum((-1, -2)) / math.log(2.0)
     n_pos = has_pos.sum()
     return (per_request * has_pos).sum() / n_pos.clamp_min(1)
+
+
+def lambda_loss_dense_reference(
+    fused: torch.Tensor,
+    gains: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    k: int | None = None,
+    temperature: float = 1.0,
+    eps: float = 1e-10,
+) -> torch.Tensor:
+    """Reference only (tests and ``grade-ray bench``; training uses :func:`lambda_loss`):
+    the same loss over all (B, N, N) pairs, as the kernel computed it before top-k pairs.
+
+    Arguments and value as :func:`lambda_loss`; pairs with both items beyond k are formed
+    and weigh 0, so the two agree up to floating-point summation order.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    n = fused.shape[-1]
+    kk = n if k is None else min(k, n)
+    m = mask.bool()
+    zero = torch.zeros((), dtype=fused.dtype, device=fused.device)
+    with torch.no_grad():
+        g = torch.where(m, gains.to(fused.dtype), zero)
+        ideal = ideal_dcg_at_k(g, m, kk)
+        has_pos = ideal > 0
+        table = rank_discounts(n, fused.dtype, fused.device)
+        table[kk:] = 0.0
+        disc = table[rank_positions(fused.detach(), m)]
+        g_norm = g / ideal.clamp_min(eps).unsqueeze(-1)
+        pair = (g.unsqueeze(-1) > g.unsqueeze(-2)) & m.unsqueeze(-1) & m.unsqueeze(-2)
+        weight = (g_norm.unsqueeze(-1) - g_norm.unsqueeze(-2)) * (
+            disc.unsqueeze(-1) - disc.unsqueeze(-2)
+        ).abs()
+        weight = torch.where(pair, weight, zero)
+    s = fused.masked_fill(~m, 0.0)
+    diff = (s.unsqueeze(-1) - s.unsqueeze(-2)) / temperature
+    per_request = (weight * F.softplus(-diff)).sum((-1, -2)) / math.log(2.0)
+    return (per_request * has_pos).sum() / has_pos.sum().clamp_min(1)

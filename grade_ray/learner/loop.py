@@ -169,17 +169,7 @@ def pretrain(
 ) -> dict[str, float]:
     """Stage 1 (SP): LambdaLoss epochs over the training logs."""
     spec = RewardSpec.from_config(cfg.reward, meta)
-    learner = SupervisedLearner(
-        policy,
-        SupervisedSettings(
-            cfg.pretrain.lr,
-            cfg.pretrain.temperature,
-            cfg.policy.fusion,
-            cfg.policy.fusion_eps,
-            cfg.pretrain.logit_bound,
-        ),
-        spec,
-    )
+    learner = SupervisedLearner(policy, SupervisedSettings.from_config(cfg), spec)
     last: dict[str, float] = {}
     for epoch in range(cfg.pretrain.epochs):
         sums: dict[str, float] = collections.defaultdict(float)

@@ -8,6 +8,8 @@ softmax head into theta. The result initialises Stage 2 and its reference.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -30,6 +32,12 @@ class SupervisedSettings:
     fusion_eps: float
     logit_bound: float = 0.0
     """Largest logit spread max_k z - min_k z before a penalty (0 = off)."""
+
+    @classmethod
+    def from_config(cls, cfg) -> SupervisedSettings:
+        """``pretrain.*`` and the policy's fusion from a :class:`grade_ray.config.Config`."""
+        p = cfg.pretrain
+        return cls(p.lr, p.temperature, cfg.policy.fusion, cfg.policy.fusion_eps, p.logit_bound)
 
 
 def weight_entropy(pi: torch.Tensor) -> torch.Tensor:
@@ -63,6 +71,22 @@ def standardize(fused: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> t
     return (fused - mean) / (var + eps).sqrt() * m
 
 
+RankingLoss = Callable[..., torch.Tensor]
+"""``fn(fused, gains, mask, *, k, temperature) -> scalar loss`` (as :func:`lambda_loss`)."""
+
+
+class Stage1Loss(NamedTuple):
+    """A batch's Stage 1 loss (with its graph) and what :meth:`SupervisedLearner.step` logs."""
+
+    loss: torch.Tensor
+    pi: torch.Tensor
+    """(B, K) fusion weights."""
+    fused: torch.Tensor
+    """(B, N) fused scores."""
+    gains: torch.Tensor
+    mask: torch.Tensor
+
+
 class SupervisedLearner:
     """LambdaLoss on logged feedback; one :meth:`step` per request batch."""
 
@@ -79,8 +103,12 @@ class SupervisedLearner:
             [*self.model.parameters(), self.log_scale], lr=settings.lr
         )
 
-    def step(self, batch: SessionBatch) -> dict[str, float]:
-        """One gradient step on a batch; returns loss and the batch's NDCG@k (before the step)."""
+    def loss(self, batch: SessionBatch, ranking_loss: RankingLoss = lambda_loss) -> Stage1Loss:
+        """Stage 1's loss on a batch, with its graph (what :meth:`step` descends).
+
+        ``ranking_loss``: ``fn(fused, gains, mask, *, k, temperature)``; training uses
+        :func:`lambda_loss` (``grade-ray bench`` times it against the dense reference).
+        """
         s = self.settings
         scores = as_tensor(batch.scores)
         mask = as_tensor(batch.mask)
@@ -89,23 +117,29 @@ class SupervisedLearner:
         logits = self.model(as_tensor(batch.context))
         pi = torch.softmax(logits, dim=-1)
         fused = fuse(s.fusion, scores, pi, s.fusion_eps)
-        loss = lambda_loss(
+        loss = ranking_loss(
             standardize(fused, mask) * self.log_scale.exp(),
             gains,
             mask,
             k=self.reward.k,
             temperature=s.temperature,
         ) + logit_spread_hinge(logits, s.logit_bound)
+        return Stage1Loss(loss, pi, fused, gains, mask)
+
+    def step(self, batch: SessionBatch) -> dict[str, float]:
+        """One gradient step on a batch; returns loss and the batch's NDCG@k (before the step)."""
+        out = self.loss(batch)
+        loss = out.loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"LambdaLoss is {loss.item()}; check the logged scores")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         with torch.no_grad():
-            ndcg = ndcg_at_k(fused.detach(), gains, mask, self.reward.k).mean()
+            ndcg = ndcg_at_k(out.fused.detach(), out.gains, out.mask, self.reward.k).mean()
         return {
             keys.PRETRAIN_LOSS: float(loss.detach()),
             keys.PRETRAIN_NDCG: float(ndcg),
             "pretrain/score_scale": float(self.log_scale.detach().exp()),
-            keys.PRETRAIN_ENTROPY: float(weight_entropy(pi.detach()).mean()),
+            keys.PRETRAIN_ENTROPY: float(weight_entropy(out.pi.detach()).mean()),
         }

@@ -8,6 +8,7 @@ from grade_ray.jobs.bench.table import md_table
 from grade_ray.jobs.bench.throughput import (
     bench_config,
     bench_rollout,
+    bench_stage1,
     markdown_table,
     run_bench,
     scaling_projection,
@@ -48,6 +49,26 @@ def test_bench_rollout_runs_each_lane_on_its_own_actor(ray_session, tmp_path):
         assert out[key] > 0, key
     # 2048 requests / 256 per task = 8 tasks over 8 shards: each actor decodes its own 4
     assert out["rollout.files_per_actor_2_workers"] == 4
+
+
+def test_bench_stage1_times_both_kernels_and_they_agree(tmp_path):
+    cfg = bench_config(str(tmp_path / "run"), 256).replace(**{"pretrain.batch_size": 64})
+    from grade_ray.jobs.train import prepare_data
+
+    train_path, _ = prepare_data(cfg)
+    out = bench_stage1(cfg, train_path, 1, batch_sizes=(32,))
+    for b in (32, 64):
+        for key in ("requests_per_s_topk", "requests_per_s_dense", "topk_speedup"):
+            assert out[f"stage1.b{b}.{key}"] > 0, (b, key)
+    assert out["stage1.grad_max_abs"] > 0
+    assert out["stage1.loss_abs_diff"] <= 1e-6 and out["stage1.grad_max_abs_diff"] <= 1e-6
+    md = markdown_table(out)
+    assert "`stage1.b64.requests_per_s_topk` |" in md
+
+
+def test_markdown_table_writes_tiny_differences_in_scientific_notation():
+    md = markdown_table({"stage1.loss_abs_diff": 1.5e-8, "zero": 0.0})
+    assert "| `stage1.loss_abs_diff` | 1.50e-08 |" in md and "| `zero` | 0.000 |" in md
 
 
 def test_scaling_projection_by_hand():

@@ -212,6 +212,75 @@ def bench_kernel(cfg: Config, train_path: str, repeats: int) -> dict[str, float]
     }
 
 
+STAGE1_BATCHES = (256, 1024)
+"""Batch sizes the full run times Stage 1 at besides ``pretrain.batch_size``."""
+
+
+def bench_stage1(
+    cfg: Config, train_path: str, repeats: int, batch_sizes: tuple[int, ...] = ()
+) -> dict[str, float]:
+    """Stage 1's kernel, one thread: requests/s of the pretraining loss plus its backward
+    (policy forward, softmax, fusion, standardisation, LambdaLoss@k, logit hinge: what
+    :meth:`SupervisedLearner.step` computes, without the optimizer step) with training's
+    top-k pairs (:func:`lambda_loss`, (B, k, N) pairs) and the dense (B, N, N) reference
+    (:func:`lambda_loss_dense_reference`), alternating repeat by repeat on the same batch
+    and weights. At ``pretrain.batch_size`` and each of ``batch_sizes``: keys
+    ``stage1.b{B}.requests_per_s_topk`` / ``_dense`` and ``stage1.b{B}.topk_speedup``.
+    On the ``pretrain.batch_size`` batch: ``stage1.loss_abs_diff`` and
+    ``stage1.grad_max_abs_diff`` (over every trained parameter) between the two kernels,
+    and ``stage1.grad_max_abs`` for scale.
+    """
+    from grade_ray.algos.losses import lambda_loss, lambda_loss_dense_reference
+    from grade_ray.data.reading import read_sessions
+    from grade_ray.learner.loop import new_policy
+    from grade_ray.learner.supervised import SupervisedLearner, SupervisedSettings
+    from grade_ray.spec import RewardSpec
+
+    torch.set_num_threads(1)
+    sizes = sorted({cfg.pretrain.batch_size, *batch_sizes})
+    batch, meta, _ = read_sessions(train_path, on_error=cfg.data.on_error, max_rows=sizes[-1])
+    if len(batch) < sizes[-1]:
+        raise ValueError(f"Stage 1 bench needs {sizes[-1]} requests, {train_path} has {len(batch)}")
+    policy = new_policy(cfg, meta, train_path)
+    learner = SupervisedLearner(
+        policy, SupervisedSettings.from_config(cfg), RewardSpec.from_config(cfg.reward, meta)
+    )
+    params = [p for group in learner.optimizer.param_groups for p in group["params"]]
+    kernels = {"topk": lambda_loss, "dense": lambda_loss_dense_reference}
+
+    def loss_and_grad(sub, kernel) -> tuple[float, torch.Tensor]:
+        learner.optimizer.zero_grad(set_to_none=True)
+        loss = learner.loss(sub, kernel).loss
+        loss.backward()
+        grad = torch.cat(
+            [torch.zeros(p.numel()) if p.grad is None else p.grad.flatten() for p in params]
+        )
+        return float(loss.detach()), grad
+
+    out: dict[str, float] = {}
+    for b in sizes:
+        sub = batch.slice(0, b)
+        for kernel in kernels.values():
+            loss_and_grad(sub, kernel)  # warm-up
+        times: dict[str, list[float]] = {name: [] for name in kernels}
+        for _ in range(repeats):
+            for name, kernel in kernels.items():
+                t0 = time.perf_counter()
+                loss_and_grad(sub, kernel)
+                times[name].append(time.perf_counter() - t0)
+        rate = {name: b / statistics.median(t) for name, t in times.items()}
+        out[f"stage1.b{b}.requests_per_s_topk"] = rate["topk"]
+        out[f"stage1.b{b}.requests_per_s_dense"] = rate["dense"]
+        out[f"stage1.b{b}.topk_speedup"] = rate["topk"] / rate["dense"]
+    sub = batch.slice(0, cfg.pretrain.batch_size)
+    (loss_t, grad_t), (loss_d, grad_d) = (loss_and_grad(sub, k) for k in kernels.values())
+    learner.optimizer.zero_grad(set_to_none=True)
+    out["stage1.loss_abs_diff"] = abs(loss_t - loss_d)
+    out["stage1.grad_max_abs_diff"] = float((grad_t - grad_d).abs().max())
+    out["stage1.grad_max_abs"] = float(grad_d.abs().max())
+    return out
+
+
 def _peak_rss_of_run(run_dir: Path, requests: int) -> float:
     """Peak RSS (MiB) of a local training run in a fresh process."""
     code = (
@@ -266,7 +335,7 @@ def bench_serving(cfg: Config, train_path: str, root: Path) -> dict[str, float]:
     return serving_latency(run / "export", threads=1)
 
 
-PARTS = ("throughput", "quality")
+PARTS = ("throughput", "quality", "stage1")
 
 
 def run_bench(
@@ -277,10 +346,12 @@ def run_bench(
 ) -> dict[str, Any]:
     """Benchmarks; writes JSON (and a Markdown table beside it) when ``out`` is given.
 
-    ``parts``: "throughput" (rollout, learner, sync, RLlib PPO steps/s, simulator, memory,
-    serving, Ray Serve over HTTP when installed) and/or "quality" (:func:`grade_ray.jobs.bench.quality.bench_quality`: the arms'
-    lifts at equal samples and equal time; its run directory is OUT's folder/quality, or a
-    temporary one without ``out``).
+    ``parts``: "throughput" (rollout, learner, Stage 1 kernel, sync, RLlib PPO steps/s,
+    simulator, memory, serving, Ray Serve over HTTP when installed), "stage1" (the Stage 1
+    kernel alone, :func:`bench_stage1`; included in "throughput") and/or "quality"
+    (:func:`grade_ray.jobs.bench.quality.bench_quality`: the arms' lifts at equal samples
+    and equal time; its run directory is OUT's folder/quality, or a temporary one without
+    ``out``).
     """
     unknown = set(parts) - set(PARTS)
     if unknown or not parts:
@@ -288,6 +359,8 @@ def run_bench(
     results: dict[str, Any] = {}
     if "throughput" in parts:
         results.update(_throughput(quick, address))
+    elif "stage1" in parts:
+        results.update(_stage1_only(quick))
     if "quality" in parts:
         from grade_ray.jobs.bench.quality import bench_quality
 
@@ -309,22 +382,13 @@ def _throughput(quick: bool, address: str | None) -> dict[str, Any]:
 
     repeats = 3 if quick else 7
     requests = 8192 if quick else 32768
-    results: dict[str, Any] = {
-        "setup": {
-            "group_size": 20,
-            "candidates": 100,
-            "tasks": 4,
-            "ndcg_k": 10,
-            "batch_requests": 1024,
-            "quick": quick,
-            "torch_threads_per_actor": 1,
-        }
-    }
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         cfg = bench_config(str(root / "run"), requests)
+        results: dict[str, Any] = {"setup": _setup(cfg, quick)}
         train_path, _ = prepare_data(cfg)
         results.update(bench_kernel(cfg, train_path, repeats))
+        results.update(bench_stage1(cfg, train_path, repeats, () if quick else STAGE1_BATCHES))
         results.update(bench_serving(cfg, train_path, root))
         init_ray(address, num_cpus=None if address else 2)
         results.update(bench_rollout(cfg, train_path, repeats))
@@ -345,6 +409,33 @@ def _throughput(quick: bool, address: str | None) -> dict[str, Any]:
         results.update(bench_memory(root, 2_000 if quick else 10_000))
     results.update(scaling_projection(results))
     return results
+
+
+def _setup(cfg: Config, quick: bool) -> dict[str, Any]:
+    return {
+        "group_size": 20,
+        "candidates": 100,
+        "tasks": 4,
+        "ndcg_k": 10,
+        "batch_requests": 1024,
+        "stage1_batch_requests": cfg.pretrain.batch_size,
+        "quick": quick,
+        "torch_threads_per_actor": 1,
+    }
+
+
+def _stage1_only(quick: bool) -> dict[str, Any]:
+    """The Stage 1 kernel part alone, on freshly simulated requests (no Ray)."""
+    from grade_ray.jobs.train import prepare_data
+
+    sizes = () if quick else STAGE1_BATCHES
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = bench_config(str(Path(tmp) / "run"), 4096)  # >= every batch timed
+        train_path, _ = prepare_data(cfg)
+        return {
+            "setup": _setup(cfg, quick),
+            **bench_stage1(cfg, train_path, 3 if quick else 7, sizes),
+        }
 
 
 PROJECTION_WORKERS = (1, 2, 4, 8, 16, 32, 64)
@@ -402,10 +493,17 @@ def projection_markdown(results: dict[str, Any]) -> str:
     return md_table(PROJECTION_COLUMNS, "rrrr", rows)
 
 
+def _fmt(v: float | int) -> str:
+    """Thousands separators and 3 decimals; tiny non-zero floats (differences) as 1.2e-08."""
+    if not isinstance(v, float):
+        return f"{v}"
+    return f"{v:.2e}" if 0 < abs(v) < 1e-3 else f"{v:,.3f}"
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     """Throughput/memory figures as a metric | value table, then the quality table if run."""
     rows = [
-        [f"`{k}`", f"{v:,.3f}" if isinstance(v, float) else f"{v}"]
+        [f"`{k}`", _fmt(v)]
         for k, v in results.items()
         if not k.startswith(("quality.", "projection."))
         and not isinstance(v, bool)
