@@ -22,6 +22,10 @@ ROLLOUT_R_POST = "rollout/r_post"
 ROLLOUT_R_PRIOR = "rollout/r_prior"
 ROLLOUT_R_FORMAT = "rollout/r_format"
 ROLLOUT_ZERO_VAR_FRAC = "rollout/zero_var_frac"
+ROLLOUT_GROUP_REWARD_STD = "rollout/group_reward_std"  # mean over requests of the G rewards' std
+ROLLOUT_NEAR_ZERO_ADV_FRAC = (
+    "rollout/near_zero_adv_frac"  # share of samples with |A| < NEAR_ZERO_ADV
+)
 ROLLOUT_ALPHA_HAT = "rollout/alpha_hat"
 ROLLOUT_REQUESTS = "rollout/requests"
 LEARNER_LOSS = "learner/loss"

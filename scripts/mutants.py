@@ -282,6 +282,14 @@ MUTATIONS: list[Mutation] = [
     ),
     # -- data -------------------------------------------------------------------------------
     Mutation(
+        "group-spread-across-requests",
+        "rollout/worker.py",
+        "float(out[keys.REWARD].std(axis=1).mean())",
+        "float(out[keys.REWARD].std(axis=0).mean())",
+        (f"{T_WORKER}::test_summary_reports_the_spread_within_groups_and_near_zero_advantages",),
+        "the group-reward spread taken across requests instead of within each group",
+    ),
+    Mutation(
         "nan-labels-accepted",
         "data/validation.py",
         "_any_per_row(_any_per_row(~np.isfinite(vals), inner_len), outer),",

@@ -101,13 +101,23 @@ class RolloutWorker:
         }
 
 
+NEAR_ZERO_ADV = 0.05
+"""|advantage| below this (advantages have unit scale in every mode) counts as near zero."""
+
+
 def rollout_summary(out: dict[str, np.ndarray]) -> dict[str, float]:
-    """Mean reward components and zero-variance share of one rollout batch."""
+    """Mean reward components, zero-variance share, the spread of rewards within a group
+    (how much a group can tell its samples apart: it shrinks as groups homogenize) and the
+    share of near-zero advantages of one rollout batch."""
     return {
         keys.ROLLOUT_REWARD: float(out[keys.REWARD].mean()),
         keys.ROLLOUT_R_POST: float(out[keys.R_POST].mean()),
         keys.ROLLOUT_R_PRIOR: float(out[keys.R_PRIOR].mean()),
         keys.ROLLOUT_R_FORMAT: float(out[keys.R_FORMAT].mean()),
         keys.ROLLOUT_ZERO_VAR_FRAC: float(out[keys.ZERO_VAR].mean()),
+        keys.ROLLOUT_GROUP_REWARD_STD: float(out[keys.REWARD].std(axis=1).mean()),
+        keys.ROLLOUT_NEAR_ZERO_ADV_FRAC: float(
+            (np.abs(out[keys.ADVANTAGES]) < NEAR_ZERO_ADV).mean()
+        ),
         keys.ROLLOUT_REQUESTS: float(len(out[keys.REQUEST_ID])),
     }

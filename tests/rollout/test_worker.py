@@ -21,7 +21,7 @@ from grade_ray.algos.exploration import EXPLORATIONS
 from grade_ray.algos.rewards import group_rewards
 from grade_ray.data.plan import DataPlan, TaskReader
 from grade_ray.learner.loop import new_policy, rollout_spec
-from grade_ray.rollout.worker import RolloutWorker
+from grade_ray.rollout.worker import RolloutWorker, rollout_summary
 
 ALPHA = 5.0
 SEED = 1234
@@ -142,3 +142,33 @@ def test_old_logp_is_the_samples_log_density(setup):
         pi, torch.from_numpy(out[keys.WEIGHTS]), ALPHA, floor=e.alpha_floor, sigma=e.sigma
     )
     np.testing.assert_allclose(out[keys.OLD_LOGP], want.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_summary_reports_the_spread_within_groups_and_near_zero_advantages():
+    """Hand values: one group with spread, two homogeneous groups (std 0, advantages 0)."""
+    reward = np.array([[0.0, 4.0, 0.0, 4.0], [1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    adv = np.array([[-1.0, 1.0, -1.0, 0.01], [0.0] * 4, [0.0] * 4])
+    out = {
+        keys.REQUEST_ID: np.array([1, 2, 3]),
+        keys.REWARD: reward,
+        keys.R_POST: reward,
+        keys.R_PRIOR: reward,
+        keys.R_FORMAT: np.ones_like(reward),
+        keys.ZERO_VAR: np.array([False, True, True]),
+        keys.ADVANTAGES: adv,
+    }
+    s = rollout_summary(out)
+    assert s[keys.ROLLOUT_GROUP_REWARD_STD] == pytest.approx((2.0 + 0.0 + 0.0) / 3)
+    assert s[keys.ROLLOUT_NEAR_ZERO_ADV_FRAC] == pytest.approx(9 / 12)
+    assert s[keys.ROLLOUT_ZERO_VAR_FRAC] == pytest.approx(2 / 3)
+    assert s[keys.ROLLOUT_REWARD] == pytest.approx(reward.mean())
+
+
+def test_worker_batches_feed_the_group_spread(setup):
+    """On a real rollout the spread is the mean per-request std of the G rewards."""
+    out = setup[4]
+    s = rollout_summary(out)
+    want = float(np.mean([np.std(r) for r in out[keys.REWARD]]))
+    assert want > 0 and s[keys.ROLLOUT_GROUP_REWARD_STD] == pytest.approx(want, rel=1e-6)
+    near = float(np.mean(np.abs(out[keys.ADVANTAGES]) < 0.05))
+    assert s[keys.ROLLOUT_NEAR_ZERO_ADV_FRAC] == pytest.approx(near)
