@@ -14,9 +14,9 @@ import torch
 
 from grade_ray.algos.fusion import fuse
 from grade_ray.cli import main
-from grade_ray.data.reading import read_meta, read_sessions
+from grade_ray.data.reading import read_sessions
 from grade_ray.data.sessions import SessionMeta
-from grade_ray.learner.loop import load_policy, new_policy, save_policy
+from grade_ray.learner.loop import load_policy
 from grade_ray.serving.export import (
     MANIFEST_FILE,
     METADATA_FILE,
@@ -41,18 +41,10 @@ TS_RANGE = [1_700_000_000, 1_700_600_000]
 
 
 @pytest.fixture(scope="module")
-def run_dir(smoke_cfg, smoke_data, tmp_path_factory):
+def run_dir(personalised_run, tmp_path_factory):
     """A run dir with a saved policy whose weights are far from uniform."""
-    train_path, _ = smoke_data
-    meta = read_meta(train_path)
-    policy = new_policy(smoke_cfg, meta, train_path)
-    torch.manual_seed(1)
-    with torch.no_grad():  # the fresh policy is uniform; make it personalise
-        for p in policy.tower.parameters():
-            p.normal_(0, 0.5)
     d = tmp_path_factory.mktemp("export_run")
-    save_policy(d / "policy.pt", policy, smoke_cfg, meta, {"stage": 2, "ts_range": TS_RANGE})
-    return d
+    return personalised_run(d, seed=1, info={"ts_range": TS_RANGE})
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,7 @@ import pytest
 import torch
 
 import grade_ray.serving.service as service_mod
-from grade_ray.data.reading import read_meta, read_sessions
-from grade_ray.learner.loop import new_policy, save_policy
+from grade_ray.data.reading import read_sessions
 from grade_ray.serving.export import (
     MANIFEST_FILE,
     METADATA_FILE,
@@ -29,16 +28,8 @@ from grade_ray.serving.service import FusionService, RequestError
 
 
 @pytest.fixture(scope="module")
-def exported(smoke_cfg, smoke_data, tmp_path_factory):
-    train_path, _ = smoke_data
-    meta = read_meta(train_path)
-    policy = new_policy(smoke_cfg, meta, train_path)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in policy.tower.parameters():
-            p.normal_(0, 0.5)
-    run = tmp_path_factory.mktemp("integrity_run")
-    save_policy(run / "policy.pt", policy, smoke_cfg, meta, {"stage": 2})
+def exported(personalised_run, tmp_path_factory):
+    run = personalised_run(tmp_path_factory.mktemp("integrity_run"), 3)
     export_policy(run, run / "export")
     return run / "export"
 

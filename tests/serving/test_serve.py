@@ -11,11 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from grade_ray.cli import main
-from grade_ray.data.reading import read_meta
-from grade_ray.learner.loop import new_policy, save_policy
 from grade_ray.serving.export import export_policy
 from grade_ray.serving.serve import MAX_BODY_BYTES, answer, parse_request
 from grade_ray.serving.service import FusionService, RequestError
@@ -26,16 +23,8 @@ SERVE_REASON = (
 
 
 @pytest.fixture(scope="module")
-def export_dir(smoke_cfg, smoke_data, tmp_path_factory):
-    train_path, _ = smoke_data
-    meta = read_meta(train_path)
-    policy = new_policy(smoke_cfg, meta, train_path)
-    torch.manual_seed(5)
-    with torch.no_grad():  # personalise: the fresh policy is uniform
-        for p in policy.tower.parameters():
-            p.normal_(0, 0.5)
-    run = tmp_path_factory.mktemp("serve_run")
-    save_policy(run / "policy.pt", policy, smoke_cfg, meta, {"stage": 2})
+def export_dir(personalised_run, tmp_path_factory):
+    run = personalised_run(tmp_path_factory.mktemp("serve_run"), seed=5)
     export_policy(run, run / "export")
     return run / "export"
 

@@ -9,24 +9,16 @@ import pytest
 import torch
 
 from grade_ray.algos.fusion import fuse
-from grade_ray.data.reading import read_meta, read_sessions
-from grade_ray.learner.loop import load_policy, new_policy, save_policy
+from grade_ray.data.reading import read_sessions
+from grade_ray.learner.loop import load_policy
 from grade_ray.serving.export import export_policy
 from grade_ray.serving.infer import OUT_RANKING, OUT_REQUEST_ID, OUT_WEIGHTS, run_infer
 from grade_ray.serving.service import FusionService, RequestError
 
 
 @pytest.fixture(scope="module")
-def exported(smoke_cfg, smoke_data, tmp_path_factory):
-    train_path, _ = smoke_data
-    meta = read_meta(train_path)
-    policy = new_policy(smoke_cfg, meta, train_path)
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for p in policy.tower.parameters():
-            p.normal_(0, 0.5)
-    d = tmp_path_factory.mktemp("serve")
-    save_policy(d / "policy.pt", policy, smoke_cfg, meta, {"stage": 2})
+def exported(personalised_run, tmp_path_factory):
+    d = personalised_run(tmp_path_factory.mktemp("serve"), seed=5)
     export_policy(d, d / "export")
     reference, _, _ = load_policy(d / "policy.pt")
     return d / "export", reference
