@@ -392,6 +392,9 @@ def _throughput(quick: bool, address: str | None) -> dict[str, Any]:
         results.update(bench_serving(cfg, train_path, root))
         init_ray(address, num_cpus=None if address else 2)
         results.update(bench_rollout(cfg, train_path, repeats))
+        from grade_ray.jobs.bench.training import bench_training
+
+        results.update(bench_training(cfg, train_path, (1, 2), 1 if quick else 3))
         from grade_ray.baselines.rllib_ppo.training import bench_rllib_ppo
 
         results.update(
@@ -505,11 +508,16 @@ def markdown_table(results: dict[str, Any]) -> str:
     rows = [
         [f"`{k}`", _fmt(v)]
         for k, v in results.items()
-        if not k.startswith(("quality.", "projection."))
+        if not k.startswith(("quality.", "projection.", "training."))
         and not isinstance(v, bool)
         and isinstance(v, (int, float))
     ]
     lines = [md_table(("metric", "value"), "lr", rows)]
+    if any(k.startswith("training.") for k in results):
+        from grade_ray.jobs.bench.training import training_markdown
+
+        lines += ["", "Measured training requests/s for N rollout workers:", ""]
+        lines.append(training_markdown(results))
     if any(k.startswith("projection.") for k in results):
         lines += ["", "Projected requests/s for N workers:", "", projection_markdown(results)]
     if any(k.startswith("quality.") for k in results):
