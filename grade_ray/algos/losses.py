@@ -120,20 +120,27 @@ def lambda_loss(
         disc = table[rank]
         g_norm = g / ideal.clamp_min(eps).unsqueeze(-1)
         # Only pairs with at least one item in the top kk carry weight (|D_i - D_j| = 0 when
-        # both rank beyond kk): pair each top item t with every item j, once per pair.
-        top = rank.argsort(-1)[..., :kk]  # (B, kk): the items at ranks 0..kk-1
+        # both rank beyond kk): pair each top item t with every item j ranked below it, so
+        # each pair is formed once. Real items take ranks 0..n_real-1 and padded ones come
+        # after, so "j real and ranked below t" is one comparison against j's rank with
+        # padded j at -1 (a padded t has no real item below it), and D_t >= D_j there.
+        top = torch.empty_like(rank).scatter_(-1, rank, _arange_like(rank))[..., :kk]
         g_top, d_top = g_norm.gather(-1, top), disc.gather(-1, top)
         dg = g_top.unsqueeze(-1) - g_norm.unsqueeze(-2)  # (B, kk, N)
-        counted_once = rank.unsqueeze(-2) > torch.arange(kk, device=rank.device).unsqueeze(-1)
-        valid = m.gather(-1, top).unsqueeze(-1) & m.unsqueeze(-2) & counted_once & (dg != 0)
-        weight = dg.abs() * (d_top.unsqueeze(-1) - disc.unsqueeze(-2)).abs()
-        weight = torch.where(valid, weight, zero)
-        sign = torch.sign(dg)  # +1: the top item has the higher gain
-    s = fused.masked_fill(~m, 0.0)
-    diff = sign * (s.gather(-1, top).unsqueeze(-1) - s.unsqueeze(-2)) / temperature
+        rank_real = rank.masked_fill(~m, -1)
+        below = rank_real.unsqueeze(-2) > torch.arange(kk, device=rank.device).unsqueeze(-1)
+        weight = torch.where(below, dg.abs() * (d_top.unsqueeze(-1) - disc.unsqueeze(-2)), zero)
+        sign = torch.sign(dg)  # +1: the top item has the higher gain (0: no weight)
+    s = fused.masked_fill(~m, 0.0) / temperature
+    diff = sign * (s.gather(-1, top).unsqueeze(-1) - s.unsqueeze(-2))
     per_request = (weight * F.softplus(-diff)).sum((-1, -2)) / math.log(2.0)
     n_pos = has_pos.sum()
     return (per_request * has_pos).sum() / n_pos.clamp_min(1)
+
+
+def _arange_like(rank: torch.Tensor) -> torch.Tensor:
+    """0..N-1 along the last axis, broadcast to rank's shape (a scatter source)."""
+    return torch.arange(rank.shape[-1], device=rank.device).expand_as(rank)
 
 
 def lambda_loss_dense_reference(
