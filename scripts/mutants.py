@@ -492,12 +492,20 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "lambda-pairs-counted-twice",
         "algos/losses.py",
-        "counted_once = rank.unsqueeze(-2) > torch.arange(kk, device=rank.device).unsqueeze(-1)",
-        "counted_once = rank.unsqueeze(-2) >= 0 * torch.arange(kk, device=rank.device).unsqueeze(-1)",
+        "below = rank_real.unsqueeze(-2) > torch.arange(kk, device=rank.device).unsqueeze(-1)",
+        "below = rank_real.unsqueeze(-2) >= 0 * torch.arange(kk, device=rank.device).unsqueeze(-1)",
         (
             "tests/algos/test_losses.py::test_topk_pair_lambda_loss_equals_all_pairs_in_value_and_gradient",
         ),
         "top-k pairs counted twice",
+    ),
+    Mutation(
+        "lambda-padded-pairs",
+        "algos/losses.py",
+        "rank_real = rank.masked_fill(~m, -1)",
+        "rank_real = rank",
+        ("tests/algos/test_losses.py::test_lambda_loss_matches_reference_loop",),
+        "padded candidates paired with real top items",
     ),
     # -- serving ----------------------------------------------------------------------------
     Mutation(
