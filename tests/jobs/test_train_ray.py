@@ -207,6 +207,16 @@ def test_two_actor_ray_run_matches_local(ray_run, ray_cfg, tmp_path):
             assert rb[k] == pytest.approx(ra[k], rel=1e-3, abs=1e-5), k
     actors = json.loads((Path(ray_run.run_dir) / "rollout_actors.json").read_text())
     assert len({a["pid"] for a in actors}) == 2
+    # Stage 1 ran in the Train worker (not this driver) and took the local run's steps
+    from grade_ray.learner.stage1 import STAGE1_PID
+
+    s1 = [r for r in read_metrics(ray_run.run_dir) if r.get("stage") == 1]
+    assert [r["epoch"] for r in s1] == list(range(ray_cfg.pretrain.epochs)) and s1
+    assert os.getpid() not in {r[STAGE1_PID] for r in s1}
+    a1 = load_checkpoint(Path(local.run_dir) / "checkpoints" / "pretrain.pt")["state_dict"]
+    b1 = load_checkpoint(Path(ray_run.run_dir) / "checkpoints" / "pretrain.pt")["state_dict"]
+    for k in a1:
+        torch.testing.assert_close(b1[k], a1[k], rtol=0, atol=1e-5, msg=k)
 
 
 def test_learner_failure_restart_reproduces_the_uninterrupted_run(ray_run, ray_cfg, tmp_path):

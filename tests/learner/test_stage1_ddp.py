@@ -77,4 +77,6 @@ def test_two_ranks_step_like_one_process_on_the_mean_of_both_halves(smoke_data, 
     assert torch.equal(a["log_scale"], b["log_scale"])
     torch.testing.assert_close(a["log_scale"], ref.log_scale.detach(), rtol=0, atol=TOL)
     moved = max(float((v - start[k]).abs().max()) for k, v in ref.module.state_dict().items())
-    assert moved > 100 * TOL and abs(float(ref.log_scale.detach())) > 100 * TOL  # not trivially equal
+    assert (
+        moved > 100 * TOL and abs(float(ref.log_scale.detach())) > 100 * TOL
+    )  # not trivially equal
