@@ -1,12 +1,25 @@
-"""GRADE on Ray: a Ray Train learner driving a pool of rollout actors.
+"""GRADE on Ray: Stage 1 and Stage 2 in Ray Train workers, Stage 2 driving rollout actors.
 
-The controller loop lives in each Ray Train worker (rank r drives its own
-rollout actors over its share of every step's tasks); with several learner
-workers the model is DDP-wrapped and every rank runs the same number of steps
-and minibatches. Stage 1 runs in the driver before Train starts. Each round
-rank 0 writes a checkpoint to ``RUN_DIR/checkpoints`` and reports it to Ray
-Train, so ``FailureConfig(max_failures)`` restarts resume from it and
-``--resume`` continues a stopped run.
+The driver only orchestrates: it connects to Ray, checks the cluster can hold the run,
+simulates the data when the run's data is simulated, fits the reward to the logs
+(``reward_fit``) and starts one ``TorchTrainer`` on ``learner.num_workers`` workers
+(``learner.use_gpu`` honoured). Each worker builds the data plan (one validating pass,
+the decoded cache) and then:
+
+* Stage 1 (:class:`~grade_ray.learner.stage1.Stage1Trainer`): LambdaLoss epochs, each
+  rank reading its own contiguous shard of the plan's tasks, DDP-wrapped when there are
+  several ranks (the score scale is all-reduced by the learner). Rank 0 checkpoints every
+  epoch and every rank reports it to Ray Train; rank 0 saves ``pretrain.pt``. A run
+  directory that already holds ``pretrain.pt`` skips Stage 1. With one worker the steps
+  are exactly ``--local``'s (:func:`grade_ray.learner.loop.pretrain`).
+* Stage 2: the controller loop lives in each worker (rank r drives its own rollout actors
+  over its share of every step's tasks); with several workers the model is DDP-wrapped
+  and every rank runs the same number of steps and minibatches. Each round rank 0 writes
+  a checkpoint to ``RUN_DIR/checkpoints`` and reports it to Ray Train.
+
+So ``FailureConfig(max_failures)`` restarts resume after the last reported epoch or round
+and ``--resume`` continues a stopped run from the run directory's checkpoints. Only Stage
+2's reports reach callers' callbacks (Tune ranks and schedules trials by round).
 """
 
 from __future__ import annotations
@@ -333,7 +346,7 @@ def _run(
 
     cfg, run_dir, logger = _start_driver(cfg, address)
     logger.close()  # rank 0 of the Train run logs every epoch and round
-    train_path, eval_path = _prepare(cfg)
+    train_path, eval_path = _prepare(cfg, fit_reward=not options.get("stage1_only"))
     loop_config = {
         "cfg": cfg.to_dict(),
         "train_path": str(Path(train_path).resolve()),
@@ -365,14 +378,15 @@ def _start_driver(cfg: Config, address: str | None) -> tuple[Config, Path, Metri
     return cfg, run_dir, logger
 
 
-def _prepare(cfg: Config) -> tuple[str, str]:
+def _prepare(cfg: Config, fit_reward: bool = True) -> tuple[str, str]:
     """What the Train workers start from: the data (simulated here when the run's data is
-    simulated) and the reward's fit to the logs (once, here). Stage 1 itself runs in the
-    workers. Returns (train_path, eval_path)."""
+    simulated) and, for Stage 2, the reward's fit to the logs (once, here). Stage 1 itself
+    runs in the workers. Returns (train_path, eval_path)."""
     from grade_ray.jobs.train import prepare_data
 
     train_path, eval_path = prepare_data(cfg)
-    run_reward_fit(cfg, train_path, read_meta(train_path))
+    if fit_reward:
+        run_reward_fit(cfg, train_path, read_meta(train_path))
     return train_path, eval_path
 
 

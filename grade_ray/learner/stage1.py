@@ -104,9 +104,14 @@ class Stage1Trainer:
         return self.learner.module
 
     # -- state --------------------------------------------------------------
-    def _rng_states(self) -> list[torch.Tensor]:
-        """Every rank's torch RNG state (dropout), rank order."""
-        state = torch.get_rng_state()
+    def _rng_states(self) -> list[dict[str, Any]]:
+        """Every rank's torch RNG states (dropout: the CPU's, and the GPU's when the model
+        is on one), rank order."""
+        dev = self.learner.device
+        state = {
+            "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
+        }
         if self.world == 1:
             return [state]
         import torch.distributed as dist
@@ -149,8 +154,11 @@ class Stage1Trainer:
         self.learner.optimizer.load_state_dict(state["optimizer"])
         self.next_epoch = int(state["next_epoch"])
         self.history = [dict(h) for h in state["history"]]
-        rng = state["rng"]
-        torch.set_rng_state(rng[self.rank % len(rng)])
+        rng = state["rng"][self.rank % len(state["rng"])]
+        torch.set_rng_state(rng["cpu"])
+        dev = self.learner.device
+        if dev.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"], dev)
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint's state; the metrics file is made to hold exactly its
