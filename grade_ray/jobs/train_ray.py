@@ -344,7 +344,7 @@ def _run(
     on Ray Train; returns policy.pt. ``options``: fault injection, ``stage1_only``."""
     from grade_ray.learner.loop import POLICY_FILE
 
-    cfg, run_dir, logger = _start_driver(cfg, address)
+    cfg, run_dir, logger = _start_driver(cfg, address, rollouts=not options.get("stage1_only"))
     logger.close()  # rank 0 of the Train run logs every epoch and round
     train_path, eval_path = _prepare(cfg, fit_reward=not options.get("stage1_only"))
     loop_config = {
@@ -363,13 +363,16 @@ def _run(
     return run_dir / POLICY_FILE
 
 
-def _start_driver(cfg: Config, address: str | None) -> tuple[Config, Path, MetricsLogger]:
-    """Connect to Ray, check the cluster can hold the run, claim the run directory.
-    Returns (cfg with absolute paths, run_dir, the driver's logger)."""
+def _start_driver(
+    cfg: Config, address: str | None, rollouts: bool = True
+) -> tuple[Config, Path, MetricsLogger]:
+    """Connect to Ray, check the cluster can hold the run (``rollouts``: with its rollout
+    actors), claim the run directory. Returns (cfg with absolute paths, run_dir, the
+    driver's logger)."""
     from grade_ray.jobs.train import _start
 
     init_ray(address)
-    check_resources(cfg)
+    check_resources(cfg, rollouts=rollouts)
     run_dir, logger = _start(cfg)
     run_dir = run_dir.resolve()
     cfg = cfg.replace(run_dir=str(run_dir))

@@ -79,6 +79,8 @@ def test_resource_guard_names_the_setting(smoke_cfg):
     with pytest.raises(ResourceError, match="learner.use_gpu=false"):
         check_resources(smoke_cfg.replace(**{"learner.use_gpu": True}), {"CPU": 8.0})
     check_resources(smoke_cfg, {"CPU": 2.0})
+    # Stage 1 alone starts no rollout actors
+    check_resources(smoke_cfg.replace(**{"rollout.num_workers": 8}), {"CPU": 2.0}, rollouts=False)
 
 
 def test_killed_actor_task_is_redone_exactly_once_with_the_current_weights(
