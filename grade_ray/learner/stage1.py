@@ -41,9 +41,9 @@ from grade_ray.spec import RewardSpec
 log = logging.getLogger(__name__)
 
 EPOCH_CKPT = "pretrain-epoch"
-STAGE1_REQUESTS = "pretrain/requests"
-STAGE1_REQUESTS_PER_S = "perf/stage1_requests_per_s"
-STAGE1_PID = "pretrain/worker_pid"
+STAGE1_REQUESTS = keys.PRETRAIN_REQUESTS
+STAGE1_REQUESTS_PER_S = keys.PERF_STAGE1_REQUESTS_PER_S
+STAGE1_PID = keys.PRETRAIN_WORKER_PID
 """Rank 0's process id (evidence of where Stage 1 ran)."""
 
 

@@ -31,7 +31,14 @@ pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parents[2]
 
-VOLATILE = ("time", "step", keys.PERF_ROUND_S, keys.PERF_REQUESTS_PER_S)
+VOLATILE = (
+    "time",
+    "step",
+    keys.PERF_ROUND_S,
+    keys.PERF_REQUESTS_PER_S,
+    keys.PERF_STAGE1_REQUESTS_PER_S,
+    keys.PRETRAIN_WORKER_PID,
+)
 
 
 def stage2_rows(run_dir):
