@@ -350,3 +350,29 @@ def test_quiet_ray_info_keeps_the_jobs_lines_and_every_warning():
     assert f.filter(record(ray_file, logging.WARNING))
     assert f.filter(record(ray_file, logging.ERROR))
     assert f.filter(record(str(ROOT / "grade_ray" / "learner" / "loop.py"), logging.INFO))
+
+
+def test_only_round_reports_reach_the_callers_callbacks():
+    """Stage 1's epoch reports (a checkpoint for restarts, no held-out metric) must not reach
+    Tune: it would refuse a result without its metric and ASHA would count epochs as rounds."""
+    from ray.train import UserCallback
+
+    from grade_ray.jobs.train_callbacks import Stage2Reports
+
+    class Recorder(UserCallback):
+        def __init__(self) -> None:
+            self.reports, self.errors = [], []
+
+        def after_report(self, run_context, metrics, checkpoint):
+            self.reports.append((metrics[0]["stage"], checkpoint))
+
+        def after_exception(self, run_context, worker_exceptions):
+            self.errors.append(worker_exceptions)
+
+    inner = Recorder()
+    cb = Stage2Reports(inner)
+    cb.after_report(None, [{"stage": 1, "epoch": 0}], "epoch-ckpt")
+    cb.after_report(None, [{"stage": 2, keys.ROUND: 0}], "round-ckpt")
+    cb.after_exception(None, {0: RuntimeError("x")})
+    assert inner.reports == [(2, "round-ckpt")]
+    assert len(inner.errors) == 1
