@@ -124,3 +124,34 @@ def test_stopped_stage1_resumes_with_resume(ray_session, s1_cfg, local_stage1, t
     assert rows[0][STAGE1_PID] != rows[1][STAGE1_PID]
     assert_same_rows(cfg.run_dir, local_stage1.run_dir)
     assert_same_stage1(cfg.run_dir, local_stage1.run_dir)
+
+
+@pytest.mark.slow  # two Ray Train jobs with two workers each: ~3 min here
+def test_two_worker_stage1_restart_equals_the_uninterrupted_two_worker_run(
+    ray_session, s1_cfg, tmp_path
+):
+    """DDP over two Train workers: each rank's shard, optimizer, score scale and RNG state
+    come back after a restart, so the run ends as the uninterrupted two-worker run; both
+    ranks report every epoch (Train would hang otherwise)."""
+    two = s1_cfg.replace(
+        **{
+            "learner.num_workers": 2,
+            "learner.num_cpus_per_worker": 0.25,
+            "learner.max_failures": 1,
+            "policy.dropout": 0.1,  # the ranks' RNG states matter
+        }
+    )
+    whole = two.replace(run_dir=str(tmp_path / "whole"))
+    run_pretrain_ray(whole)
+    ft = two.replace(run_dir=str(tmp_path / "ft"))
+    run_pretrain_ray(ft, fail_at_epoch=0)
+    rows = stage1_rows(ft.run_dir)
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert rows[0][STAGE1_PID] != rows[1][STAGE1_PID]
+    assert all(r["pretrain/requests"] == s1_cfg.simulator.num_requests for r in rows)
+    assert_same_rows(ft.run_dir, whole.run_dir)
+    assert_same_stage1(ft.run_dir, whole.run_dir, tol=0.0)
+    state = load_checkpoint(epoch_checkpoints(ft.run_dir)[-1])
+    assert len(state["rng"]) == 2 and not torch.equal(
+        state["rng"][0]["cpu"], state["rng"][1]["cpu"]
+    )
