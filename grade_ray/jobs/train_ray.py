@@ -142,7 +142,7 @@ def _stage1_worker(
     rank: int,
     world: int,
     restart: dict[str, Any] | None,
-) -> dict[str, Any]:
+) -> FusionPolicy:
     """Stage 1 in this Train worker: the saved result (RUN_DIR/checkpoints/pretrain.pt) if
     there is one, else LambdaLoss epochs over this rank's shard of the plan (DDP over the
     ranks), continued from the restarted run's epoch checkpoint or, with ``--resume``, from
@@ -179,7 +179,11 @@ def _stage1_worker(
         )
         if restart is not None and restart.get("stage") == 1:
             trainer.restore(restart)
-            log.info("rank %d restarted Stage 1 after epoch %d", rank, trainer.next_epoch)
+            log.info(
+                "rank %d restarted Stage 1 from the last reported checkpoint (%d epoch(s) done)",
+                rank,
+                trainer.next_epoch,
+            )
         else:
             start_stage1(trainer, run_dir, config["resume"])
             fail_at = config.get("fail_at_epoch")
