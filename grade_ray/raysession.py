@@ -162,12 +162,15 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             )
 
 
-def check_resources(cfg: Config, resources: dict[str, float] | None = None) -> None:
-    """Fail fast, naming the setting to change, if the job cannot fit the cluster."""
+def check_resources(
+    cfg: Config, resources: dict[str, float] | None = None, rollouts: bool = True
+) -> None:
+    """Fail fast, naming the setting to change, if the job cannot fit the cluster.
+    ``rollouts=False``: a job without rollout actors (Stage 1 alone)."""
     res = resources if resources is not None else ray.cluster_resources()
     cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
     r, lr = cfg.rollout, cfg.learner
-    rollout_cpu = r.num_workers * r.num_cpus_per_worker
+    rollout_cpu = r.num_workers * r.num_cpus_per_worker if rollouts else 0.0
     learner_cpu = lr.num_workers * lr.num_cpus_per_worker
     need = rollout_cpu + learner_cpu + DATA_CPU_RESERVE
     if need > cpus + 1e-9:

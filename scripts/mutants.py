@@ -217,9 +217,9 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "ranks-overlap",
-        "learner/loop.py",
-        "return [_split_for_ranks(s, self.world)[self.rank :: self.world] for s in steps]",
-        "return [_split_for_ranks(s, self.world)[self.rank :] for s in steps]",
+        "data/plan.py",
+        "return [split_for_ranks(s, world, setting)[rank::world] for s in steps]",
+        "return [split_for_ranks(s, world, setting)[rank:] for s in steps]",
         (f"{T_STEPS}::test_ranks_share_each_step_and_use_every_request_once",),
         "learner ranks train on the same requests",
     ),
@@ -443,6 +443,25 @@ MUTATIONS: list[Mutation] = [
         "scores = scores",
         (f"{T_WORKER}::test_advantages_are_the_composite_rewards_group_advantages",),
         "R_prior ignores the fitted calibration",
+    ),
+    Mutation(
+        "stage1-score-scale-not-all-reduced",
+        "learner/supervised.py",
+        "        _all_reduce_mean(self.log_scale.grad)",
+        "        pass",
+        (
+            "tests/learner/test_stage1_ddp.py::"
+            "test_two_ranks_step_like_one_process_on_the_mean_of_both_halves",
+        ),
+        "DDP ranks' Stage 1 score scales drift apart",
+    ),
+    Mutation(
+        "stage1-restart-from-scratch",
+        "jobs/train_ray.py",
+        'if restart is not None and restart.get("stage") == 1:',
+        "if False:",
+        ("tests/jobs/test_stage1_ray.py::test_stage1_failure_restarts_after_the_last_epoch",),
+        "a restarted Train worker group redoes Stage 1 from epoch 0",
     ),
     Mutation(
         "logit-bound-ignored",

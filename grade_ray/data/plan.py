@@ -75,10 +75,25 @@ class DataPlan:
     ts_range: tuple[int, int]
     cache: dict[str, str] = dataclasses.field(default_factory=dict)
     """Session file -> its decoded cache file (empty when built without ``cache_dir``)."""
+    file_rows: list[np.ndarray] = dataclasses.field(default_factory=list)
+    """Per file of :attr:`files`: the row numbers of its validated rows, ascending."""
 
     @property
     def num_requests(self) -> int:
         return sum(len(t) for r in self.rounds for t in r)
+
+    def epoch_tasks(self, batch_size: int) -> list[Task]:
+        """Every validated row once, in file order, as per-file tasks of <= ``batch_size``
+        rows (Stage 1's pass over the logs: what streaming the files in order reads)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not self.file_rows:
+            raise ValueError("this plan holds no per-file rows (built by DataPlan.build?)")
+        tasks: list[Task] = []
+        for file, rows in zip(self.files, self.file_rows):
+            for start in range(0, len(rows), batch_size):
+                tasks.append(Task(0, len(tasks), file, rows[start : start + batch_size]))
+        return tasks
 
     @classmethod
     def build(
@@ -123,7 +138,11 @@ class DataPlan:
                 window = window[:requests_per_round]
             plan_rounds.append(_tasks(r, window, fidx, ridx, files, batch_size))
         log.info("data plan: %s; %d rounds", report.summary(), rounds)
-        return cls(files, meta, report, plan_rounds, (int(ts.min()), int(ts.max())), cached)
+        # the scan visits files in order and each file's rows ascending
+        bounds = np.cumsum(np.bincount(fidx, minlength=len(files)))[:-1]
+        file_rows = np.split(ridx, bounds)
+        ts_range = (int(ts.min()), int(ts.max()))
+        return cls(files, meta, report, plan_rounds, ts_range, cached, file_rows)
 
 
 def _scan(
@@ -207,6 +226,46 @@ def lanes(tasks: list[Task], n: int) -> list[list[Task]]:
     q, r = divmod(len(tasks), n)
     bounds = [j * q + min(j, r) for j in range(n + 1)]
     return [tasks[bounds[j] : bounds[j + 1]] for j in range(n)]
+
+
+def split_for_ranks(tasks: list[Task], world: int, setting: str = "rollout.batch_size") -> list:
+    """Split the largest tasks until every rank gets at least one (DDP needs every rank
+    to take part in every step). ``setting``: the batch size to name when that cannot be."""
+    tasks = list(tasks)
+    while len(tasks) < world:
+        i = max(range(len(tasks)), key=lambda j: len(tasks[j]))
+        t = tasks[i]
+        if len(t) < 2:
+            raise ValueError(
+                f"a step has fewer requests than learner workers ({world}); "
+                f"lower learner.num_workers or raise {setting}"
+            )
+        h = len(t) // 2
+        tasks[i : i + 1] = [
+            dataclasses.replace(t, rows=t.rows[:h]),
+            dataclasses.replace(t, index=t.index + 100_000, rows=t.rows[h:]),
+        ]
+    return tasks
+
+
+def deal_steps(
+    tasks: list[Task], per_step: int, world: int, rank: int, setting: str = "rollout.batch_size"
+) -> list[list[Task]]:
+    """Rank ``rank``'s tasks of each step when ``per_step`` tasks (over all ``world`` ranks)
+    make a step.
+
+    The tasks are dealt into ``per_step`` lanes (contiguous runs, :func:`lanes`); step s
+    takes the s-th task of every lane, in lane order, and rank r takes every world-th of
+    them from the r-th, so a reader keeps reading the same files from step to step. Every
+    rank gets the same number of steps, each with at least one task (a last, short step
+    has its largest tasks split; ``setting`` is named when a task is too small to split).
+    """
+    dealt = lanes(tasks, per_step)
+    steps = [
+        [lane[s] for lane in dealt if s < len(lane)]
+        for s in range(max((len(lane) for lane in dealt), default=0))
+    ]
+    return [split_for_ranks(s, world, setting)[rank::world] for s in steps]
 
 
 # Columns a rollout needs (item ids are not read: ranking uses scores, labels and positions).

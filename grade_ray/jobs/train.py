@@ -23,7 +23,6 @@ from grade_ray import keys
 from grade_ray.config import Config, save_config
 from grade_ray.data.plan import DataPlan
 from grade_ray.data.reading import iter_validated, read_meta
-from grade_ray.data.sessions import SchemaError
 from grade_ray.data.validation import ReadReport, read_scope, rejects_file
 from grade_ray.learner.grpo import GRPOLearner, GRPOSettings
 from grade_ray.learner.loop import (
@@ -37,6 +36,7 @@ from grade_ray.learner.loop import (
     rollout_spec,
     save_policy,
 )
+from grade_ray.learner.stage1 import epoch_checkpoints
 from grade_ray.rollout.backend import LocalRollout
 from grade_ray.runlog import (
     CHECKPOINT_DIR,
@@ -138,16 +138,20 @@ def _claim_stage1(run_dir: Path, overwrite: bool) -> None:
     (``overwrite``, with a warning) or refused with :class:`RunDirError`."""
     ckpt = run_dir / CHECKPOINT_DIR / f"{PRETRAIN_CKPT}.pt"
     rows, rounds = _stage_rows(run_dir, 1), round_checkpoints(run_dir)
-    if not (ckpt.exists() or rows or rounds):
+    epochs = epoch_checkpoints(run_dir)
+    if not (ckpt.exists() or rows or rounds or epochs):
         return
     if not overwrite:
         raise RunDirError(
             f"{run_dir} already holds a run ({'a' if ckpt.exists() else 'no'} Stage 1 "
-            f"checkpoint, {len(rows)} Stage 1 metric row(s), {len(rounds)} round "
-            "checkpoint(s)); use another --run-dir or delete it"
+            f"checkpoint, {len(epochs)} Stage 1 epoch checkpoint(s), {len(rows)} Stage 1 "
+            f"metric row(s), {len(rounds)} round checkpoint(s)); use another --run-dir or "
+            "delete it"
         )
     log.warning("%s: replacing an earlier Stage 1 result", run_dir)
     ckpt.unlink(missing_ok=True)
+    for p in epoch_checkpoints(run_dir):
+        p.unlink()
     _drop_stage_rows(run_dir, 1)
 
 
@@ -169,39 +173,68 @@ def run_pretrain(cfg: Config, *, overwrite: bool = True) -> Path:
         run_dir, logger = _start(cfg)
         train_path, _ = prepare_data(cfg)
         meta = read_meta(train_path)
-        report = count_rows(cfg, train_path)
-        if report.rows_used == 0:
-            raise SchemaError(f"{train_path}: no usable rows ({report.summary()})")
+        plan = build_stage1_plan(cfg, train_path)
+        log.info("training data: %s", plan.report.summary())
         policy = new_policy(cfg, meta, train_path)
-        pretrain(cfg, policy, meta, train_path, logger)
+        pretrain(cfg, policy, meta, train_path, logger, plan=plan, run_dir=run_dir)
         path = save_policy(run_dir / CHECKPOINT_DIR / f"{PRETRAIN_CKPT}.pt", policy, cfg, meta)
         save_policy(run_dir / POLICY_FILE, policy, cfg, meta, {"stage": 1})
-        _write_json(run_dir / "summary.json", {"data": _counts(report), "stage": 1})
+        _write_json(run_dir / "summary.json", {"data": _counts(plan.report), "stage": 1})
         logger.close()
     return path
 
 
-def initial_policy(cfg: Config, meta, train_path: str, logger: MetricsLogger | None):
+def initial_policy(
+    cfg: Config,
+    meta,
+    train_path: str,
+    logger: MetricsLogger | None,
+    *,
+    plan: DataPlan | None = None,
+    resume: bool = False,
+):
     """Stage 1 result: loaded from RUN_DIR/checkpoints/pretrain.pt if present, else trained
-    (Stage 1 rows of an earlier attempt that left no checkpoint are dropped first)."""
+    in this process over ``plan``'s rows (default: a plan built here), checkpointing every
+    epoch; ``resume`` continues after the newest epoch checkpoint (else an interrupted
+    attempt's epoch checkpoints and metric rows are dropped first)."""
     ckpt = Path(cfg.run_dir) / CHECKPOINT_DIR / f"{PRETRAIN_CKPT}.pt"
-    if not ckpt.exists() and logger is not None and _stage_rows(Path(cfg.run_dir), 1):
-        log.warning("%s: Stage 1 rows without its checkpoint (an interrupted run); redone", ckpt)
-        _drop_stage_rows(Path(cfg.run_dir), 1)
     if ckpt.exists():
-        policy, saved_meta, _ = load_policy(ckpt)
-        if saved_meta.task_names != meta.task_names:
-            raise RunDirError(
-                f"{ckpt} was trained on tasks {saved_meta.task_names}, data has "
-                f"{meta.task_names}; delete it or use another run_dir"
-            )
-        log.info("Stage 1 policy loaded from %s", ckpt)
+        policy = load_stage1(ckpt, meta)
         return policy.train()
     policy = new_policy(cfg, meta, train_path)
     if cfg.pretrain.epochs:
-        pretrain(cfg, policy, meta, train_path, logger)
+        plan = plan if plan is not None else build_stage1_plan(cfg, train_path)
+        pretrain(
+            cfg, policy, meta, train_path, logger, plan=plan, run_dir=cfg.run_dir, resume=resume
+        )
         save_policy(ckpt, policy, cfg, meta)
     return policy
+
+
+def load_stage1(ckpt: Path, meta):
+    """The Stage 1 policy saved at ``ckpt`` (eval mode), checked against the data's tasks."""
+    policy, saved_meta, _ = load_policy(ckpt)
+    if saved_meta.task_names != meta.task_names:
+        raise RunDirError(
+            f"{ckpt} was trained on tasks {saved_meta.task_names}, data has "
+            f"{meta.task_names}; delete it or use another run_dir"
+        )
+    log.info("Stage 1 policy loaded from %s", ckpt)
+    return policy
+
+
+def build_stage1_plan(cfg: Config, train_path: str) -> DataPlan:
+    """A one-round plan for Stage 1 alone (``grade-ray pretrain``): the validated rows and
+    the decoded cache, which Stage 1's epochs read."""
+    return DataPlan.build(
+        train_path,
+        rounds=1,
+        batch_size=cfg.pretrain.batch_size,
+        on_error=cfg.data.on_error,
+        rejects_path=rejects_file(Path(cfg.run_dir) / REJECTS_DIR, train_path),
+        cache_dir=decode_cache_dir(cfg),
+        max_candidates=cfg.data.max_candidates,
+    )
 
 
 def build_plan(cfg: Config, train_path: str) -> DataPlan:
@@ -241,7 +274,7 @@ def _train_local(cfg: Config, resume: bool) -> Path:
     meta = read_meta(train_path)
     plan = build_plan(cfg, train_path)
     log.info("training data: %s", plan.report.summary())
-    policy = initial_policy(cfg, meta, train_path, logger)
+    policy = initial_policy(cfg, meta, train_path, logger, plan=plan, resume=resume)
     learner = GRPOLearner(policy, GRPOSettings.from_config(cfg), seed=cfg.seed)
     backend = LocalRollout(
         load_policy_copy(policy),

@@ -1,12 +1,25 @@
-"""GRADE on Ray: a Ray Train learner driving a pool of rollout actors.
+"""GRADE on Ray: Stage 1 and Stage 2 in Ray Train workers, Stage 2 driving rollout actors.
 
-The controller loop lives in each Ray Train worker (rank r drives its own
-rollout actors over its share of every step's tasks); with several learner
-workers the model is DDP-wrapped and every rank runs the same number of steps
-and minibatches. Stage 1 runs in the driver before Train starts. Each round
-rank 0 writes a checkpoint to ``RUN_DIR/checkpoints`` and reports it to Ray
-Train, so ``FailureConfig(max_failures)`` restarts resume from it and
-``--resume`` continues a stopped run.
+The driver only orchestrates: it connects to Ray, checks the cluster can hold the run,
+simulates the data when the run's data is simulated, fits the reward to the logs
+(``reward_fit``) and starts one ``TorchTrainer`` on ``learner.num_workers`` workers
+(``learner.use_gpu`` honoured). Each worker builds the data plan (one validating pass,
+the decoded cache) and then:
+
+* Stage 1 (:class:`~grade_ray.learner.stage1.Stage1Trainer`): LambdaLoss epochs, each
+  rank reading its own contiguous shard of the plan's tasks, DDP-wrapped when there are
+  several ranks (the score scale is all-reduced by the learner). Rank 0 checkpoints every
+  epoch and every rank reports it to Ray Train; rank 0 saves ``pretrain.pt``. A run
+  directory that already holds ``pretrain.pt`` skips Stage 1. With one worker the steps
+  are exactly ``--local``'s (:func:`grade_ray.learner.loop.pretrain`).
+* Stage 2: the controller loop lives in each worker (rank r drives its own rollout actors
+  over its share of every step's tasks); with several workers the model is DDP-wrapped
+  and every rank runs the same number of steps and minibatches. Each round rank 0 writes
+  a checkpoint to ``RUN_DIR/checkpoints`` and reports it to Ray Train.
+
+So ``FailureConfig(max_failures)`` restarts resume after the last reported epoch or round
+and ``--resume`` continues a stopped run from the run directory's checkpoints. Only Stage
+2's reports reach callers' callbacks (Tune ranks and schedules trials by round).
 """
 
 from __future__ import annotations
@@ -39,6 +52,7 @@ if TYPE_CHECKING:
     from grade_ray.data.plan import DataPlan
     from grade_ray.learner.grpo import GRPOLearner
     from grade_ray.learner.loop import GRPOTrainer
+    from grade_ray.models.policy import FusionPolicy
     from grade_ray.rollout.actor import RayRollout
     from grade_ray.runlog import MetricsLogger
 
@@ -56,8 +70,9 @@ def _train_loop(config: dict[str, Any]) -> None:
 
 
 def _train_rounds(cfg: Config, config: dict[str, Any]) -> None:
-    """One Train worker's Stage 2: build the learner and its rollout actors, continue from
-    where the run stopped, run the remaining rounds; rank 0 saves the final policy."""
+    """One Train worker: Stage 1 over this rank's shard (or its saved result), then Stage 2:
+    build the learner and its rollout actors, continue from where the run stopped, run the
+    remaining rounds; rank 0 saves the final policy."""
     import ray.train
     import torch
 
@@ -69,9 +84,18 @@ def _train_rounds(cfg: Config, config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     plan = build_plan(cfg, config["train_path"])
-    learner = _build_learner(cfg, config["init_policy"], rank)
-    backend = _build_rollout(cfg, plan, config["train_path"], world)
     logger = MetricsLogger(cfg.run_dir) if rank == 0 else None
+    restart = _train_checkpoint()
+    stage1 = _stage1_worker(cfg, plan, config, logger, rank, world, restart)
+    if config.get("stage1_only"):  # run_pretrain_ray: policy.pt is the SP baseline
+        if rank == 0:
+            from grade_ray.learner.loop import POLICY_FILE, save_policy
+
+            save_policy(Path(cfg.run_dir) / POLICY_FILE, stage1, cfg, plan.meta, {"stage": 1})
+            logger.close()
+        return
+    learner = _build_learner(cfg, stage1, rank)
+    backend = _build_rollout(cfg, plan, config["train_path"], world)
     probe = Probe(cfg, plan.meta, config["eval_path"], simulator_for(cfg)) if rank == 0 else None
     trainer = GRPOTrainer(
         cfg,
@@ -85,7 +109,7 @@ def _train_rounds(cfg: Config, config: dict[str, Any]) -> None:
         world=world,
         report_fn=_report,
     )
-    restarted = _restore(trainer, Path(cfg.run_dir), config["resume"], rank)
+    restarted = _restore(trainer, Path(cfg.run_dir), config["resume"], rank, restart)
     fail_at = config.get("fail_at_round")
     if fail_at is not None and not restarted:
         trainer.fail_at_round = int(fail_at)
@@ -96,14 +120,90 @@ def _train_rounds(cfg: Config, config: dict[str, Any]) -> None:
     backend.close()
 
 
-def _build_learner(cfg: Config, init_policy: str, rank: int) -> GRPOLearner:
+def _train_checkpoint() -> dict[str, Any] | None:
+    """The state of the last checkpoint this Train run reported (a restarted worker group
+    continues from it): a Stage 1 epoch or a Stage 2 round; None on a first start."""
+    import ray.train
+
+    from grade_ray.runlog import load_checkpoint
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        return load_checkpoint(Path(d) / "state.pt")
+
+
+def _stage1_worker(
+    cfg: Config,
+    plan: DataPlan,
+    config: dict[str, Any],
+    logger: MetricsLogger | None,
+    rank: int,
+    world: int,
+    restart: dict[str, Any] | None,
+) -> FusionPolicy:
+    """Stage 1 in this Train worker: the saved result (RUN_DIR/checkpoints/pretrain.pt) if
+    there is one, else LambdaLoss epochs over this rank's shard of the plan (DDP over the
+    ranks), continued from the restarted run's epoch checkpoint or, with ``--resume``, from
+    the run directory's; rank 0 saves pretrain.pt. Returns the policy: on the CPU, not
+    wrapped (Stage 2 prepares its own copy)."""
+    import ray.train.torch
+    import torch
+
+    from grade_ray.jobs.train import load_stage1
+    from grade_ray.learner.loop import PRETRAIN_CKPT, new_policy, save_policy
+    from grade_ray.learner.stage1 import Stage1Trainer, start_stage1
+    from grade_ray.models.policy import build_policy
+    from grade_ray.runlog import CHECKPOINT_DIR
+
+    run_dir = Path(cfg.run_dir)
+    ckpt = run_dir / CHECKPOINT_DIR / f"{PRETRAIN_CKPT}.pt"
+    if ckpt.exists():  # done earlier: by this run before a restart, or by an earlier run
+        return load_stage1(ckpt, plan.meta)
+    policy = new_policy(cfg, plan.meta, config["train_path"])  # the same on every rank
+    if cfg.pretrain.epochs:
+        if rank > 0:  # its own dropout masks (rank 0 keeps the single-process stream)
+            torch.manual_seed(cfg.seed + rank)
+        model = ray.train.torch.prepare_model(policy.train())  # DDP when world > 1
+        trainer = Stage1Trainer(
+            cfg,
+            plan,
+            model,
+            logger,
+            run_dir,
+            rank=rank,
+            world=world,
+            device=ray.train.torch.get_device(),
+            report_fn=_report,
+        )
+        if restart is not None and restart.get("stage") == 1:
+            trainer.restore(restart)
+            log.info(
+                "rank %d restarted Stage 1 from the last reported checkpoint (%d epoch(s) done)",
+                rank,
+                trainer.next_epoch,
+            )
+        else:
+            start_stage1(trainer, run_dir, config["resume"])
+            fail_at = config.get("fail_at_epoch")
+            if fail_at is not None and restart is None:
+                trainer.fail_at_epoch = int(fail_at)
+        trainer.fit()
+        trained = {k: v.detach().cpu() for k, v in trainer.module.state_dict().items()}
+        policy = build_policy(cfg.policy, plan.meta.context_dim, plan.meta.num_tasks)
+        policy.load_state_dict(trained)
+    if rank == 0:
+        save_policy(ckpt, policy, cfg, plan.meta)
+    return policy
+
+
+def _build_learner(cfg: Config, policy: FusionPolicy, rank: int) -> GRPOLearner:
     """The GRPO learner around the Stage 1 policy, prepared for Train (DDP when world > 1)."""
     import ray.train.torch
 
     from grade_ray.learner.grpo import GRPOLearner, GRPOSettings
-    from grade_ray.learner.loop import load_policy
 
-    policy, _, _ = load_policy(init_policy)
     model = ray.train.torch.prepare_model(policy.train())
     return GRPOLearner(
         model, GRPOSettings.from_config(cfg), ray.train.torch.get_device(), seed=cfg.seed + rank
@@ -141,20 +241,22 @@ def _report(metrics: dict[str, float], ckpt_path: Path | None) -> None:
         ray.train.report(clean, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def _restore(trainer: GRPOTrainer, run_dir: Path, resume: bool, rank: int) -> bool:
-    """Continue from Train's last reported checkpoint when FailureConfig restarted this run
-    (returns True), else from ``run_dir``'s checkpoints when ``resume`` (``--resume``)."""
-    import ray.train
-
+def _restore(
+    trainer: GRPOTrainer,
+    run_dir: Path,
+    resume: bool,
+    rank: int,
+    restart: dict[str, Any] | None,
+) -> bool:
+    """Continue from Train's last reported round checkpoint ``restart`` when FailureConfig
+    restarted this run during Stage 2 (returns True), else from ``run_dir``'s checkpoints
+    when ``resume`` (``--resume``); a Stage 1 epoch checkpoint means no round was done."""
     from grade_ray.jobs.train import resume_trainer
-    from grade_ray.runlog import load_checkpoint
 
-    train_ckpt = ray.train.get_checkpoint()
-    if train_ckpt is None:
+    if restart is None or restart.get("stage") == 1:
         resume_trainer(trainer, run_dir, resume)
         return False
-    with train_ckpt.as_directory() as d:
-        trainer.restore(load_checkpoint(Path(d) / "state.pt"))
+    trainer.restore(restart)
     log.info(
         "rank %d restarted from the last reported checkpoint (round %d)",
         rank,
@@ -193,53 +295,88 @@ def run_train_ray(
     callbacks: list | None = None,
     *,
     overwrite: bool = True,
+    fail_at_epoch: int | None = None,
 ) -> Path:
-    """Stage 1 in the driver, then Stage 2 on Ray Train + rollout actors. Returns policy.pt.
+    """Stage 1 then Stage 2 in Ray Train workers (+ rollout actors). Returns policy.pt.
 
     ``callbacks`` go to Ray Train's RunConfig (Tune passes its report callback here, so
-    every round's metrics reach the Tuner); ``fail_at_round`` injects a learner failure
-    after that round (fault-tolerance tests). ``resume`` / ``overwrite``: as
+    every round's metrics reach the Tuner; Stage 1's epoch reports are not passed on);
+    ``fail_at_round`` / ``fail_at_epoch`` inject a learner failure after that Stage 2
+    round / Stage 1 epoch (fault-tolerance tests). ``resume`` / ``overwrite``: as
     :func:`grade_ray.jobs.train.run_train_local`.
     """
     from grade_ray.jobs.train import claim_stage2, data_scope
 
     claim_stage2(Path(cfg.run_dir), resume, overwrite)
     with data_scope(cfg):
-        return _run(cfg, resume, address, fail_at_round, callbacks)
+        faults = {"fail_at_round": fail_at_round, "fail_at_epoch": fail_at_epoch}
+        return _run(cfg, resume, address, faults, callbacks)
+
+
+def run_pretrain_ray(
+    cfg: Config,
+    resume: bool = False,
+    address: str | None = None,
+    *,
+    overwrite: bool = True,
+    fail_at_epoch: int | None = None,
+) -> Path:
+    """Stage 1 alone in Ray Train workers (``learner.num_workers``, DDP when > 1), as
+    :func:`run_train_ray` runs it; returns RUN_DIR/checkpoints/pretrain.pt. ``overwrite``:
+    replace an earlier Stage 1 result (else refuse); ``resume``: continue after the newest
+    epoch checkpoint; ``fail_at_epoch``: as :func:`run_train_ray`."""
+    from grade_ray.jobs.train import _claim_stage1, data_scope
+    from grade_ray.learner.loop import PRETRAIN_CKPT
+    from grade_ray.runlog import CHECKPOINT_DIR
+
+    if not resume:
+        _claim_stage1(Path(cfg.run_dir), overwrite)
+    with data_scope(cfg):
+        faults = {"fail_at_epoch": fail_at_epoch, "stage1_only": True}
+        _run(cfg, resume, address, faults, None)
+    return Path(cfg.run_dir).resolve() / CHECKPOINT_DIR / f"{PRETRAIN_CKPT}.pt"
 
 
 def _run(
     cfg: Config,
     resume: bool,
     address: str | None,
-    fail_at_round: int | None,
+    options: dict[str, Any],
     callbacks: list | None,
 ) -> Path:
-    """The driver: claim the run, Stage 1 here, Stage 2 on Ray Train; returns policy.pt."""
+    """The driver: claim the run, prepare the data and the reward's fit, then both stages
+    on Ray Train; returns policy.pt. ``options``: fault injection, ``stage1_only``."""
     from grade_ray.learner.loop import POLICY_FILE
 
-    cfg, run_dir, logger = _start_driver(cfg, address)
-    train_path, eval_path, init = _stage1(cfg, run_dir, logger)
+    cfg, run_dir, logger = _start_driver(cfg, address, rollouts=not options.get("stage1_only"))
+    logger.close()  # rank 0 of the Train run logs every epoch and round
+    train_path, eval_path = _prepare(cfg, fit_reward=not options.get("stage1_only"))
     loop_config = {
         "cfg": cfg.to_dict(),
         "train_path": str(Path(train_path).resolve()),
         "eval_path": str(Path(eval_path).resolve()) if eval_path else "",
-        "init_policy": str(init),
         "resume": resume,
-        "fail_at_round": fail_at_round,
         "ray_log_level": ray_log_level(),
+        **options,
     }
+    if callbacks:
+        from grade_ray.jobs.train_callbacks import Stage2Reports
+
+        callbacks = [Stage2Reports(c) for c in callbacks]
     _torch_trainer(cfg, run_dir, loop_config, callbacks).fit()
     return run_dir / POLICY_FILE
 
 
-def _start_driver(cfg: Config, address: str | None) -> tuple[Config, Path, MetricsLogger]:
-    """Connect to Ray, check the cluster can hold the run, claim the run directory.
-    Returns (cfg with absolute paths, run_dir, the driver's logger)."""
+def _start_driver(
+    cfg: Config, address: str | None, rollouts: bool = True
+) -> tuple[Config, Path, MetricsLogger]:
+    """Connect to Ray, check the cluster can hold the run (``rollouts``: with its rollout
+    actors), claim the run directory. Returns (cfg with absolute paths, run_dir, the
+    driver's logger)."""
     from grade_ray.jobs.train import _start
 
     init_ray(address)
-    check_resources(cfg)
+    check_resources(cfg, rollouts=rollouts)
     run_dir, logger = _start(cfg)
     run_dir = run_dir.resolve()
     cfg = cfg.replace(run_dir=str(run_dir))
@@ -248,22 +385,16 @@ def _start_driver(cfg: Config, address: str | None) -> tuple[Config, Path, Metri
     return cfg, run_dir, logger
 
 
-def _stage1(cfg: Config, run_dir: Path, logger: MetricsLogger) -> tuple[str, str, Path]:
-    """Stage 1 in the driver: the data, the initial policy, the reward's fit to the logs.
-    Returns (train_path, eval_path, the checkpoint Stage 2 starts from)."""
-    from grade_ray.jobs.train import initial_policy, prepare_data
-    from grade_ray.learner.loop import PRETRAIN_CKPT, save_policy
-    from grade_ray.runlog import CHECKPOINT_DIR
+def _prepare(cfg: Config, fit_reward: bool = True) -> tuple[str, str]:
+    """What the Train workers start from: the data (simulated here when the run's data is
+    simulated) and, for Stage 2, the reward's fit to the logs (once, here). Stage 1 itself
+    runs in the workers. Returns (train_path, eval_path)."""
+    from grade_ray.jobs.train import prepare_data
 
     train_path, eval_path = prepare_data(cfg)
-    meta = read_meta(train_path)
-    policy = initial_policy(cfg, meta, train_path, logger)
-    logger.close()
-    run_reward_fit(cfg, train_path, meta)  # what the reward learns from the logs, once, here
-    init = run_dir / CHECKPOINT_DIR / f"{PRETRAIN_CKPT}.pt"
-    if not init.exists():  # pretrain.epochs == 0: start Stage 2 from the initial policy
-        save_policy(init, policy, cfg, meta)
-    return train_path, eval_path, init
+    if fit_reward:
+        run_reward_fit(cfg, train_path, read_meta(train_path))
+    return train_path, eval_path
 
 
 def _torch_trainer(

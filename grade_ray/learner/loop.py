@@ -29,12 +29,11 @@ from grade_ray.algos.exploration import alpha_schedule
 from grade_ray.algos.fusion import fuse
 from grade_ray.algos.metrics import ndcg_at_k
 from grade_ray.config import Config
-from grade_ray.data.plan import DataPlan, lanes
+from grade_ray.data.plan import DataPlan, deal_steps
 from grade_ray.data.reading import iter_batches, read_sessions
 from grade_ray.data.sessions import SessionBatch, SessionMeta
 from grade_ray.learner.diagnostics import failure_warnings, policy_diagnostics
 from grade_ray.learner.grpo import GRPOLearner
-from grade_ray.learner.supervised import SupervisedLearner, SupervisedSettings
 from grade_ray.models.policy import FusionPolicy, build_policy
 from grade_ray.rollout.backend import task_seed
 from grade_ray.rollout.worker import RolloutSpec, rollout_summary
@@ -166,34 +165,31 @@ def pretrain(
     meta: SessionMeta,
     train_path: str | Path,
     logger: MetricsLogger | None = None,
+    *,
+    plan: DataPlan | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> dict[str, float]:
-    """Stage 1 (SP): LambdaLoss epochs over the training logs."""
-    spec = RewardSpec.from_config(cfg.reward, meta)
-    learner = SupervisedLearner(policy, SupervisedSettings.from_config(cfg), spec)
-    last: dict[str, float] = {}
-    for epoch in range(cfg.pretrain.epochs):
-        sums: dict[str, float] = collections.defaultdict(float)
-        steps = 0
-        t0 = time.perf_counter()
-        for batch in iter_batches(
-            train_path, batch_size=cfg.pretrain.batch_size, on_error=cfg.data.on_error
-        ):
-            for k, v in learner.step(batch).items():
-                sums[k] += v
-            steps += 1
-        last = {k: v / max(steps, 1) for k, v in sums.items()}
-        log.info(
-            "pretrain epoch %d/%d: loss %.4f ndcg %.4f weight entropy %.3f (%.1fs)",
-            epoch + 1,
-            cfg.pretrain.epochs,
-            last.get(keys.PRETRAIN_LOSS, float("nan")),
-            last.get(keys.PRETRAIN_NDCG, float("nan")),
-            last.get(keys.PRETRAIN_ENTROPY, float("nan")),
-            time.perf_counter() - t0,
+    """Stage 1 (SP) in this process: LambdaLoss epochs over the training logs; returns the
+    last epoch's metrics.
+
+    The epochs read the rows ``plan`` names (default: a plan built here, without a decoded
+    cache), as :class:`~grade_ray.learner.stage1.Stage1Trainer` does in each Ray Train
+    worker, so one worker there takes exactly these steps. ``run_dir``: checkpoint every
+    epoch there, and with ``resume`` continue after its last checkpointed epoch.
+    ``meta``: the data's (checked against the plan's).
+    """
+    from grade_ray.learner.stage1 import Stage1Trainer, start_stage1
+
+    if plan is None:
+        plan = DataPlan.build(
+            train_path, rounds=1, batch_size=cfg.pretrain.batch_size, on_error=cfg.data.on_error
         )
-        if logger:
-            logger.log(epoch, {"stage": 1, "epoch": epoch, **last})
-    return last
+    if plan.meta.task_names != meta.task_names:
+        raise ValueError(f"plan tasks {plan.meta.task_names} differ from {meta.task_names}")
+    trainer = Stage1Trainer(cfg, plan, policy, logger, run_dir)
+    start_stage1(trainer, run_dir, resume)
+    return trainer.fit()
 
 
 # ---------------------------------------------------------------------------
@@ -271,26 +267,6 @@ class Position:
     next_round: int = 0
 
 
-def _split_for_ranks(tasks: list, world: int) -> list:
-    """Split the largest tasks until every rank gets at least one (DDP needs every rank
-    to take part in every step)."""
-    tasks = list(tasks)
-    while len(tasks) < world:
-        i = max(range(len(tasks)), key=lambda j: len(tasks[j]))
-        t = tasks[i]
-        if len(t) < 2:
-            raise ValueError(
-                f"a step has fewer requests than learner workers ({world}); "
-                "lower learner.num_workers or raise rollout.batch_size"
-            )
-        h = len(t) // 2
-        tasks[i : i + 1] = [
-            dataclasses.replace(t, rows=t.rows[:h]),
-            dataclasses.replace(t, index=t.index + 100_000, rows=t.rows[h:]),
-        ]
-    return tasks
-
-
 def _concat(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     out = {}
     for k, v in batches[0].items():
@@ -332,12 +308,7 @@ class GRPOTrainer:
         worker keeps reading the same files from step to step.
         """
         per_step = self.cfg.rollout.num_workers * self.world
-        dealt = lanes(self.plan.rounds[r], per_step)
-        steps = [
-            [lane[s] for lane in dealt if s < len(lane)]
-            for s in range(max(len(lane) for lane in dealt))
-        ]
-        return [_split_for_ranks(s, self.world)[self.rank :: self.world] for s in steps]
+        return deal_steps(self.plan.rounds[r], per_step, self.world, self.rank)
 
     def _num_steps(self, r: int) -> int:
         return len(self._step_tasks(r))

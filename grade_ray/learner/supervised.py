@@ -87,18 +87,42 @@ class Stage1Loss(NamedTuple):
     mask: torch.Tensor
 
 
-class SupervisedLearner:
-    """LambdaLoss on logged feedback; one :meth:`step` per request batch."""
+def _all_reduce_mean(grad: torch.Tensor | None) -> None:
+    """Average ``grad`` over the ranks of the default process group (no-op without one)."""
+    import torch.distributed as dist
 
-    def __init__(self, model: nn.Module, settings: SupervisedSettings, reward: RewardSpec) -> None:
+    if grad is None or not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size()
+    if world > 1:
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        grad.div_(world)
+
+
+class SupervisedLearner:
+    """LambdaLoss on logged feedback; one :meth:`step` per request batch.
+
+    ``model`` may be DDP-wrapped (Ray Train with several workers): its gradients are
+    averaged by the wrapper; the score scale, a parameter outside the model, is averaged
+    here, so every rank takes the same optimizer step. ``device``: where the model is
+    (batches are moved there)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        settings: SupervisedSettings,
+        reward: RewardSpec,
+        device: str | torch.device = "cpu",
+    ) -> None:
         self.model = model
         self.module = getattr(model, "module", model)
         self.settings = settings
         self.reward = reward
+        self.device = torch.device(device)
         # Rankings are invariant to a positive rescale of w, but LambdaLoss is not: a free
         # score scale lets the loss sharpen scores without polarizing w (which would saturate
         # the softmax and leave Stage 2 no gradient).
-        self.log_scale = nn.Parameter(torch.zeros(()))
+        self.log_scale = nn.Parameter(torch.zeros((), device=self.device))
         self.optimizer = torch.optim.Adam(
             [*self.model.parameters(), self.log_scale], lr=settings.lr
         )
@@ -110,11 +134,12 @@ class SupervisedLearner:
         :func:`lambda_loss` (``grade-ray bench`` times it against the dense reference).
         """
         s = self.settings
-        scores = as_tensor(batch.scores)
-        mask = as_tensor(batch.mask)
-        gains = self.reward.post_gain(as_tensor(batch.labels), as_tensor(batch.position))
+        dev = self.device
+        scores = as_tensor(batch.scores).to(dev)
+        mask = as_tensor(batch.mask).to(dev)
+        gains = self.reward.post_gain(as_tensor(batch.labels), as_tensor(batch.position)).to(dev)
         self.model.train()
-        logits = self.model(as_tensor(batch.context))
+        logits = self.model(as_tensor(batch.context).to(dev))
         pi = torch.softmax(logits, dim=-1)
         fused = fuse(s.fusion, scores, pi, s.fusion_eps)
         loss = ranking_loss(
@@ -133,7 +158,8 @@ class SupervisedLearner:
         if not torch.isfinite(loss):
             raise FloatingPointError(f"LambdaLoss is {loss.item()}; check the logged scores")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # a DDP model's gradients are averaged over ranks here
+        _all_reduce_mean(self.log_scale.grad)  # ... and the score scale's (not in the model)
         self.optimizer.step()
         with torch.no_grad():
             ndcg = ndcg_at_k(out.fused.detach(), out.gains, out.mask, self.reward.k).mean()

@@ -9,6 +9,7 @@ from grade_ray.jobs.bench.throughput import (
     bench_config,
     bench_rollout,
     bench_stage1,
+    bench_stage1_epoch,
     markdown_table,
     run_bench,
     scaling_projection,
@@ -64,6 +65,20 @@ def test_bench_stage1_times_both_kernels_and_they_agree(tmp_path):
     assert out["stage1.loss_abs_diff"] <= 1e-6 and out["stage1.grad_max_abs_diff"] <= 1e-6
     md = markdown_table(out)
     assert "`stage1.b64.requests_per_s_topk` |" in md
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # a Ray Train job: ~40 s here
+def test_bench_stage1_epoch_reports_local_and_ray_train_rates(ray_session, tmp_path):
+    cfg = bench_config(str(tmp_path / "run"), 1024).replace(**{"pretrain.batch_size": 256})
+    from grade_ray.jobs.train import prepare_data
+
+    train_path, _ = prepare_data(cfg)
+    out = bench_stage1_epoch(cfg, train_path, tmp_path)
+    for key in ("stage1.requests_per_s", "stage1.ray_train_requests_per_s"):
+        assert out[key] > 0, key
+    assert out["stage1.ray_train_wall_s"] > 1024 / out["stage1.ray_train_requests_per_s"]
+    assert "`stage1.ray_train_requests_per_s` |" in markdown_table(out)
 
 
 def test_markdown_table_writes_tiny_differences_in_scientific_notation():

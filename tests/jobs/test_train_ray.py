@@ -31,7 +31,14 @@ pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parents[2]
 
-VOLATILE = ("time", "step", keys.PERF_ROUND_S, keys.PERF_REQUESTS_PER_S)
+VOLATILE = (
+    "time",
+    "step",
+    keys.PERF_ROUND_S,
+    keys.PERF_REQUESTS_PER_S,
+    keys.PERF_STAGE1_REQUESTS_PER_S,
+    keys.PRETRAIN_WORKER_PID,
+)
 
 
 def stage2_rows(run_dir):
@@ -79,6 +86,8 @@ def test_resource_guard_names_the_setting(smoke_cfg):
     with pytest.raises(ResourceError, match="learner.use_gpu=false"):
         check_resources(smoke_cfg.replace(**{"learner.use_gpu": True}), {"CPU": 8.0})
     check_resources(smoke_cfg, {"CPU": 2.0})
+    # Stage 1 alone starts no rollout actors
+    check_resources(smoke_cfg.replace(**{"rollout.num_workers": 8}), {"CPU": 2.0}, rollouts=False)
 
 
 def test_killed_actor_task_is_redone_exactly_once_with_the_current_weights(
@@ -207,6 +216,16 @@ def test_two_actor_ray_run_matches_local(ray_run, ray_cfg, tmp_path):
             assert rb[k] == pytest.approx(ra[k], rel=1e-3, abs=1e-5), k
     actors = json.loads((Path(ray_run.run_dir) / "rollout_actors.json").read_text())
     assert len({a["pid"] for a in actors}) == 2
+    # Stage 1 ran in the Train worker (not this driver) and took the local run's steps
+    from grade_ray.learner.stage1 import STAGE1_PID
+
+    s1 = [r for r in read_metrics(ray_run.run_dir) if r.get("stage") == 1]
+    assert [r["epoch"] for r in s1] == list(range(ray_cfg.pretrain.epochs)) and s1
+    assert os.getpid() not in {r[STAGE1_PID] for r in s1}
+    a1 = load_checkpoint(Path(local.run_dir) / "checkpoints" / "pretrain.pt")["state_dict"]
+    b1 = load_checkpoint(Path(ray_run.run_dir) / "checkpoints" / "pretrain.pt")["state_dict"]
+    for k in a1:
+        torch.testing.assert_close(b1[k], a1[k], rtol=0, atol=1e-5, msg=k)
 
 
 def test_learner_failure_restart_reproduces_the_uninterrupted_run(ray_run, ray_cfg, tmp_path):
@@ -331,3 +350,29 @@ def test_quiet_ray_info_keeps_the_jobs_lines_and_every_warning():
     assert f.filter(record(ray_file, logging.WARNING))
     assert f.filter(record(ray_file, logging.ERROR))
     assert f.filter(record(str(ROOT / "grade_ray" / "learner" / "loop.py"), logging.INFO))
+
+
+def test_only_round_reports_reach_the_callers_callbacks():
+    """Stage 1's epoch reports (a checkpoint for restarts, no held-out metric) must not reach
+    Tune: it would refuse a result without its metric and ASHA would count epochs as rounds."""
+    from ray.train import UserCallback
+
+    from grade_ray.jobs.train_callbacks import Stage2Reports
+
+    class Recorder(UserCallback):
+        def __init__(self) -> None:
+            self.reports, self.errors = [], []
+
+        def after_report(self, run_context, metrics, checkpoint):
+            self.reports.append((metrics[0]["stage"], checkpoint))
+
+        def after_exception(self, run_context, worker_exceptions):
+            self.errors.append(worker_exceptions)
+
+    inner = Recorder()
+    cb = Stage2Reports(inner)
+    cb.after_report(None, [{"stage": 1, "epoch": 0}], "epoch-ckpt")
+    cb.after_report(None, [{"stage": 2, keys.ROUND: 0}], "round-ckpt")
+    cb.after_exception(None, {0: RuntimeError("x")})
+    assert inner.reports == [(2, "round-ckpt")]
+    assert len(inner.errors) == 1

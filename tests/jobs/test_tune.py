@@ -213,3 +213,29 @@ def test_sweep_runs_writes_results_and_resumes(ray_session, tmp_path):
 
     md = run_report(d)
     assert (md.parent / "tradeoff.png").exists() and (md.parent / "sensitivity.png").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # one trial's Stage 1 + Stage 2 Train job and its evaluation: ~2 min here
+def test_a_trial_runs_its_own_stage1_in_its_train_workers(ray_session, tmp_path):
+    """A swept Stage 1 key: each trial's Stage 1 runs in its Train run (before its rounds);
+    the epoch reports do not reach Tune, which would refuse a result without its metric."""
+    import os
+
+    from grade_ray import keys
+
+    tune = {"space": {"pretrain.lr": {"grid": [0.003]}}, "name": "s1"}
+    spec = spec_of(tmp_path, tune, learner={"max_failures": 0})
+    assert not spec.shares_stage1()
+    res = run_tune(spec)
+    (trial,) = res.trials
+    assert trial["status"] == "completed", trial
+    assert trial["metrics"]["rounds_done"] == spec.cfg.grpo.rounds
+    rows = [
+        json.loads(line)
+        for line in (Path(trial["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+    ]
+    s1 = [r for r in rows if r.get("stage") == 1]
+    assert [r["epoch"] for r in s1] == list(range(spec.cfg.pretrain.epochs))
+    assert os.getpid() not in {r[keys.PRETRAIN_WORKER_PID] for r in s1}
+    assert (Path(trial["run_dir"]) / "checkpoints" / "pretrain.pt").exists()

@@ -32,7 +32,14 @@ ROOT = Path(__file__).resolve().parents[2]
 DRIVER = Path(__file__).resolve().parent / "crash_driver.py"
 ROUNDS, EPOCHS, REQUESTS = 4, 2, 2000  # smoke data: 2,000 training requests
 OVERRIDES = ["--set", f"grpo.rounds={ROUNDS}", "--set", f"pretrain.epochs={EPOCHS}"]
-VOLATILE = ("time", "step", keys.PERF_ROUND_S, keys.PERF_REQUESTS_PER_S)
+VOLATILE = (
+    "time",
+    "step",
+    keys.PERF_ROUND_S,
+    keys.PERF_REQUESTS_PER_S,
+    keys.PERF_STAGE1_REQUESTS_PER_S,
+    keys.PRETRAIN_WORKER_PID,
+)
 
 # (point, n): where the child kills itself, on the n-th time it gets there. The default run
 # takes the points around checkpoint and metrics writes; the others are marked slow.

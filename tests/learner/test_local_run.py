@@ -17,7 +17,14 @@ from grade_ray.learner.loop import GRPOTrainer
 from grade_ray.runlog import load_checkpoint, read_metrics
 
 # metrics that measure the wall clock, not the training
-VOLATILE = ("time", "step", keys.PERF_ROUND_S, keys.PERF_REQUESTS_PER_S)
+VOLATILE = (
+    "time",
+    "step",
+    keys.PERF_ROUND_S,
+    keys.PERF_REQUESTS_PER_S,
+    keys.PERF_STAGE1_REQUESTS_PER_S,
+    keys.PRETRAIN_WORKER_PID,
+)
 
 
 def stage2(run_dir) -> list[dict]:

@@ -281,6 +281,44 @@ def bench_stage1(
     return out
 
 
+def bench_stage1_epoch(cfg: Config, train_path: str, root: Path) -> dict[str, float]:
+    """Whole Stage 1 epochs, one worker, one thread: ``stage1.requests_per_s`` in this
+    process (``grade-ray pretrain`` / ``train --local``) and ``stage1.ray_train_requests_per_s``
+    in a Ray Train worker (``grade-ray train``: the same steps, reading the plan's decoded
+    cache), each over one epoch of every training request (reading, LambdaLoss, backward,
+    Adam; the epoch's checkpoint not included). ``stage1.ray_train_wall_s``: the Ray Train
+    job from submit to its end (worker-group start, plan, the epoch, checkpoint), which a
+    short run pays on top. Needs a connected Ray.
+    """
+    from grade_ray.jobs.train import run_pretrain
+    from grade_ray.jobs.train_ray import run_pretrain_ray
+    from grade_ray.learner.stage1 import STAGE1_REQUESTS_PER_S
+    from grade_ray.runlog import read_metrics
+
+    one = cfg.replace(
+        **{"pretrain.epochs": 1, "learner.num_workers": 1, "data.train_path": train_path}
+    )
+
+    def epoch_rate(run_dir: Path) -> float:
+        rows = [r for r in read_metrics(run_dir) if r.get("stage") == 1]
+        return float(rows[-1][STAGE1_REQUESTS_PER_S])
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_pretrain(one.replace(run_dir=str(root / "stage1_local")))
+    finally:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    run_pretrain_ray(one.replace(run_dir=str(root / "stage1_ray")))
+    wall = time.perf_counter() - t0
+    return {
+        "stage1.requests_per_s": epoch_rate(root / "stage1_local"),
+        "stage1.ray_train_requests_per_s": epoch_rate(root / "stage1_ray"),
+        "stage1.ray_train_wall_s": wall,
+    }
+
+
 def _peak_rss_of_run(run_dir: Path, requests: int) -> float:
     """Peak RSS (MiB) of a local training run in a fresh process."""
     code = (
@@ -346,7 +384,8 @@ def run_bench(
 ) -> dict[str, Any]:
     """Benchmarks; writes JSON (and a Markdown table beside it) when ``out`` is given.
 
-    ``parts``: "throughput" (rollout, learner, Stage 1 kernel, sync, RLlib PPO steps/s,
+    ``parts``: "throughput" (rollout, learner, Stage 1 kernel and whole epochs locally and
+    on Ray Train, sync, RLlib PPO steps/s,
     simulator, memory, serving, Ray Serve over HTTP when installed), "stage1" (the Stage 1
     kernel alone, :func:`bench_stage1`; included in "throughput") and/or "quality"
     (:func:`grade_ray.jobs.bench.quality.bench_quality`: the arms' lifts at equal samples
@@ -395,6 +434,7 @@ def _throughput(quick: bool, address: str | None) -> dict[str, Any]:
         from grade_ray.jobs.bench.training import bench_training
 
         results.update(bench_training(cfg, train_path, (1, 2), 1 if quick else 3))
+        results.update(bench_stage1_epoch(cfg, train_path, root))
         from grade_ray.baselines.rllib_ppo.training import bench_rllib_ppo
 
         results.update(
