@@ -103,11 +103,11 @@ def bench_devices(cfg, train_path: str, repeats: int) -> dict[str, float]:
             new_policy(cfg, meta, train_path).to(device),
             SupervisedSettings.from_config(cfg),
             RewardSpec.from_config(cfg.reward, meta),
+            device,
         )
-        if device == "cpu":  # the Stage 1 step runs where its batch is (CPU today)
-            out[f"stage1.{label}"] = _median_rate(
-                lambda sup=sup: sup.step(stage1_batch), len(stage1_batch), repeats
-            )
+        out[f"stage1.{label}"] = _median_rate(
+            lambda sup=sup: sup.step(stage1_batch), len(stage1_batch), repeats
+        )
     torch.set_num_threads(threads)
     return out
 
