@@ -185,11 +185,15 @@ class RewardSpec:
                 "reward.normalization='dataset' needs the scales fitted on the training logs "
                 "(training fits them into RUN_DIR/reward_fit.pt)"
             )
-        if self.format_kind == "learned" and self.fitted_format is None:
-            raise ConfigError(
-                "reward.format_kind='learned' needs the Dirichlet fitted on the training logs "
-                "(training fits it into RUN_DIR/reward_fit.pt)"
-            )
+        l3 = self.l3 if l3 is None else l3
+        kind = self.format_kind
+        if kind == "learned" and self.fitted_format is None:
+            if l3 != 0:
+                raise ConfigError(
+                    "reward.format_kind='learned' needs the Dirichlet fitted on the training "
+                    "logs (training fits it into RUN_DIR/reward_fit.pt)"
+                )
+            kind = "none"  # the ranking alone (l3 = 0, e.g. a yardstick): no fit needed
         return group_rewards(
             scores,
             weights,
@@ -201,12 +205,12 @@ class RewardSpec:
             rules=list(self.rules),
             l1=self.l1,
             l2=self.l2,
-            l3=self.l3 if l3 is None else l3,
+            l3=l3,
             tau=self.tau,
             fusion_eps=fusion_eps,
             post_scale=self.post_scale,
             prior_scale=self.prior_scale,
-            format_kind=self.format_kind,
+            format_kind=kind,
             fitted=self.fitted_format,
         )
 

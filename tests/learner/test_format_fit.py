@@ -147,6 +147,18 @@ def test_spec_needs_the_fit_and_ignores_rules_unless_asked(learned_cfg):
             fusion="linear",
             fusion_eps=1e-6,
         )
+    # the ranking alone (l3 = 0: a replay's yardstick, the static search) needs no fit
+    ranking = spec.group_rewards(
+        torch.rand(1, 3, 4),
+        torch.full((1, 2, 4), 0.25),
+        torch.rand(1, 3),
+        torch.rand(1, 3),
+        torch.ones(1, 3, dtype=torch.bool),
+        fusion="linear",
+        fusion_eps=1e-6,
+        l3=0.0,
+    )
+    assert torch.equal(ranking["reward"], ranking["post"] + 0.3 * ranking["prior"])
     rules = RewardSpec.from_config(learned_cfg.reward.__class__(), meta)
     assert rules.format_kind == "rules" and rules.rules == ((0, 2), (0, 3))
 
