@@ -156,6 +156,10 @@ class DataConfig:
         _check(self.max_candidates >= 1, "data.max_candidates must be >= 1")
 
 
+FORMAT_KINDS = ("rules", "learned", "none")
+"""``reward.format_kind`` values (the R_format variants of ``grade_ray.algos.rewards.FORMATS``)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
     """R = l1 * R_post + l2 * R_prior + l3 * R_format (format gated on l1*R_post + l2*R_prior >= tau)."""
@@ -180,8 +184,13 @@ class RewardConfig:
     """Recalibrate R_prior's probability predictions on the logged labels, per context: task ->
     label it predicts, 'label|given' for a conditional rate (e.g. {ctr: click, cvr:
     'order|click'}); empty = R_prior uses the raw predictions (see learner/reward_fit.py)."""
+    format_kind: str = "rules"
+    """What R_format scores: 'rules' (the share of ``format_rules`` satisfied), 'learned' (how
+    typical w is of a Dirichlet fitted to the weights that rank the training logs best; see
+    learner/format_fit.py) or 'none' (R_format = 0: no format term)."""
     format_rules: tuple[str, ...] = ("ctr>=gmv", "ctr>=profit")
-    """Weight-hierarchy rules 'a>=b' over task names; R_format = share satisfied."""
+    """Weight-hierarchy rules 'a>=b' over task names (format_kind='rules'); R_format = share
+    satisfied."""
     propensity: str = "inverse"
     """Position-bias correction of R_post gains: 'none' or 'inverse' (IPS: gain / exam(rank))."""
     propensity_scale: float = 5.0
@@ -233,6 +242,10 @@ class RewardConfig:
                 f"reward.prior_calibration.{task}={target!r}: use a label name, or "
                 "'label|given' for a rate among candidates where 'given' fired",
             )
+        _check(
+            self.format_kind in FORMAT_KINDS,
+            f"reward.format_kind={self.format_kind!r}: use one of {list(FORMAT_KINDS)}",
+        )
         for rule in self.format_rules:
             _check(
                 len(rule.split(">=")) == 2 and all(rule.split(">=")),

@@ -14,7 +14,7 @@ import torch
 
 from grade_ray.algos.calibration import PriorCalibration, apply_calibration
 from grade_ray.algos.metrics import label_gains, product_gains
-from grade_ray.algos.rewards import group_rewards
+from grade_ray.algos.rewards import FittedDirichlet, group_rewards
 from grade_ray.config import ConfigError, RewardConfig
 from grade_ray.data.sessions import SessionMeta
 
@@ -25,12 +25,14 @@ class RewardFit:
 
     calibration: R_prior's recalibration (``reward.prior_calibration``); post_scale,
     prior_scale: mean IDCG@k of R_post / R_prior gains over training requests, the constant
-    that divides DCG@k with ``reward.normalization='dataset'``.
+    that divides DCG@k with ``reward.normalization='dataset'``; format: the Dirichlet R_format
+    scores against with ``reward.format_kind='learned'``.
     """
 
     calibration: PriorCalibration | None = None
     post_scale: float | None = None
     prior_scale: float | None = None
+    format: FittedDirichlet | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +56,9 @@ class RewardSpec:
     calibration: PriorCalibration | None = None
     post_scale: float | None = None
     prior_scale: float | None = None
+    format_kind: str = "rules"
+    """``reward.format_kind``: 'rules', 'learned' (scores against ``fitted_format``) or 'none'."""
+    fitted_format: FittedDirichlet | None = None
 
     @classmethod
     def from_config(
@@ -83,7 +88,7 @@ class RewardSpec:
                 idx.append(meta.task_names.index(name))
             terms.append((tuple(idx), float(c)))
         rules = []
-        for rule in cfg.format_rules:
+        for rule in cfg.format_rules if cfg.format_kind == "rules" else ():
             a, b = (r.strip() for r in rule.split(">="))
             for name in (a, b):
                 if name not in meta.task_names:
@@ -113,12 +118,16 @@ class RewardSpec:
             calibration=fit.calibration if cfg.prior_calibration else None,
             post_scale=fit.post_scale if cfg.normalization == "dataset" else None,
             prior_scale=fit.prior_scale if cfg.normalization == "dataset" else None,
+            format_kind=cfg.format_kind,
+            fitted_format=fit.format if cfg.format_kind == "learned" else None,
         )
 
     @property
     def needs_fit(self) -> bool:
         """True when this reward depends on statistics fitted on the training logs."""
-        return bool(self.calibrate) or self.normalization == "dataset"
+        return (
+            bool(self.calibrate) or self.normalization == "dataset" or self.format_kind == "learned"
+        )
 
     def examination(self, position: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
         """Examination propensity (B, N) of each logged rank: (1 + r / scale) ** -power floored
@@ -176,6 +185,15 @@ class RewardSpec:
                 "reward.normalization='dataset' needs the scales fitted on the training logs "
                 "(training fits them into RUN_DIR/reward_fit.pt)"
             )
+        l3 = self.l3 if l3 is None else l3
+        kind = self.format_kind
+        if kind == "learned" and self.fitted_format is None:
+            if l3 != 0:
+                raise ConfigError(
+                    "reward.format_kind='learned' needs the Dirichlet fitted on the training "
+                    "logs (training fits it into RUN_DIR/reward_fit.pt)"
+                )
+            kind = "none"  # the ranking alone (l3 = 0, e.g. a yardstick): no fit needed
         return group_rewards(
             scores,
             weights,
@@ -187,11 +205,13 @@ class RewardSpec:
             rules=list(self.rules),
             l1=self.l1,
             l2=self.l2,
-            l3=self.l3 if l3 is None else l3,
+            l3=l3,
             tau=self.tau,
             fusion_eps=fusion_eps,
             post_scale=self.post_scale,
             prior_scale=self.prior_scale,
+            format_kind=kind,
+            fitted=self.fitted_format,
         )
 
 

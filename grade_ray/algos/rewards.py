@@ -4,11 +4,15 @@ R = l1 * R_post + l2 * R_prior + l3 * R_format * 1[l1 * R_post + l2 * R_prior >=
 
 - R_post:   NDCG@k with gains from observed feedback (sparse, real).
 - R_prior:  NDCG@k with gains from the upstream model's predicted value (dense).
-- R_format: share of configured weight-hierarchy rules (a, b), meaning w_a >= w_b, that hold.
+- R_format: by ``format_kind`` (``FORMATS``): 'rules', the share of configured
+  weight-hierarchy rules (a, b), meaning w_a >= w_b, that hold; 'learned', how typical w is of
+  a Dirichlet fitted to the weights that rank the training logs best (``learned_format_reward``);
+  'none', 0 (no format term).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -21,6 +25,7 @@ from grade_ray.algos.metrics import (
     rank_discounts,
     topk_indices,
 )
+from grade_ray.algos.registry import Registry
 
 # Keys of the dict returned by group_rewards.
 REWARD = "reward"
@@ -47,6 +52,74 @@ def format_reward(weights: torch.Tensor, rules: Sequence[tuple[int, int]]) -> to
     b_idx = torch.tensor([b for _, b in rules], device=weights.device)
     ok = weights.index_select(-1, a_idx) >= weights.index_select(-1, b_idx)
     return ok.to(weights.dtype).mean(-1)
+
+
+W_EPS = 1e-6
+"""Weights are clamped here before log w_k (Dirichlet samples can be exactly 0 in float32)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FittedDirichlet:
+    """The learned format constraint: Dir(alpha) fitted to the weights that rank well.
+
+    alpha: (K,) concentrations (each >= 1: one mode, no density spike at w_k = 0);
+    ref_logpdf: (M,) ascending log-densities of M reference draws from Dir(alpha), the table
+    that turns a log-density into the share of the fitted mass less typical than it.
+    """
+
+    alpha: tuple[float, ...]
+    ref_logpdf: tuple[float, ...]
+
+
+def dirichlet_log_density(weights: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """log Dir(w; alpha) for weights (..., K) (clamped at ``W_EPS``), alpha (K,) > 0.
+
+    = sum_k (alpha_k - 1) log w_k + lgamma(sum_k alpha_k) - sum_k lgamma(alpha_k).
+    Returns weights.shape[:-1] in alpha's dtype."""
+    a = alpha.to(weights.device)
+    logw = weights.to(a.dtype).clamp_min(W_EPS).log()
+    return ((a - 1) * logw).sum(-1) + torch.lgamma(a.sum()) - torch.lgamma(a).sum()
+
+
+def learned_format_reward(weights: torch.Tensor, fitted: FittedDirichlet) -> torch.Tensor:
+    """How typical each weight vector is of the fitted Dirichlet, in [0, 1].
+
+    weights: (..., K) on the simplex with K = len(fitted.alpha). Returns weights.shape[:-1]:
+    R_format = P_{w' ~ Dir(alpha)}[log p(w') <= log p(w)], estimated on the M reference draws
+    (the share of the fitted mass w is at least as typical as): 1 at the mode, near 0 far in
+    the tails, and uniform on [0, 1] when w itself is drawn from the fit, whatever alpha's
+    concentration (so l3 and tau mean what they mean with rules).
+    """
+    k = weights.shape[-1]
+    if len(fitted.alpha) != k:
+        raise ValueError(
+            f"the learned format constraint has {len(fitted.alpha)} tasks, weights {k}"
+        )
+    ref = torch.tensor(fitted.ref_logpdf, dtype=torch.float64, device=weights.device)
+    lp = dirichlet_log_density(weights, torch.tensor(fitted.alpha, dtype=torch.float64))
+    share = torch.searchsorted(ref, lp.contiguous(), right=True).to(torch.float64) / len(ref)
+    return share.to(weights.dtype)
+
+
+FORMATS: Registry = Registry("reward format")
+"""R_format variants; each ``fn(weights (..., K), *, rules, fitted) -> (...) in [0, 1]``."""
+
+
+@FORMATS.register("rules")
+def _rules_format(weights, *, rules, fitted):
+    return format_reward(weights, rules)
+
+
+@FORMATS.register("learned")
+def _learned_format(weights, *, rules, fitted):
+    if fitted is None:
+        raise ValueError("format 'learned' needs the Dirichlet fitted on the training logs")
+    return learned_format_reward(weights, fitted)
+
+
+@FORMATS.register("none")
+def _no_format(weights, *, rules, fitted):
+    return torch.zeros(weights.shape[:-1], dtype=weights.dtype, device=weights.device)
 
 
 def composite_reward(
@@ -86,6 +159,8 @@ def group_rewards(
     fusion_eps: float = 1e-6,
     post_scale: float | None = None,
     prior_scale: float | None = None,
+    format_kind: str = "rules",
+    fitted: FittedDirichlet | None = None,
 ) -> dict[str, torch.Tensor]:
     """Rewards of G sampled weight vectors per request (the rollout hot path).
 
@@ -93,7 +168,8 @@ def group_rewards(
     post_gain, prior_gain: (B, N) >= 0; mask: (B, N) bool (True = real); fusion: a name in
     ``FUSIONS``; k >= 1 the NDCG cutoff. For every (b, g): s = fuse(scores_b, w_bg) (N,),
     re-rank the real candidates by s (ties to the lower index), then
-    post = NDCG@k(s; post_gain), prior = NDCG@k(s; prior_gain), format = format_reward(w),
+    post = NDCG@k(s; post_gain), prior = NDCG@k(s; prior_gain),
+    format = FORMATS[format_kind](w; rules, fitted) (default: the share of ``rules`` that hold),
     reward = composite_reward(post, prior, format; l1, l2, l3, tau).
     With ``post_scale`` (``prior_scale``) > 0, post (prior) = DCG@k / scale instead of NDCG:
     one constant for every request (e.g. the mean IDCG@k over the training logs), so requests
@@ -113,7 +189,8 @@ def group_rewards(
             g = torch.where(m, gains, zero)
             dcg = (gather_gains(g, idx) * disc).sum(-1)
             out[name] = dcg / scale if scale else ndcg_from_dcg(dcg, ideal_dcg_at_k(g, m, k))
-        out[FORMAT] = format_reward(weights, rules).to(out[POST].dtype)
+        fmt = FORMATS.get(format_kind)(weights, rules=rules, fitted=fitted)
+        out[FORMAT] = fmt.to(out[POST].dtype)
         out[REWARD] = composite_reward(
             out[POST], out[PRIOR], out[FORMAT], l1=l1, l2=l2, l3=l3, tau=tau
         )

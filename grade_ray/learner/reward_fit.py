@@ -2,7 +2,9 @@
 
 - ``reward.normalization='dataset'``: the mean IDCG@k of R_post and R_prior gains over
   the training requests (the constants DCG@k is divided by);
-- ``reward.prior_calibration``: R_prior's context-aware recalibration.
+- ``reward.prior_calibration``: R_prior's context-aware recalibration;
+- ``reward.format_kind='learned'``: the Dirichlet R_format scores against
+  (``grade_ray.learner.format_fit``, on the first ``format_fit.MAX_REQUESTS`` requests).
 
 For each calibration mapping ``task: label`` (or ``task: label|given``) the calibration of
 ``grade_ray.algos.calibration`` is fitted by maximum likelihood on the logged
@@ -16,6 +18,7 @@ and shipped to rollout actors inside the reward spec.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -28,9 +31,11 @@ from grade_ray.algos.calibration import (
     identity_coef,
 )
 from grade_ray.algos.metrics import ideal_dcg_at_k
+from grade_ray.algos.rewards import FittedDirichlet
 from grade_ray.config import Config, ConfigError
 from grade_ray.data.reading import read_sessions
 from grade_ray.data.sessions import SessionBatch, SessionMeta
+from grade_ray.learner import format_fit
 from grade_ray.runlog import load_checkpoint
 from grade_ray.spec import RewardFit, RewardSpec, as_tensor
 
@@ -155,9 +160,20 @@ def fit_reward(cfg: Config, train_path: str | Path, meta: SessionMeta) -> Reward
         return RewardFit()
     batch, _, _ = read_sessions(train_path, on_error=cfg.data.on_error, max_rows=MAX_REQUESTS)
     cal = fit_prior_calibration(cfg, batch, meta)
-    if cfg.reward.normalization != "dataset":
-        return RewardFit(calibration=cal)
-    spec = RewardSpec.from_config(cfg.reward, meta, RewardFit(calibration=cal))
+    fit = RewardFit(calibration=cal)
+    if cfg.reward.normalization == "dataset":
+        fit = _fit_scales(cfg, batch, meta, fit)
+    if cfg.reward.format_kind == "learned":
+        spec = RewardSpec.from_config(cfg.reward, meta, fit)
+        head = batch.slice(0, min(len(batch), format_fit.MAX_REQUESTS))
+        fitted = format_fit.fit_format(spec, head, cfg.policy.fusion, cfg.policy.fusion_eps)
+        fit = dataclasses.replace(fit, format=fitted)
+    return fit
+
+
+def _fit_scales(cfg: Config, batch: SessionBatch, meta: SessionMeta, fit: RewardFit) -> RewardFit:
+    """``fit`` with the mean IDCG@k of R_post and R_prior gains over ``batch``."""
+    spec = RewardSpec.from_config(cfg.reward, meta, fit)
     mask = as_tensor(batch.mask).bool()
     post = spec.post_gain(as_tensor(batch.labels), as_tensor(batch.position))
     prior = spec.prior_gain(as_tensor(batch.scores), as_tensor(batch.context))
@@ -171,7 +187,7 @@ def fit_reward(cfg: Config, train_path: str | Path, meta: SessionMeta) -> Reward
                 f"{len(batch)} training requests; use reward.normalization=request"
             )
     log.info("reward scales (mean IDCG@%d): R_post %.4g, R_prior %.4g", spec.k, *scales)
-    return RewardFit(cal, post_scale=scales[0], prior_scale=scales[1])
+    return dataclasses.replace(fit, post_scale=scales[0], prior_scale=scales[1])
 
 
 def _cal_state(cal: PriorCalibration | None) -> dict | None:
@@ -200,6 +216,28 @@ def _cal_from_state(c: dict | None) -> PriorCalibration | None:
     )
 
 
+def _format_for(cfg: Config) -> list | None:
+    """What a learned format fit depends on besides the reward config (the fusion)."""
+    if cfg.reward.format_kind != "learned":
+        return None
+    return [cfg.policy.fusion, cfg.policy.fusion_eps]
+
+
+def _format_state(f: FittedDirichlet | None) -> dict | None:
+    if f is None:
+        return None
+    return {
+        "alpha": torch.tensor(f.alpha, dtype=torch.float64),
+        "ref_logpdf": torch.tensor(f.ref_logpdf, dtype=torch.float64),
+    }
+
+
+def _format_from_state(f: dict | None) -> FittedDirichlet | None:
+    if f is None:
+        return None
+    return FittedDirichlet(tuple(f["alpha"].tolist()), tuple(f["ref_logpdf"].tolist()))
+
+
 def save_reward_fit(path: str | Path, fit: RewardFit, cfg: Config) -> None:
     """Write the fit with the reward config it was made for (safe to load)."""
     path = Path(path)
@@ -209,6 +247,8 @@ def save_reward_fit(path: str | Path, fit: RewardFit, cfg: Config) -> None:
         "calibration": _cal_state(fit.calibration),
         "post_scale": fit.post_scale,
         "prior_scale": fit.prior_scale,
+        "format": _format_state(fit.format),
+        "format_for": _format_for(cfg),
     }
     torch.save(state, path)
 
@@ -216,10 +256,13 @@ def save_reward_fit(path: str | Path, fit: RewardFit, cfg: Config) -> None:
 def load_reward_fit(path: str | Path, cfg: Config) -> RewardFit:
     """The fit saved at ``path``; raises ConfigError if it was made for another reward config."""
     state = load_checkpoint(path)
-    if state["reward"] != cfg.to_dict()["reward"]:
+    if state["reward"] != cfg.to_dict()["reward"] or state["format_for"] != _format_for(cfg):
         raise ConfigError(f"{path} was fitted for another reward config; delete it to refit")
     return RewardFit(
-        _cal_from_state(state["calibration"]), state["post_scale"], state["prior_scale"]
+        _cal_from_state(state["calibration"]),
+        state["post_scale"],
+        state["prior_scale"],
+        _format_from_state(state["format"]),
     )
 
 

@@ -9,7 +9,15 @@ import torch
 
 from grade_ray.algos.fusion import FUSIONS, fuse
 from grade_ray.algos.metrics import product_gains, rank_positions
-from grade_ray.algos.rewards import composite_reward, format_reward, group_rewards
+from grade_ray.algos.rewards import (
+    FORMATS,
+    FittedDirichlet,
+    composite_reward,
+    dirichlet_log_density,
+    format_reward,
+    group_rewards,
+    learned_format_reward,
+)
 
 KW = {"k": 3, "rules": [(1, 0), (2, 3)], "l1": 1.0, "l2": 0.3, "l3": 0.05, "tau": 0.4}
 
@@ -171,3 +179,68 @@ def test_group_rewards_match_reference_loop(fusion, seed):
 def test_unknown_fusion_lists_valid_names():
     with pytest.raises(ValueError, match="linear"):
         call(make_batch(0), "bogus")
+
+
+# ---------------------------------------------------------------- learned format constraint
+
+
+def _fitted(alpha: list[float], m: int = 4096, seed: int = 0) -> FittedDirichlet:
+    """Dir(alpha) with the sorted log-densities of m reference draws (as format_fit builds)."""
+    a = torch.tensor(alpha, dtype=torch.float64)
+    torch.manual_seed(seed)
+    draws = torch.distributions.Dirichlet(a).sample((m,))
+    ref = dirichlet_log_density(draws, a).sort().values
+    return FittedDirichlet(tuple(alpha), tuple(ref.tolist()))
+
+
+def test_dirichlet_log_density_matches_torch():
+    a = torch.tensor([2.0, 0.7, 3.5, 1.0], dtype=torch.float64)
+    w = torch.distributions.Dirichlet(a).sample((3, 5))
+    want = torch.distributions.Dirichlet(a).log_prob(w)
+    torch.testing.assert_close(dirichlet_log_density(w, a), want)
+
+
+def test_learned_format_is_bounded_and_highest_at_the_mode():
+    alpha = [6.0, 3.0, 2.0, 1.5]
+    fitted = _fitted(alpha)
+    mode = torch.tensor([(a - 1) / (sum(alpha) - 4) for a in alpha])
+    corners = torch.eye(4)
+    near = 0.9 * mode + 0.1 * torch.full((4,), 0.25)
+    w = torch.stack([mode, near, *corners])[None].float()  # (1, 6, 4)
+    got = learned_format_reward(w, fitted)
+    assert got.shape == (1, 6) and got.dtype == torch.float32
+    assert got[0, 0] == 1.0  # nothing in the fit is more typical than its mode
+    assert 0.5 < got[0, 1] <= got[0, 0]
+    assert got[0, 2:].tolist() == [0.0] * 4  # the corners are the least typical points
+    # w drawn from the fit itself: the score is uniform on [0, 1] (the rules' scale)
+    torch.manual_seed(1)
+    draws = torch.distributions.Dirichlet(torch.tensor(alpha)).sample((8, 500))
+    s = learned_format_reward(draws, fitted)
+    assert ((s >= 0) & (s <= 1)).all()
+    assert s.mean().item() == pytest.approx(0.5, abs=0.02)
+    assert (s < 0.25).float().mean().item() == pytest.approx(0.25, abs=0.02)
+    with pytest.raises(ValueError, match="3 tasks"):
+        learned_format_reward(draws, _fitted([2.0, 2.0, 2.0]))
+
+
+def test_group_rewards_format_kinds():
+    d = make_batch(0)
+    rules = call(d, "linear")
+    assert torch.equal(rules["format"], format_reward(d["weights"], KW["rules"]))
+    assert torch.equal(call(d, "linear", format_kind="rules")["reward"], rules["reward"])
+    none = call(d, "linear", format_kind="none")
+    assert torch.equal(none["format"], torch.zeros_like(none["format"]))
+    base = none["post"] + 0.3 * none["prior"]
+    torch.testing.assert_close(none["reward"], base)  # no format term at all
+    fitted = _fitted([4.0, 2.0, 2.0, 1.5])
+    learned = call(d, "linear", format_kind="learned", fitted=fitted)
+    assert torch.equal(learned["format"], learned_format_reward(d["weights"], fitted))
+    gate = (base >= KW["tau"]).float()
+    torch.testing.assert_close(learned["reward"], base + 0.05 * learned["format"] * gate)
+    for k in ("post", "prior"):  # the ranking part does not depend on the format
+        assert torch.equal(learned[k], rules[k])
+    with pytest.raises(ValueError, match="needs the Dirichlet"):
+        call(d, "linear", format_kind="learned")
+    with pytest.raises(ValueError, match=r"valid: \['learned', 'none', 'rules'\]"):
+        call(d, "linear", format_kind="typo")
+    assert FORMATS.names() == ["learned", "none", "rules"]
