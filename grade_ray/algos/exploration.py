@@ -285,6 +285,8 @@ class GaussianExploration(Exploration):
 EXPLORATIONS.register("dirichlet")(DirichletExploration())
 EXPLORATIONS.register("gaussian")(GaussianExploration())
 
+# item-aware joint explorations (item_aware+<kind>) over the kinds above
+import grade_ray.algos.modulation  # noqa: E402, F401
 
 # --- concentration schedule -------------------------------------------------------------------
 
