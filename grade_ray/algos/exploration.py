@@ -285,9 +285,6 @@ class GaussianExploration(Exploration):
 EXPLORATIONS.register("dirichlet")(DirichletExploration())
 EXPLORATIONS.register("gaussian")(GaussianExploration())
 
-# item-aware joint explorations (item_aware+<kind>) over the kinds above
-import grade_ray.algos.modulation  # noqa: E402, F401
-
 # --- concentration schedule -------------------------------------------------------------------
 
 SCHEDULES: Registry = Registry("alpha schedule")

@@ -14,7 +14,7 @@ the logged upstream scores (B, N, K), so every dataset has them.
 
 Stage 2 explores the joint action a = (w, c~): w ~ D(pi) (the configured exploration, e.g.
 Dirichlet) and c~ ~ N(c(x), sigma_c^2 I), independent, so the log-density and the KL are sums
-(:class:`ModulatedExploration`, registered as ``item_aware+<kind>``). Its "pi" argument is the
+(:class:`ModulatedExploration`, named ``item_aware+<kind>``, see :func:`get_exploration`). Its "pi" argument is the
 policy's parameter vector (B, 2K + 1) = [pi (K, simplex), c (K), sigma_c (1)] and an action is
 (B, G, 2K) = [w, c~].
 """
@@ -164,11 +164,14 @@ class ModulatedExploration(Exploration):
 
 
 def exploration_name(kind: str, item_aware: bool) -> str:
-    """The registered exploration a run uses: ``kind``, or ``item_aware+kind`` when the policy
-    is item-aware."""
+    """The exploration a run uses: ``kind``, or ``item_aware+kind`` when the policy is
+    item-aware."""
     return PREFIX + kind if item_aware else kind
 
 
-for _kind in EXPLORATIONS.names():
-    if not _kind.startswith(PREFIX):
-        EXPLORATIONS.register(PREFIX + _kind)(ModulatedExploration(EXPLORATIONS.get(_kind)))
+def get_exploration(name: str) -> Exploration:
+    """``EXPLORATIONS.get(name)``; ``item_aware+<kind>`` is the joint exploration over that
+    kind (kept out of EXPLORATIONS, whose variants all take pi on the simplex)."""
+    if name.startswith(PREFIX):
+        return ModulatedExploration(EXPLORATIONS.get(name[len(PREFIX) :]))
+    return EXPLORATIONS.get(name)

@@ -16,9 +16,8 @@ import torch
 from torch import nn
 
 from grade_ray import keys
-from grade_ray.algos.exploration import EXPLORATIONS
 from grade_ray.algos.losses import POLICY_LOSSES, kl_k3
-from grade_ray.algos.modulation import exploration_name
+from grade_ray.algos.modulation import exploration_name, get_exploration
 from grade_ray.spec import as_tensor
 
 
@@ -100,7 +99,7 @@ class GRPOLearner:
         for p in self.ref.parameters():
             p.requires_grad_(False)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=settings.lr)
-        self.explore = EXPLORATIONS.get(settings.exploration)
+        self.explore = get_exploration(settings.exploration)
         self.policy_loss = POLICY_LOSSES.get(settings.loss)
         self.version = 0
         self.generator = torch.Generator().manual_seed(seed)  # minibatch order

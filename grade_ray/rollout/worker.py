@@ -19,8 +19,7 @@ import torch
 
 from grade_ray import keys
 from grade_ray.algos.advantages import group_advantages
-from grade_ray.algos.exploration import EXPLORATIONS
-from grade_ray.algos.modulation import fusion_inputs
+from grade_ray.algos.modulation import fusion_inputs, get_exploration
 from grade_ray.data.sessions import SessionBatch
 from grade_ray.models.policy import FusionPolicy
 from grade_ray.spec import RewardSpec, as_tensor
@@ -49,7 +48,7 @@ class RolloutWorker:
         self.policy = policy.eval()
         self.spec = spec
         self.version = -1
-        self.explore = EXPLORATIONS.get(spec.exploration)
+        self.explore = get_exploration(spec.exploration)
         self.generator = torch.Generator().manual_seed(seed)
 
     def set_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:

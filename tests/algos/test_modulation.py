@@ -11,6 +11,7 @@ from grade_ray.algos.exploration import EXPLORATIONS
 from grade_ray.algos.fusion import fuse, fuse_items
 from grade_ray.algos.modulation import (
     exploration_name,
+    get_exploration,
     item_features,
     item_weights,
     modulated_fusion,
@@ -105,7 +106,7 @@ def joint_params(seed: int = 5, sd: float = 0.3):
 @pytest.mark.parametrize("kind", ["dirichlet", "gaussian"])
 def test_joint_log_prob_matches_torch_distributions(kind):
     """log p(w, c~) = log D(pi)(w) + sum_k log N(c~_k; c_k, sigma_c^2), w and c~ independent."""
-    explore = EXPLORATIONS.get(exploration_name(kind, True))
+    explore = get_exploration(exploration_name(kind, True))
     params = joint_params()
     a = explore.sample(params, G, ALPHA, floor=FLOOR, sigma=0.5, generator=torch.Generator())
     assert a.shape == (B, G, 2 * K)
@@ -123,7 +124,7 @@ def test_joint_log_prob_matches_torch_distributions(kind):
 
 
 def test_joint_kl_matches_torch_distributions():
-    explore = EXPLORATIONS.get(exploration_name("dirichlet", True))
+    explore = get_exploration(exploration_name("dirichlet", True))
     p, q = joint_params(6), joint_params(7)
     got = explore.kl(p, q, ALPHA, floor=FLOOR, sigma=0.5)
     a = (ALPHA * p[:, :K]).clamp_min(FLOOR).double()
@@ -142,7 +143,7 @@ def test_joint_kl_matches_torch_distributions():
 
 
 def test_joint_samples_center_on_the_modulation():
-    explore = EXPLORATIONS.get("item_aware+dirichlet")
+    explore = get_exploration("item_aware+dirichlet")
     params = joint_params(8, sd=0.2)
     a = explore.sample(params, 4000, ALPHA, floor=FLOOR, sigma=0.5, generator=torch.Generator())
     cs = a[..., K:]

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from grade_ray import keys
-from grade_ray.algos.exploration import EXPLORATIONS
 from grade_ray.algos.fusion import fuse
+from grade_ray.algos.modulation import ModulatedExploration
 from grade_ray.algos.rewards import group_rewards
 from grade_ray.data.plan import DataPlan, TaskReader
 from grade_ray.jobs.train import run_train_local
@@ -247,9 +247,8 @@ def test_option_off_leaves_the_default_run_unchanged(smoke_cfg, smoke_data, tmp_
 
     monkeypatch.setattr(worker, "fusion_inputs", boom)
     monkeypatch.setattr(rewards, "fuse_items", boom)
-    for name in ("item_aware+dirichlet", "item_aware+gaussian"):
-        monkeypatch.setattr(EXPLORATIONS.get(name), "log_prob", boom)
-        monkeypatch.setattr(EXPLORATIONS.get(name), "sample", boom)
+    for method in ("sample", "log_prob", "kl"):
+        monkeypatch.setattr(ModulatedExploration, method, boom)
     cfg = fresh_run(smoke_cfg, tmp_path / "run", Path(smoke_data[0]).parent)
     run_train_local(cfg)
     policy, _, _ = load_policy(cfg.run_dir)
