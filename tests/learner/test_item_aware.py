@@ -207,9 +207,9 @@ def stage2(run_dir) -> list[dict]:
 
 def test_tiny_item_aware_run_trains_evaluates_and_refuses_export(smoke_cfg, smoke_data, tmp_path):
     """train --local with policy.kind=item_aware: two rounds with finite metrics, a saved
-    item-aware policy with a learned (non-zero) modulation, per-item weights in evaluation,
-    and one clear error from export."""
-    from grade_ray.jobs.evaluate import policy_arm
+    item-aware policy with a learned (non-zero) modulation, per-item weights in evaluation
+    (``grade-ray evaluate`` runs through), and one clear error from export."""
+    from grade_ray.jobs.evaluate import policy_arm, run_evaluate
     from grade_ray.serving.export import RequestError, export_policy
 
     cfg = fresh_run(item_cfg(smoke_cfg), tmp_path / "run", Path(smoke_data[0]).parent)
@@ -230,6 +230,9 @@ def test_tiny_item_aware_run_trains_evaluates_and_refuses_export(smoke_cfg, smok
     np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-5)
     with pytest.raises(RequestError, match="item-aware"):
         export_policy(cfg.run_dir, tmp_path / "export")
+    result = run_evaluate(cfg, cfg.run_dir)  # offline, simulator A/B with oracles, replay
+    assert np.isfinite(result.oracles.captured["GRADE"])
+    assert "GRADE-mean-static" in result.replay["arms"]
 
 
 def test_option_off_leaves_the_default_run_unchanged(smoke_cfg, smoke_data, tmp_path, monkeypatch):
