@@ -48,17 +48,22 @@ def fuse(name: str, scores: torch.Tensor, weights: torch.Tensor, eps: float = 1e
     return FUSIONS.get(name)(scores, weights, eps)
 
 
+def task_values(name: str, scores: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """phi(p) (B, N, K) of the fusion ``name``: every registered fusion is linear in w, so
+    phi(p_.k) is the fusion at the unit vector e_k."""
+    b, _, k = scores.shape
+    eye = torch.eye(k, dtype=scores.dtype, device=scores.device).expand(b, k, k)
+    return fuse(name, scores, eye, eps).transpose(1, 2)
+
+
 def fuse_items(
     name: str, scores: torch.Tensor, item_weights: torch.Tensor, eps: float = 1e-6
 ) -> torch.Tensor:
     """s_i = sum_k w_ik phi(p_ik) with per-candidate weights (item-aware fusion).
 
     scores (B, N, K); item_weights (B, N, K) -> (B, N) or (B, G, N, K) -> (B, G, N).
-    Every registered fusion is linear in w, so phi(p_.k) is the fusion at the unit vector e_k.
     """
-    b, n, k = scores.shape
-    eye = torch.eye(k, dtype=scores.dtype, device=scores.device).expand(b, k, k)
-    phi = fuse(name, scores, eye, eps).transpose(1, 2)  # (B, N, K)
+    phi = task_values(name, scores, eps)
     w = item_weights.to(phi.dtype)
     if w.dim() == 3:
         return (w * phi).sum(-1)

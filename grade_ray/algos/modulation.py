@@ -26,12 +26,14 @@ import math
 import torch
 
 from grade_ray.algos.exploration import EXPLORATIONS, Exploration
-from grade_ray.algos.fusion import fuse_items
+from grade_ray.algos.fusion import task_values
 
 PREFIX = "item_aware+"
 """Registered name of the joint exploration over a base kind: ``item_aware+dirichlet``."""
 PHI_CLIP = 3.0
 """Item features are clipped to [-PHI_CLIP, PHI_CLIP] (an outlier score cannot dominate)."""
+C_CLIP = 10.0
+"""The modulation is clipped to [-C_CLIP, C_CLIP] in the weights (e^{c phi} stays finite)."""
 
 
 def item_features(scores: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -45,9 +47,10 @@ def item_features(scores: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -
     n = m.sum(1, keepdim=True).clamp_min(1)
     mean = (logp * m).sum(1, keepdim=True) / n
     dev = (logp - mean) * m
-    std = ((dev * dev).sum(1, keepdim=True) / n).sqrt()
-    phi = torch.where(std > 1e-6, dev / std.clamp_min(1e-6), torch.zeros_like(dev))
-    return phi.clamp(-PHI_CLIP, PHI_CLIP)
+    std = ((dev * dev).sum(1, keepdim=True) / n).sqrt()  # (B, 1, K)
+    # where() on the (B, 1, K) scale, not on (B, N, K): ~10x faster on CPU at serving sizes
+    inv = torch.where(std > 1e-6, 1.0 / std.clamp_min(1e-6), torch.zeros_like(std))
+    return (dev * inv).clamp(-PHI_CLIP, PHI_CLIP)
 
 
 def item_weights(w: torch.Tensor, c: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
@@ -55,16 +58,22 @@ def item_weights(w: torch.Tensor, c: torch.Tensor, phi: torch.Tensor) -> torch.T
 
     w (B, K) on the simplex with c (B, K) -> (B, N, K); or w, c (B, G, K) -> (B, G, N, K).
     phi (B, N, K). Differentiable in w and c. With c = 0 every item gets w / sum(w).
+    c is clipped to +-C_CLIP, so with |phi| <= PHI_CLIP the exponent stays below 30 and needs
+    no max-shift (a reduction over the short K axis that costs more than the rest on CPU).
     """
+    u = _unnormalized(w, c, phi)
+    return u / u.sum(-1, keepdim=True)
+
+
+def _unnormalized(w: torch.Tensor, c: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+    """w_k e^{c_k phi_ik}: (B, N, K) for w, c (B, K); (B, G, N, K) for (B, G, K)."""
     if w.dim() == 2:
         w, c = w.unsqueeze(1), c.unsqueeze(1)  # (B, 1, K) against phi (B, N, K)
     elif w.dim() == 3:
         w, c, phi = w.unsqueeze(2), c.unsqueeze(2), phi.unsqueeze(1)  # (B, G, 1, K), (B, 1, N, K)
     else:
         raise ValueError(f"w must be (B, K) or (B, G, K), got shape {tuple(w.shape)}")
-    cp = c * phi
-    u = w * torch.exp(cp - cp.amax(-1, keepdim=True))  # the shift cancels in the ratio
-    return u / u.sum(-1, keepdim=True)
+    return w * torch.exp(c.clamp(-C_CLIP, C_CLIP) * phi)
 
 
 def modulated_fusion(
@@ -75,8 +84,14 @@ def modulated_fusion(
     c: torch.Tensor,
     eps: float = 1e-6,
 ) -> torch.Tensor:
-    """Fused scores of an item-aware action: (B, N) for w, c (B, K); (B, G, N) for (B, G, K)."""
-    return fuse_items(fusion, scores, item_weights(w, c, item_features(scores, mask, eps)), eps)
+    """Fused scores of an item-aware action: (B, N) for w, c (B, K); (B, G, N) for (B, G, K).
+
+    = fuse_items(fusion, scores, item_weights(w, c, phi)), normalising once per candidate
+    (sum_k u_ik t_ik / sum_k u_ik) instead of per weight."""
+    u = _unnormalized(w, c, item_features(scores, mask, eps))
+    t = task_values(fusion, scores, eps)
+    t = t if w.dim() == 2 else t.unsqueeze(1)
+    return (u * t.to(u.dtype)).sum(-1) / u.sum(-1)
 
 
 def split_params(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
