@@ -34,7 +34,7 @@ class ItemAwarePolicy(nn.Module):
         num_experts: int = 4,
         expert_hidden: int = 64,
         dropout: float = 0.0,
-        modulation_sigma: float = 0.3,
+        modulation_sigma: float = 0.1,
         modulation_hidden: int = 32,
     ) -> None:
         super().__init__()
