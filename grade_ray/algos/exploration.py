@@ -285,6 +285,7 @@ class GaussianExploration(Exploration):
 EXPLORATIONS.register("dirichlet")(DirichletExploration())
 EXPLORATIONS.register("gaussian")(GaussianExploration())
 
+
 # --- concentration schedule -------------------------------------------------------------------
 
 SCHEDULES: Registry = Registry("alpha schedule")
