@@ -267,12 +267,25 @@ class PolicyConfig:
     """Hidden width of each expert MLP."""
     dropout: float = 0.0
     """Dropout in experts."""
+    kind: str = "context"
+    """'context': one weight vector per request from its context (item-agnostic, GRADE);
+    'item_aware': plus a per-request modulation c(x) that adjusts the weights per candidate by
+    its standardized log-scores (grade_ray.models.item_aware)."""
+    modulation_sigma: float = 0.1
+    """item_aware only: std of Stage 2's Gaussian exploration of the modulation c (0.1 beat
+    0.3 on the default, miscalibrated and weak_context worlds: more noise on c drowns the
+    request weights' signal in the group rewards)."""
 
     def __post_init__(self) -> None:
         _check(
             self.num_experts >= 1 and self.expert_hidden >= 1,
             "policy.num_experts and policy.expert_hidden must be >= 1",
         )
+        _check(
+            self.kind in ("context", "item_aware"),
+            f"policy.kind must be 'context' or 'item_aware', got {self.kind!r}",
+        )
+        _check(self.modulation_sigma > 0, "policy.modulation_sigma must be > 0")
         _check(0 <= self.dropout < 1, "policy.dropout must be in [0, 1)")
         _check(self.fusion_eps > 0, "policy.fusion_eps must be > 0 (log(p + eps) at p = 0)")
 

@@ -177,6 +177,7 @@ class RewardSpec:
         fusion: str,
         fusion_eps: float,
         l3: float | None = None,
+        item_weights: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """:func:`grade_ray.algos.rewards.group_rewards` with this spec's k, rules, l1, l2,
         l3, tau and normalization; ``l3`` overrides the format weight (0: the ranking alone)."""
@@ -212,6 +213,7 @@ class RewardSpec:
             prior_scale=self.prior_scale,
             format_kind=kind,
             fitted=self.fitted_format,
+            item_weights=item_weights,
         )
 
 

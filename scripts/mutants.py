@@ -357,8 +357,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "eval-policy-arm-uniform",
         "jobs/evaluate.py",
-        "return policy.pi(as_tensor(batch.context)).numpy()",
-        "return np.full((len(batch), policy.num_tasks), 1.0 / policy.num_tasks, np.float32)",
+        "        return policy.pi(x).numpy()",
+        "        return np.full((len(batch), policy.num_tasks), 1.0 / policy.num_tasks, np.float32)",
         (f"{T_LOCAL}::test_evaluate_scores_the_runs_policy",),
         "evaluation scores uniform weights for the trained arms",
     ),
@@ -558,6 +558,72 @@ MUTATIONS: list[Mutation] = [
         "keep = np.arange(order.shape[1])[None, :] <= lengths[:, None]",
         (f"{T_SERVE}::test_infer_writes_every_request_with_its_ranking",),
         "infer output rankings shifted into the next request",
+    ),
+    # -- item-aware policy (policy.kind=item_aware) -----------------------------------------
+    Mutation(
+        "item-weights-softmax-of-w",
+        "algos/modulation.py",
+        "return w * torch.exp(c.clamp(-C_CLIP, C_CLIP) * phi)",
+        "return torch.exp(w + c.clamp(-C_CLIP, C_CLIP) * phi)",
+        (
+            "tests/algos/test_modulation.py::test_zero_modulation_ranks_like_the_item_agnostic_fusion",
+        ),
+        "softmax(w + c phi) instead of softmax(log w + c phi): c = 0 no longer gives w",
+    ),
+    Mutation(
+        "joint-logprob-drops-modulation",
+        "algos/modulation.py",
+        "return lp + _gauss_logpdf(cs.to(c.dtype), c.unsqueeze(1), sd.unsqueeze(1))",
+        "return lp",
+        (
+            "tests/algos/test_modulation.py::test_joint_log_prob_matches_torch_distributions",
+            "tests/learner/test_item_aware.py::test_stage2_gradients_reach_the_modulation",
+        ),
+        "the ratio ignores the sampled modulation: c gets no Stage 2 gradient",
+    ),
+    Mutation(
+        "joint-kl-drops-modulation",
+        "algos/modulation.py",
+        "return kl_w + 0.5 * ((cp - cq) ** 2).sum(-1) / sd.squeeze(-1) ** 2",
+        "return kl_w",
+        ("tests/algos/test_modulation.py::test_joint_kl_matches_torch_distributions",),
+        "the KL to the reference does not hold c back",
+    ),
+    Mutation(
+        "stage1-modulation-detached",
+        "models/item_aware.py",
+        "return logits, pi, modulated_fusion(fusion, scores, mask, pi, c, eps)",
+        "return logits, pi, modulated_fusion(fusion, scores, mask, pi, c.detach(), eps)",
+        ("tests/learner/test_item_aware.py::test_stage1_gradients_reach_both_heads",),
+        "Stage 1 never trains the modulation",
+    ),
+    Mutation(
+        "rollout-ignores-item-weights",
+        "rollout/worker.py",
+        "item_weights=w_items,",
+        "item_weights=None,",
+        (
+            "tests/learner/test_item_aware.py::test_rollout_ranks_each_sample_with_its_per_item_weights",
+        ),
+        "item-aware samples rewarded as if item-agnostic",
+    ),
+    Mutation(
+        "default-rollout-takes-item-path",
+        "rollout/worker.py",
+        "if s.item_aware else (w, None)",
+        "if True else (w, None)",
+        ("tests/learner/test_item_aware.py::test_option_off_leaves_the_default_run_unchanged",),
+        "the default (item-agnostic) rollout runs item-aware code",
+    ),
+    Mutation(
+        "export-accepts-item-aware",
+        "serving/export.py",
+        'if getattr(policy, "item_aware", False):',
+        "if False:",
+        (
+            "tests/learner/test_item_aware.py::test_tiny_item_aware_run_trains_evaluates_and_refuses_export",
+        ),
+        "an item-aware policy exported as context -> one weight vector",
     ),
 ]
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from grade_ray.algos.fusion import fuse
+from grade_ray.algos.fusion import fuse, fuse_items
 from grade_ray.algos.metrics import (
     gather_gains,
     ideal_dcg_at_k,
@@ -161,6 +161,7 @@ def group_rewards(
     prior_scale: float | None = None,
     format_kind: str = "rules",
     fitted: FittedDirichlet | None = None,
+    item_weights: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Rewards of G sampled weight vectors per request (the rollout hot path).
 
@@ -174,12 +175,17 @@ def group_rewards(
     With ``post_scale`` (``prior_scale``) > 0, post (prior) = DCG@k / scale instead of NDCG:
     one constant for every request (e.g. the mean IDCG@k over the training logs), so requests
     weigh by their feedback's value as in a summed business metric, not equally.
+    ``item_weights`` (B, G, N, K) (item-aware policies): rank by these per-candidate weights
+    instead; ``weights`` (B, G, K) then only feed the format rules.
     Returns {"reward", "post", "prior", "format"}: each (B, G) float. No gradient.
     Vectorized over B and G; the ideal DCGs depend only on the gains, so they are computed once
     per request.
     """
     with torch.no_grad():
-        fused = fuse(fusion, scores, weights, fusion_eps)  # (B, G, N)
+        if item_weights is None:
+            fused = fuse(fusion, scores, weights, fusion_eps)  # (B, G, N)
+        else:
+            fused = fuse_items(fusion, scores, item_weights, fusion_eps)
         idx = topk_indices(fused, mask, k)  # (B, G, kk)
         disc = rank_discounts(idx.shape[-1], post_gain.dtype, post_gain.device)
         m = mask.bool()

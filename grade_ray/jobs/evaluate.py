@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from grade_ray.algos.fusion import fuse
+from grade_ray.algos.fusion import fuse_requests, request_weights
 from grade_ray.algos.metrics import gauc, ndcg_at_k
 from grade_ray.config import Config
 from grade_ray.data.abtest import ab_test
@@ -130,11 +130,17 @@ def static_arm(w: np.ndarray) -> WeightFn:
 
 
 def policy_arm(path: str | Path) -> WeightFn:
-    policy, _, _ = load_policy(path)
+    """The policy's weights (B, K); an item-aware policy's per-candidate weights (B, N, K)."""
+    policy, _, state = load_policy(path)
 
     @torch.no_grad()
     def fn(batch: SessionBatch, truth) -> np.ndarray:
-        return policy.pi(as_tensor(batch.context)).numpy()
+        x = as_tensor(batch.context)
+        if getattr(policy, "item_aware", False):
+            eps = state["config"]["policy"]["fusion_eps"]
+            scores, mask = as_tensor(batch.scores), as_tensor(batch.mask)
+            return policy.item_weights(x, scores, mask, eps).numpy()
+        return policy.pi(x).numpy()
 
     return fn
 
@@ -158,7 +164,7 @@ def offline_metrics(
 ) -> dict[str, float]:
     """NDCG@k per label, composite reward (with CI) and GAUC per label for one arm."""
     scores, mask = as_tensor(batch.scores), as_tensor(batch.mask)
-    fused = fuse(fusion, scores, torch.from_numpy(np.ascontiguousarray(weights)), eps)
+    fused = fuse_requests(fusion, scores, torch.from_numpy(np.ascontiguousarray(weights)), eps)
     labels = as_tensor(batch.labels)
     out: dict[str, float] = {}
     for j, name in enumerate(meta.label_names):
@@ -337,7 +343,7 @@ def _online(
     weights = {n: fn(batch, truth) for n, fn in all_arms.items()}
     statics["static_truth"] = weights[STATIC][0].tolist()
     fused = {
-        n: fuse(fusion, sc, torch.from_numpy(np.ascontiguousarray(w)), eps).numpy()
+        n: fuse_requests(fusion, sc, torch.from_numpy(np.ascontiguousarray(w)), eps).numpy()
         for n, w in weights.items()
     }
     control = "best_static" if "best_static" in fused else next(iter(fused))
@@ -347,6 +353,7 @@ def _online(
     oracle = np.stack([weights[SEGMENT_ORACLE][truth.segment == s][0] for s in present])
     recovery = {}
     for n, w in weights.items():
+        w = request_weights(w, batch.mask)
         per_seg = np.stack([w[truth.segment == s].mean(0) for s in present])
         recovery[n] = float(np.abs(per_seg - oracle).sum(1).mean() / 2)  # mean TV distance
     return ab.to_rows(), hr, recovery

@@ -278,6 +278,7 @@ def _request_reward(batch, weights: np.ndarray, spec, cfg: Config) -> np.ndarray
     """(B,) the training reward of each request ranked with its own weights (B, K)."""
     import torch
 
+    from grade_ray.algos.fusion import request_weights
     from grade_ray.spec import as_tensor
 
     out = []
@@ -285,14 +286,16 @@ def _request_reward(batch, weights: np.ndarray, spec, cfg: Config) -> np.ndarray
         b = batch.slice(s, min(s + 512, len(batch)))
         scores = as_tensor(b.scores)
         w = torch.from_numpy(np.ascontiguousarray(weights[s : s + len(b)], dtype=np.float32))
+        items = w[:, None] if w.dim() == 3 else None  # an item-aware arm's (B, N, K)
         r = spec.group_rewards(
             scores,
-            w[:, None, :],
+            request_weights(w, as_tensor(b.mask))[:, None, :],
             spec.post_gain(as_tensor(b.labels), as_tensor(b.position)),
             spec.prior_gain(scores, as_tensor(b.context)),
             as_tensor(b.mask),
             fusion=cfg.policy.fusion,
             fusion_eps=cfg.policy.fusion_eps,
+            item_weights=items,
         )
         out.append(r["reward"][:, 0].numpy().astype(np.float64))
     return np.concatenate(out)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from grade_ray.algos.fusion import fuse
+from grade_ray.algos.fusion import fuse_requests
 from grade_ray.algos.metrics import ndcg_at_k, request_auc
 from grade_ray.config import Config
 from grade_ray.data.sessions import SessionBatch, SessionMeta
@@ -28,7 +28,7 @@ BASELINE = "best_static"
 
 def _fused(batch: SessionBatch, weights: np.ndarray, cfg: Config) -> torch.Tensor:
     w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32))
-    return fuse(cfg.policy.fusion, as_tensor(batch.scores), w, cfg.policy.fusion_eps)
+    return fuse_requests(cfg.policy.fusion, as_tensor(batch.scores), w, cfg.policy.fusion_eps)
 
 
 def per_request_metrics(

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from grade_ray.algos.fusion import request_weights
 from grade_ray.config import Config
 from grade_ray.data.sessions import SessionBatch, SessionMeta
 from grade_ray.jobs.paired import (
@@ -183,7 +184,8 @@ def static_arms(
         out[SEGMENT_STATIC] = table[segments.eval].astype(np.float32)
         report[SEGMENT_STATIC] = {"source": segments.source, "segments": seg_report}
     for arm, fn in learned.items():
-        mean_w = np.asarray(fn(search.batch, None), dtype=np.float32).mean(0)
+        w = np.asarray(fn(search.batch, None), dtype=np.float32)
+        mean_w = request_weights(w, search.batch.mask).mean(0)
         out[mean_static_name(arm)] = np.broadcast_to(mean_w, (n_eval, len(mean_w))).copy()
         report[mean_static_name(arm)] = dict(zip(tasks, mean_w.round(3).tolist()))
     return out, report

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import yaml
 
-from grade_ray.algos.fusion import fuse
+from grade_ray.algos.fusion import fuse_requests
 from grade_ray.config import Config, ConfigError, load_config, save_config
 from grade_ray.data.abtest import ab_test
 from grade_ray.jobs.headroom import (
@@ -278,7 +278,7 @@ def evaluate_world(cfgs: dict[str, Config], policies: dict[str, str], world_dir:
     fused = {}
     for n, fn in arms.items():
         w = torch.from_numpy(np.ascontiguousarray(fn(batch, truth)))
-        fused[n] = fuse(first.policy.fusion, sc, w, first.policy.fusion_eps).numpy()
+        fused[n] = fuse_requests(first.policy.fusion, sc, w, first.policy.fusion_eps).numpy()
     ab = ab_test(sim, batch, truth, fused, control=STATIC, seed=e.ab_seed, bootstrap=e.bootstrap)
     ns = dict(zip(ab.arms, ab.north_star))
     rows = {}

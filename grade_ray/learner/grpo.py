@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from grade_ray import keys
-from grade_ray.algos.exploration import EXPLORATIONS
 from grade_ray.algos.losses import POLICY_LOSSES, kl_k3
+from grade_ray.algos.modulation import exploration_name, get_exploration
 from grade_ray.spec import as_tensor
 
 
@@ -48,7 +48,7 @@ class GRPOSettings:
             epochs_per_batch=g.epochs_per_batch,
             minibatch_size=g.minibatch_size,
             grad_clip=g.grad_clip,
-            exploration=e.kind,
+            exploration=exploration_name(e.kind, cfg.policy.kind == "item_aware"),
             alpha_floor=e.alpha_floor,
             sigma=e.sigma,
         )
@@ -99,7 +99,7 @@ class GRPOLearner:
         for p in self.ref.parameters():
             p.requires_grad_(False)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=settings.lr)
-        self.explore = EXPLORATIONS.get(settings.exploration)
+        self.explore = get_exploration(settings.exploration)
         self.policy_loss = POLICY_LOSSES.get(settings.loss)
         self.version = 0
         self.generator = torch.Generator().manual_seed(seed)  # minibatch order
@@ -109,6 +109,9 @@ class GRPOLearner:
         self.ref.load_state_dict(self.module.state_dict())
 
     def _pi(self, model: nn.Module, context: torch.Tensor) -> torch.Tensor:
+        params = getattr(self.module, "exploration_params", None)  # item-aware: [pi, c, sigma]
+        if params is not None:
+            return params(model(context))
         return torch.softmax(model(context), dim=-1)
 
     def compute_loss(

@@ -28,6 +28,7 @@ from grade_ray import keys
 from grade_ray.algos.exploration import alpha_schedule
 from grade_ray.algos.fusion import fuse
 from grade_ray.algos.metrics import ndcg_at_k
+from grade_ray.algos.modulation import exploration_name
 from grade_ray.config import Config
 from grade_ray.data.plan import DataPlan, deal_steps
 from grade_ray.data.reading import iter_batches, read_sessions
@@ -62,13 +63,14 @@ def rollout_spec(cfg: Config, meta: SessionMeta, train_path: str | Path) -> Roll
     e = cfg.exploration
     return RolloutSpec(
         reward=reward_spec(cfg, meta, train_path),
-        exploration=e.kind,
+        exploration=exploration_name(e.kind, cfg.policy.kind == "item_aware"),
         group_size=e.group_size,
         alpha_floor=e.alpha_floor,
         sigma=e.sigma,
         advantage=cfg.grpo.advantage,
         fusion=cfg.policy.fusion,
         fusion_eps=cfg.policy.fusion_eps,
+        item_aware=cfg.policy.kind == "item_aware",
     )
 
 
@@ -230,7 +232,12 @@ class Probe:
         device = next(policy.parameters()).device  # the learner's (a GPU under use_gpu)
         pi = policy.eval().pi(as_tensor(b.context).to(device)).cpu()
         scores = as_tensor(b.scores)
-        fused = fuse(self.cfg.policy.fusion, scores, pi, self.cfg.policy.fusion_eps)
+        if getattr(policy, "item_aware", False):  # per-item weights; pi: the request's
+            x, m = as_tensor(b.context).to(device), as_tensor(b.mask).to(device)
+            p = self.cfg.policy
+            fused = policy.fused(x, scores.to(device), m, p.fusion, p.fusion_eps).cpu()
+        else:
+            fused = fuse(self.cfg.policy.fusion, scores, pi, self.cfg.policy.fusion_eps)
         out = policy_diagnostics(
             pi.numpy(),
             self.meta.task_names,

@@ -140,8 +140,13 @@ class SupervisedLearner:
         gains = self.reward.post_gain(as_tensor(batch.labels), as_tensor(batch.position)).to(dev)
         self.model.train()
         logits = self.model(as_tensor(batch.context).to(dev))
-        pi = torch.softmax(logits, dim=-1)
-        fused = fuse(s.fusion, scores, pi, s.fusion_eps)
+        if hasattr(self.module, "stage1_fused"):  # item-aware: per-item weights
+            logits, pi, fused = self.module.stage1_fused(
+                logits, scores, mask, s.fusion, s.fusion_eps
+            )
+        else:
+            pi = torch.softmax(logits, dim=-1)
+            fused = fuse(s.fusion, scores, pi, s.fusion_eps)
         loss = ranking_loss(
             standardize(fused, mask) * self.log_scale.exp(),
             gains,

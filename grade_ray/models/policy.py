@@ -70,6 +70,10 @@ class FusionPolicy(nn.Module):
 
 def build_policy(policy_cfg, context_dim: int, num_tasks: int) -> FusionPolicy:
     """Policy from a :class:`grade_ray.config.PolicyConfig`."""
+    if getattr(policy_cfg, "kind", "context") == "item_aware":
+        from grade_ray.models.item_aware import build_item_aware
+
+        return build_item_aware(policy_cfg, context_dim, num_tasks)
     return FusionPolicy(
         context_dim,
         num_tasks,

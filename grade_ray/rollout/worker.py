@@ -19,7 +19,7 @@ import torch
 
 from grade_ray import keys
 from grade_ray.algos.advantages import group_advantages
-from grade_ray.algos.exploration import EXPLORATIONS
+from grade_ray.algos.modulation import fusion_inputs, get_exploration
 from grade_ray.data.sessions import SessionBatch
 from grade_ray.models.policy import FusionPolicy
 from grade_ray.spec import RewardSpec, as_tensor
@@ -37,6 +37,8 @@ class RolloutSpec:
     advantage: str
     fusion: str
     fusion_eps: float
+    item_aware: bool = False
+    """The policy is item-aware: actions are (w, c) and rank with per-item weights."""
 
 
 class RolloutWorker:
@@ -46,7 +48,7 @@ class RolloutWorker:
         self.policy = policy.eval()
         self.spec = spec
         self.version = -1
-        self.explore = EXPLORATIONS.get(spec.exploration)
+        self.explore = get_exploration(spec.exploration)
         self.generator = torch.Generator().manual_seed(seed)
 
     def set_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
@@ -65,7 +67,10 @@ class RolloutWorker:
         context = as_tensor(batch.context)
         scores = as_tensor(batch.scores)
         mask = as_tensor(batch.mask)
-        pi = self.policy.pi(context)
+        if s.item_aware:  # the joint exploration's parameters [pi, c, sigma_c]
+            pi = self.policy.exploration_params(self.policy(context))
+        else:
+            pi = self.policy.pi(context)
         w = self.explore.sample(
             pi,
             s.group_size,
@@ -75,14 +80,16 @@ class RolloutWorker:
             generator=self.generator,
         )
         old_logp = self.explore.log_prob(pi, w, alpha_hat, floor=s.alpha_floor, sigma=s.sigma)
+        w_req, w_items = fusion_inputs(w, scores, mask, s.fusion_eps) if s.item_aware else (w, None)
         r = s.reward.group_rewards(
             scores,
-            w,
+            w_req,
             s.reward.post_gain(as_tensor(batch.labels), as_tensor(batch.position)),
             s.reward.prior_gain(scores, context),
             mask,
             fusion=s.fusion,
             fusion_eps=s.fusion_eps,
+            item_weights=w_items,
         )
         adv, zero_var = group_advantages(r["reward"], s.advantage)
         return {

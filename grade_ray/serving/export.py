@@ -257,6 +257,14 @@ def export_policy(run_dir: str | Path, out_dir: str | Path, onnx: bool = False) 
     if onnx:
         require_onnx()  # before anything is written
     policy, _, state = load_policy(run_dir)
+    if getattr(policy, "item_aware", False):
+        raise RequestError(
+            f"{run_dir} holds an item-aware policy (policy.kind=item_aware); export, infer and "
+            "serve take context -> one weight vector per request and cannot serve weights that "
+            "depend on each candidate's scores. Serve an item-agnostic policy "
+            "(policy.kind=context) or rank with ItemAwarePolicy.fused(context, scores, mask, "
+            "fusion) in process"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_FILE).unlink(missing_ok=True)  # incomplete until the new one is written

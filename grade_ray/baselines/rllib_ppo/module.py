@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from grade_ray.config import PolicyConfig, from_dict
+from grade_ray.models.item_aware import refuse_item_aware
 from grade_ray.models.policy import build_policy
 
 
@@ -36,6 +37,7 @@ def _module_classes():
             d = int(self.observation_space.shape[0])
             k = int(self.action_space.shape[0])
             self.pi_net = build_policy(from_dict(PolicyConfig, mc.get("policy", {})), d, k)
+            refuse_item_aware(self.pi_net, "the RLlib PPO baseline")
             if mc.get("x_mean") is not None:
                 self.pi_net.set_normalization(
                     torch.tensor(mc["x_mean"], dtype=torch.float32),
