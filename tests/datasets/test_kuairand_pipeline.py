@@ -300,3 +300,16 @@ def test_real_kuairand_pipeline(tmp_path):
         m = row["metrics"]["composite"]
         assert _finite(m["value"], m["ci_low"], m["ci_high"])
     assert "CC BY-SA 4.0" in (tmp_path / RESULTS_MD).read_text()
+
+
+def test_the_no_format_ablation_runs_whenever_the_format_term_moves_the_reward():
+    from grade_ray.config import load_config
+    from grade_ray.datasets.kuairand.pipeline import format_term_active
+
+    base = load_config([ROOT / "configs" / "kuairand.yaml"]).reward  # l3 = 0: no format term
+    assert not format_term_active(base)
+    learned = base.__class__(**{**base.__dict__, "l3": 0.05, "format_kind": "learned"})
+    assert learned.format_rules == () and format_term_active(learned)  # no rules needed
+    assert format_term_active(base.__class__(**{**base.__dict__, "l3": 0.05}))  # gate bonus
+    none = base.__class__(**{**base.__dict__, "l3": 0.05, "format_kind": "none"})
+    assert not format_term_active(none)

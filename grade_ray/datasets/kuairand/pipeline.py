@@ -165,8 +165,8 @@ def train_variants(cfg: Config, names: Sequence[str]) -> dict[str, dict[str, Any
     for name in names:
         if name == "GRADE":
             continue
-        if name == "GRADE-no-format" and (cfg.reward.l3 == 0 or not cfg.reward.format_rules):
-            out[name] = {"skipped": "identical to GRADE (no format rules or reward.l3 = 0)"}
+        if name == "GRADE-no-format" and not format_term_active(cfg.reward):
+            out[name] = {"skipped": "identical to GRADE (reward.l3 = 0 or format_kind = none)"}
             continue
         vcfg = variant_config(cfg, name)  # RUN's Stage 1 copied in, RUN's decoded cache
         log.info("training variant %s in %s", name, vcfg.run_dir)
@@ -178,6 +178,15 @@ def train_variants(cfg: Config, names: Sequence[str]) -> dict[str, dict[str, Any
             "seconds": round(time.perf_counter() - t0, 1),
         }
     return out
+
+
+def format_term_active(reward) -> bool:
+    """Whether R_format changes GRADE's reward, i.e. the no-format ablation is another run.
+
+    Off only at ``l3 = 0`` or ``format_kind = 'none'`` (R_format = 0). A learned constraint
+    needs no rules, and even 'rules' with an empty list still pays the gated bonus
+    l3 * 1[base >= tau], which moves the advantages."""
+    return reward.l3 != 0 and reward.format_kind != "none"
 
 
 @contextlib.contextmanager
