@@ -12,7 +12,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from grade_ray.algos.metrics import ideal_dcg_at_k, rank_discounts, rank_positions
+from grade_ray.algos.metrics import (
+    ideal_dcg_at_k,
+    inverse_permutation,
+    rank_discounts,
+    rank_positions,
+)
 from grade_ray.algos.registry import Registry
 
 POLICY_LOSSES: Registry = Registry("policy loss")
@@ -124,7 +129,7 @@ def lambda_loss(
         # each pair is formed once. Real items take ranks 0..n_real-1 and padded ones come
         # after, so "j real and ranked below t" is one comparison against j's rank with
         # padded j at -1 (a padded t has no real item below it), and D_t >= D_j there.
-        top = torch.empty_like(rank).scatter_(-1, rank, _arange_like(rank))[..., :kk]
+        top = inverse_permutation(rank)[..., :kk]  # the items at ranks 0..kk-1
         g_top, d_top = g_norm.gather(-1, top), disc.gather(-1, top)
         dg = g_top.unsqueeze(-1) - g_norm.unsqueeze(-2)  # (B, kk, N)
         rank_real = rank.masked_fill(~m, -1)
@@ -136,11 +141,6 @@ def lambda_loss(
     per_request = (weight * F.softplus(-diff)).sum((-1, -2)) / math.log(2.0)
     n_pos = has_pos.sum()
     return (per_request * has_pos).sum() / n_pos.clamp_min(1)
-
-
-def _arange_like(rank: torch.Tensor) -> torch.Tensor:
-    """0..N-1 along the last axis, broadcast to rank's shape (a scatter source)."""
-    return torch.arange(rank.shape[-1], device=rank.device).expand_as(rank)
 
 
 def lambda_loss_dense_reference(

@@ -162,7 +162,6 @@ def rank_positions(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     Returns int64 of scores' shape: rank[..., i] in [0, N). Real candidates occupy ranks
     0..n_real-1; padded ones come after; ties go to the lower index first.
     """
-    n = scores.shape[-1]
     with torch.no_grad():
         full_mask = _expand_mask(mask, scores)
         if scores.dtype == torch.float64:
@@ -174,8 +173,14 @@ def rank_positions(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             else:
                 key = torch.sort(key, dim=-1).values
             order = key & _LOW32
-        positions = torch.arange(n, device=order.device).expand_as(order)
-        return torch.empty_like(order).scatter_(-1, order, positions)
+        return inverse_permutation(order)
+
+
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """inv with inv[..., perm[..., i]] = i along the last axis: ranks from an order (items
+    by rank) and the order from ranks. int64 of perm's shape."""
+    positions = torch.arange(perm.shape[-1], device=perm.device).expand_as(perm)
+    return torch.empty_like(perm).scatter_(-1, perm, positions)
 
 
 def rank_discounts(k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
