@@ -216,6 +216,33 @@ class RewardSpec:
             item_weights=item_weights,
         )
 
+    def iter_grid_rewards(
+        self,
+        batch,
+        weights: torch.Tensor,
+        *,
+        fusion: str,
+        fusion_eps: float,
+        l3: float = 0.0,
+        chunk: int = 256,
+    ):
+        """Yield (b, P) composite rewards of ``chunk`` requests of ``batch`` (a
+        :class:`grade_ray.data.sessions.SessionBatch`) at a time, each under every weight
+        vector of ``weights`` (P, K), with ``l3`` as :meth:`group_rewards` takes it."""
+        for s in range(0, len(batch), chunk):
+            b = batch.slice(s, min(s + chunk, len(batch)))
+            scores = as_tensor(b.scores)
+            yield self.group_rewards(
+                scores,
+                weights.expand(len(b), *weights.shape),
+                self.post_gain(as_tensor(b.labels), as_tensor(b.position)),
+                self.prior_gain(scores, as_tensor(b.context)),
+                as_tensor(b.mask),
+                fusion=fusion,
+                fusion_eps=fusion_eps,
+                l3=l3,
+            )["reward"]
+
 
 def _check_calibration(cfg: RewardConfig, meta: SessionMeta) -> None:
     """Every ``reward.prior_calibration`` entry names a probability task and logged labels."""

@@ -82,23 +82,9 @@ def ranking_reward(
 ) -> np.ndarray:
     """(B, P) l1*R_post + l2*R_prior (+ the gated l3*R_format when ``l3`` > 0) of each
     request under each weight vector (P, K)."""
-    out = []
     w = torch.from_numpy(np.asarray(weights, dtype=np.float32))
-    for s in range(0, len(batch), chunk):
-        b = batch.slice(s, min(s + chunk, len(batch)))
-        scores = as_tensor(b.scores)
-        r = spec.group_rewards(
-            scores,
-            w.expand(len(b), *w.shape),
-            spec.post_gain(as_tensor(b.labels), as_tensor(b.position)),
-            spec.prior_gain(scores, as_tensor(b.context)),
-            as_tensor(b.mask),
-            fusion=fusion,
-            fusion_eps=eps,
-            l3=l3,
-        )
-        out.append(r["reward"].numpy())
-    return np.concatenate(out)
+    chunks = spec.iter_grid_rewards(batch, w, fusion=fusion, fusion_eps=eps, l3=l3, chunk=chunk)
+    return np.concatenate([r.numpy() for r in chunks])
 
 
 def static_search(cfg: Config, train_path: str) -> StaticSearch:

@@ -35,7 +35,7 @@ from grade_ray.algos.rewards import FittedDirichlet, dirichlet_log_density
 from grade_ray.config import ConfigError
 from grade_ray.data.oracles import simplex_grid
 from grade_ray.data.sessions import SessionBatch
-from grade_ray.spec import RewardSpec, as_tensor
+from grade_ray.spec import RewardSpec
 
 log = logging.getLogger(__name__)
 
@@ -116,20 +116,10 @@ def fit_format(
     base = dataclasses.replace(spec, format_kind="none", fitted_format=None)
     mass = torch.zeros(len(grid), dtype=torch.float64)
     informative = 0
-    for s in range(0, len(batch), CHUNK):
-        b = batch.slice(s, min(s + CHUNK, len(batch)))
-        scores = as_tensor(b.scores)
-        r = base.group_rewards(
-            scores,
-            grid.expand(len(b), *grid.shape),
-            base.post_gain(as_tensor(b.labels), as_tensor(b.position)),
-            base.prior_gain(scores, as_tensor(b.context)),
-            as_tensor(b.mask),
-            fusion=fusion,
-            fusion_eps=fusion_eps,
-            l3=0.0,
-        )
-        m, n = best_grid_mass(r["reward"].double())
+    for r in base.iter_grid_rewards(
+        batch, grid, fusion=fusion, fusion_eps=fusion_eps, l3=0.0, chunk=CHUNK
+    ):
+        m, n = best_grid_mass(r.double())
         mass += m
         informative += n
     if informative == 0:
