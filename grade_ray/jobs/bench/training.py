@@ -112,16 +112,13 @@ def _rate(cfg: Config, plan: DataPlan, pool: RayRollout, mode: str, init_state: 
 def training_markdown(results: dict[str, Any]) -> str:
     """Measured requests/s per N rollout workers (rows) and mode (columns)."""
     from grade_ray.jobs.bench.table import md_table
+    from grade_ray.jobs.bench.throughput import PROJECTION_COLUMNS
 
     ns = sorted({int(k.rsplit(".", 1)[1]) for k in results if k.startswith("training.")})
     if not ns:
         return ""
     rows = [[str(n), *(_cell(results.get(training_key(m, n))) for m in MODES)] for n in ns]
-    return md_table(
-        ("rollout workers", "rollout pool alone", "on-policy training", "pipelined (staleness 1)"),
-        "rrrr",
-        rows,
-    )
+    return md_table(PROJECTION_COLUMNS, "rrrr", rows)
 
 
 def _cell(v: float | None) -> str:
