@@ -4,6 +4,7 @@ run and serving; and that with the option off the default path is unchanged."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from pathlib import Path
 
@@ -121,7 +122,8 @@ def test_rollout_ranks_each_sample_with_its_per_item_weights(rollout):
         per_item[b, :, :n] = u / u.sum(-1, keepdim=True)
         per_item[b, :, n:] = 1.0 / k
     r = spec.reward
-    ref = group_rewards(
+    rewards = functools.partial(
+        group_rewards,
         sc,
         a[..., :k],
         r.post_gain(as_tensor(batch.labels), as_tensor(batch.position)),
@@ -137,27 +139,11 @@ def test_rollout_ranks_each_sample_with_its_per_item_weights(rollout):
         fusion_eps=cfg.policy.fusion_eps,
         post_scale=r.post_scale,
         prior_scale=r.prior_scale,
-        item_weights=per_item,
     )
+    ref = rewards(item_weights=per_item)
     np.testing.assert_allclose(out[keys.REWARD], ref["reward"].numpy(), rtol=1e-5, atol=1e-6)
     # the ranking really depends on the modulation: item-agnostic rewards differ
-    flat = group_rewards(
-        sc,
-        a[..., :k],
-        r.post_gain(as_tensor(batch.labels), as_tensor(batch.position)),
-        r.prior_gain(sc, as_tensor(batch.context)),
-        m,
-        fusion=cfg.policy.fusion,
-        k=r.k,
-        rules=list(r.rules),
-        l1=r.l1,
-        l2=r.l2,
-        l3=r.l3,
-        tau=r.tau,
-        fusion_eps=cfg.policy.fusion_eps,
-        post_scale=r.post_scale,
-        prior_scale=r.prior_scale,
-    )
+    flat = rewards()
     assert not np.allclose(out[keys.REWARD], flat["reward"].numpy())
     # old log-prob = Dirichlet(w; alpha_hat pi) + sum_k N(c~_k; c_k(x), sigma_c^2)
     with torch.no_grad():
