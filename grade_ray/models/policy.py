@@ -65,9 +65,9 @@ class FusionPolicy(nn.Module):
         self.num_tasks = num_tasks
         self.register_buffer("x_mean", torch.zeros(context_dim))
         self.register_buffer("x_std", torch.ones(context_dim))
-        # The E experts' layers as stacked parameters, so that a forward is one matmul for
-        # layer for all E experts (one batched matmul each) instead of 2E small
-        # Linear calls (per-op overhead dominated at the learner's 512-request minibatches).
+        # The E experts' layers as stacked parameters, so that a forward is one batched
+        # matmul per layer for all E experts instead of 2E small Linear calls (per-op
+        # overhead dominated at the learner's 512-request minibatches).
         # Expert i is Linear(D, H) -> ReLU -> Dropout -> Linear(H, H) -> ReLU with weights
         # expert_w1[i] (H, D), expert_b1[i] (H,), expert_w2[i] (H, H), expert_b2[i] (H,).
         # State dicts of the earlier per-expert layout (experts.{i}.0.weight, ...) load into
