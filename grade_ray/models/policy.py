@@ -102,13 +102,14 @@ class FusionPolicy(nn.Module):
         """x: (B, D) -> logits (B, K)."""
         z = (x - self.x_mean) / self.x_std
         # (E, B, H) throughout: expert i's layers on slice i, all E in one batched matmul
-        # per layer (E small matmuls of the same shapes as E separate nn.Linear calls)
+        # per layer (E small matmuls of the same shapes as E separate nn.Linear calls).
+        # ReLUs in place: the matmuls' backward needs their inputs, not their outputs.
         z_e = z.expand(self.expert_w1.shape[0], -1, -1)  # (E, B, D), no copy
         first = torch.baddbmm(self.expert_b1.unsqueeze(1), z_e, self.expert_w1.transpose(1, 2))
-        first = self.expert_dropout(torch.relu(first))
-        experts = torch.relu(
-            torch.baddbmm(self.expert_b2.unsqueeze(1), first, self.expert_w2.transpose(1, 2))
-        )
+        first = self.expert_dropout(first.relu_())
+        experts = torch.baddbmm(
+            self.expert_b2.unsqueeze(1), first, self.expert_w2.transpose(1, 2)
+        ).relu_()
         gate = torch.softmax(self.gate(z), dim=-1)  # (B, E)
         # the gate mixture as a broadcast product (a (B, 1, E) x (B, E, H) bmm is B tiny
         # matmuls, several times slower on CPU)
