@@ -5,9 +5,10 @@ the learner was made faster.
 Give it a :class:`grade_ray.models.policy_reference.PerExpertFusionPolicy` (one
 ``nn.Sequential`` per expert) to time the old path as a whole: the reference policy pi_ref
 runs on every minibatch of every epoch, and Adam steps parameter by parameter (torch's
-for-loop implementation). The loss (:meth:`GRPOLearner.compute_loss`), minibatch order,
-clipping and metrics are the learner's own, so both compute the same update up to
-floating-point summation order.
+for-loop implementation), and the loss is composed of the exploration's ``log_prob`` and
+``kl`` and the policy loss, differentiated by autograd (no fused Dirichlet-GRPO op).
+Minibatch order, clipping and metrics are the learner's own, so both compute the same
+update up to floating-point rounding.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class ReferenceGRPOLearner(GRPOLearner):
     ) -> None:
         super().__init__(model, settings, device, seed)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=settings.lr)
+        self.fused_loss = False  # the loss composed of log_prob, kl and grpo_loss (autograd)
 
     def update(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
         check_finite(batch)
