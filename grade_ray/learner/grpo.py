@@ -95,6 +95,35 @@ def _can_fuse(params: list[torch.Tensor]) -> bool:
     )
 
 
+def _stack_legacy_adam(state: dict, module: nn.Module) -> dict:
+    """An Adam state dict saved with the per-expert FusionPolicy of earlier versions
+    (4 tensors per expert: experts.{i}.0.weight, .0.bias, .3.weight, .3.bias, then gate and
+    tower) -> the same moments for the stacked layout (expert_w1, expert_b1, expert_w2,
+    expert_b2, then gate and tower). Any other state dict is returned as it is."""
+    w1 = getattr(module, "expert_w1", None)
+    groups = state.get("param_groups", [])
+    if w1 is None or len(groups) != 1:
+        return state
+    e, n_now = w1.shape[0], len(list(module.parameters()))
+    ids = groups[0]["params"]
+    if len(ids) != n_now - 4 + 4 * e:  # 4 tensors per expert instead of 4 stacked ones
+        return state
+    old, new = state["state"], {}
+    if ids[0] in old and old[ids[0]]["exp_avg"].shape == w1.shape:
+        return state  # already stacked (with one expert the tensor counts agree)
+    for j in range(4):  # the stacked tensors, per-expert moments stacked along dim 0
+        per = [old.get(ids[4 * i + j]) for i in range(e)]
+        if all(p is not None for p in per):
+            new[j] = {
+                k: (v if k == "step" else torch.stack([p[k] for p in per]))
+                for k, v in per[0].items()
+            }
+    for j, pid in enumerate(ids[4 * e :]):  # gate and tower: same tensors, same order
+        if pid in old:
+            new[4 + j] = old[pid]
+    return {"state": new, "param_groups": [{**groups[0], "params": list(range(n_now))}]}
+
+
 class GRPOLearner:
     """GRPO update: -mean min(rho A, clip(rho) A) + beta KL(pi || pi_ref)."""
 
@@ -115,7 +144,8 @@ class GRPOLearner:
         params = list(self.model.parameters())
         # fused: one kernel for all parameters instead of ~10 small ops per tensor (the same
         # Adam update; its per-op overhead was ~10% of a 512-request CPU step)
-        self.optimizer = torch.optim.Adam(params, lr=settings.lr, fused=_can_fuse(params))
+        self.fused_adam = _can_fuse(params)
+        self.optimizer = torch.optim.Adam(params, lr=settings.lr, fused=self.fused_adam)
         self.explore = EXPLORATIONS.get(settings.exploration)
         self.policy_loss = POLICY_LOSSES.get(settings.loss)
         # Dirichlet exploration + GRPO + exact KL (the defaults): one fused loss op with a
@@ -238,8 +268,12 @@ class GRPOLearner:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        state = {**state, "optimizer": _stack_legacy_adam(state["optimizer"], self.module)}
         self.module.load_state_dict(state["policy"])
         self.ref.load_state_dict(state["ref"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.fused_adam:  # a state saved by the for-loop Adam carries fused=None
+            for group in self.optimizer.param_groups:
+                group["fused"], group["foreach"] = True, None
         self.version = int(state["version"])
         self.generator.set_state(state["generator"])

@@ -10,6 +10,7 @@ gradient are exercised.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -100,3 +101,43 @@ def test_loss_and_gradient_of_one_minibatch_equal_the_reference():
         assert stats["kl"] == pytest.approx(stats0["kl"], rel=1e-6)
         for name, g in g0.items():
             torch.testing.assert_close(grads[name], g, rtol=0, atol=TOL * scale, msg=name)
+
+
+def test_a_learner_state_saved_with_the_per_expert_policy_resumes():
+    """A checkpoint of the earlier learner (per-expert policy and reference, for-loop Adam
+    with moments for 4 tensors per expert) loads into GRPOLearner, which then continues as
+    the earlier learner does."""
+    new, old = learners(SETTINGS)
+    batch = one_task_batch()
+    for s in range(2):
+        old.update(rollout(new, batch, seed=s))
+    saved = copy.deepcopy(old.state_dict())
+    assert "experts.0.0.weight" in saved["policy"] and len(saved["optimizer"]["state"]) == 14
+    resumed = GRPOLearner(make_policy(seed=8), SETTINGS, seed=5)
+    resumed.load_state_dict(saved)
+    assert resumed.version == old.version == 2
+    assert resumed.optimizer.param_groups[0]["fused"]
+    for s in (5, 6):
+        train = rollout(resumed, batch, seed=s)
+        got, want = resumed.update(train), old.update(train)
+        for k in want:
+            assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-8), k
+        assert max_weight_diff(resumed, old) <= TOL
+
+
+def test_a_one_expert_learner_state_of_either_layout_resumes():
+    """With one expert both layouts have 10 tensors: the stacked state is left alone."""
+    one = SETTINGS
+    torch.manual_seed(0)
+    a = GRPOLearner(FusionPolicy(D, K, num_experts=1, expert_hidden=8), one, seed=0)
+    old = ReferenceGRPOLearner(PerExpertFusionPolicy(D, K, num_experts=1, expert_hidden=8), one)
+    old.module.load_state_dict(stacked_to_per_expert(a.module.state_dict()))
+    batch = one_task_batch()
+    train = rollout(GRPOLearner(make_policy(), one), batch, seed=0)  # any policy's samples
+    a.update(train)
+    old.update(train)
+    for saved in (a.state_dict(), old.state_dict()):
+        b = GRPOLearner(FusionPolicy(D, K, num_experts=1, expert_hidden=8), one, seed=3)
+        b.load_state_dict(copy.deepcopy(saved))
+        got = b.optimizer.state_dict()["state"][0]["exp_avg"]
+        assert got.shape == (1, 8, D)
