@@ -151,7 +151,7 @@ class GRPOLearner:
         # Dirichlet exploration + GRPO + exact KL (the defaults): one fused loss op with a
         # hand-written gradient (dirichlet_grpo_loss) instead of ~150 small autograd ops
         self.fused_loss = (
-            isinstance(self.explore, DirichletExploration)
+            type(self.explore) is DirichletExploration  # a subclass may change log_prob / kl
             and self.policy_loss is grpo_loss
             and settings.kl_estimator == "exact"
         )
