@@ -69,6 +69,16 @@ MUTATIONS: list[Mutation] = [
         "the learner climbs the loss",
     ),
     Mutation(
+        "fused-loss-ties",
+        "algos/losses.py",
+        "g_half = torch.where(tie, g / 2, g)",
+        "g_half = g",
+        (
+            "tests/algos/test_losses.py::test_fused_dirichlet_grpo_equals_the_composed_loss_in_value_stats_and_gradient",
+        ),
+        "the fused gradient counts minimum()'s ties twice",
+    ),
+    Mutation(
         "kl-penalty-sign",
         "algos/losses.py",
         "loss = pg_loss + beta * kl_mean",
@@ -98,8 +108,17 @@ MUTATIONS: list[Mutation] = [
         "learner/grpo.py",
         "logp, mb[keys.OLD_LOGP], mb[keys.ADVANTAGES], kl, clip_eps=s.clip_eps, beta=s.beta",
         "logp, mb[keys.OLD_LOGP], -mb[keys.ADVANTAGES], kl, clip_eps=s.clip_eps, beta=s.beta",
+        # the composed (non-fused) loss: the reference learner's, compared with the fused one
+        ("tests/learner/test_grpo_reference.py::test_updates_equal_the_reference_learner",),
+        "GRPOLearner.compute_loss flips the sign (composed loss)",
+    ),
+    Mutation(
+        "learner-fused-loss-sign",
+        "learner/grpo.py",
+        "                mb[keys.ADVANTAGES],\n                alpha_hat,",
+        "                -mb[keys.ADVANTAGES],\n                alpha_hat,",
         (f"{T_LEARNER}::test_update_on_a_fixed_batch_raises_the_reward_of_fresh_samples",),
-        "GRPOLearner.compute_loss flips the sign",
+        "GRPOLearner.compute_loss flips the sign (fused Dirichlet loss, the default)",
     ),
     Mutation(
         "sync-reference-noop",

@@ -80,8 +80,12 @@ def _softmax(x: torch.Tensor) -> torch.Tensor:
     return e / e.sum(-1, keepdim=True)
 
 
-def _safe_log(w: torch.Tensor) -> torch.Tensor:
+def safe_log(w: torch.Tensor) -> torch.Tensor:
+    """log(max(w, tiny)): what :meth:`DirichletExploration.log_prob` takes of its samples."""
     return torch.log(w.clamp_min(torch.finfo(w.dtype).tiny))
+
+
+_safe_log = safe_log
 
 
 def _check_group(pi: torch.Tensor, group_size: int) -> None:

@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
+from grade_ray.algos.exploration import EXPLORATIONS, safe_log
 from grade_ray.algos.losses import (
     K3_BOUND,
     POLICY_LOSSES,
+    dirichlet_grpo_loss,
     grpo_loss,
     kl_k3,
     lambda_loss,
@@ -202,3 +204,63 @@ def test_topk_pair_lambda_loss_equals_all_pairs_in_value_and_gradient(k):
     want.backward()
     assert got.item() == pytest.approx(want.item(), rel=1e-9, abs=1e-12)
     torch.testing.assert_close(a.grad, d.grad, rtol=1e-6, atol=1e-9)
+
+
+# ---------------------------------------------------------------- fused Dirichlet GRPO
+
+
+def _fused_case(seed: int, b: int = 64, g: int = 8, k: int = 4):
+    """pi with some components under the floor, samples of a nearby policy, old log-probs
+    spread so that ratios fall inside the clip range, outside it on both sides and beyond
+    the +-20 log-ratio clamp, advantages of both signs and some exactly zero."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = 2.0 * torch.randn(b, k, generator=gen)
+    logits[: b // 4, 0] = -12.0  # alpha_hat * pi_0 < floor for a quarter of the rows
+    pi = torch.softmax(logits, -1)
+    pi_ref = torch.softmax(logits + 0.5 * torch.randn(b, k, generator=gen), -1)
+    explore = EXPLORATIONS.get("dirichlet")
+    w = explore.sample(pi_ref, g, 10.0, floor=0.05, generator=gen)
+    with torch.no_grad():
+        logp = explore.log_prob(pi, w, 10.0, floor=0.05)
+    shift = 0.3 * torch.randn(b, g, generator=gen)
+    shift[0, :4] = torch.tensor([25.0, -25.0, 20.0, -20.0])  # at and beyond the clamp
+    adv = torch.randn(b, g, generator=gen)
+    adv[0, :4] = torch.tensor([1.0, -1.0, 1.0, -1.0])  # ratio e^20 with A < 0: unclipped side
+    adv[1] = 0.0
+    return pi, pi_ref, w, logp + shift, adv
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.01, 3.0])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fused_dirichlet_grpo_equals_the_composed_loss_in_value_stats_and_gradient(seed, beta):
+    pi, pi_ref, w, old, adv = _fused_case(seed)
+    explore = EXPLORATIONS.get("dirichlet")
+    kw = {"clip_eps": 0.2, "beta": beta}
+    p1 = pi.clone().requires_grad_(True)
+    want, want_stats = grpo_loss(
+        explore.log_prob(p1, w, 10.0, floor=0.05),
+        old,
+        adv,
+        explore.kl(p1, pi_ref, 10.0, floor=0.05),
+        **kw,
+    )
+    want.backward()
+    p2 = pi.clone().requires_grad_(True)
+    got, got_stats = dirichlet_grpo_loss(p2, pi_ref, safe_log(w), old, adv, 10.0, floor=0.05, **kw)
+    (3.0 * got).backward()  # the upstream gradient scales it
+    assert float(got.detach()) == float(want.detach())  # the same ops in the same order
+    assert got_stats == want_stats
+    assert 0 < got_stats["clip_frac"] < 1
+    # element by element: the sample at the +20 log-ratio bound has a gradient ~1e6 (its
+    # ratio is e^20), the others ~1e-3, so the tolerance is relative to a typical entry
+    typical = float(p1.grad.abs().median())
+    assert typical > 0
+    torch.testing.assert_close(p2.grad, 3.0 * p1.grad, rtol=1e-4, atol=1e-3 * typical)
+
+
+def test_fused_dirichlet_grpo_checks_its_concentrations():
+    pi, pi_ref, w, old, adv = _fused_case(0)
+    with pytest.raises(ValueError, match="must be > 0"):
+        dirichlet_grpo_loss(
+            pi, pi_ref, safe_log(w), old, adv, 10.0, floor=0.0, clip_eps=0.2, beta=0
+        )

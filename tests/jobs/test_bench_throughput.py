@@ -7,6 +7,7 @@ import pytest
 from grade_ray.jobs.bench.table import md_table
 from grade_ray.jobs.bench.throughput import (
     bench_config,
+    bench_kernel,
     bench_rollout,
     bench_stage1,
     bench_stage1_epoch,
@@ -79,6 +80,28 @@ def test_bench_stage1_epoch_reports_local_and_ray_train_rates(ray_session, tmp_p
         assert out[key] > 0, key
     assert out["stage1.ray_train_wall_s"] > 1024 / out["stage1.ray_train_requests_per_s"]
     assert "`stage1.ray_train_requests_per_s` |" in markdown_table(out)
+
+
+def test_bench_kernel_times_the_learner_against_its_reference_and_they_agree(tmp_path):
+    cfg = bench_config(str(tmp_path / "run"), 512).replace(
+        **{"rollout.batch_size": 256, "grpo.minibatch_size": 128}
+    )
+    from grade_ray.jobs.train import prepare_data
+
+    train_path, _ = prepare_data(cfg)
+    out = bench_kernel(cfg, train_path, 1, minibatch_sizes=(64,))
+    for prefix in ("learner", "learner.mb64"):
+        for key in ("requests_per_s", "reference_requests_per_s", "speedup"):
+            assert out[f"{prefix}.{key}"] > 0, (prefix, key)
+    assert out["learner.samples_per_s"] == pytest.approx(
+        out["learner.requests_per_s"] * 20 * cfg.grpo.epochs_per_batch
+    )
+    assert "learner.mb128.requests_per_s" not in out  # the default size has the plain keys
+    # both paths compute the same update from the same weights
+    assert out["learner.update_max_abs"] > 1e-4
+    assert out["learner.weights_max_abs_diff"] <= 1e-6
+    md = markdown_table(out)
+    assert "`learner.reference_requests_per_s` |" in md and "`learner.mb64.speedup` |" in md
 
 
 def test_markdown_table_writes_tiny_differences_in_scientific_notation():

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from grade_ray import keys
 from grade_ray.config import Config, load_config
 from grade_ray.jobs.bench.table import md_table
 
@@ -166,12 +167,14 @@ def _cached_share(pool) -> float:
     return cached_reads / max(cached_reads + sum(r["parquet"] for r in reads), 1)
 
 
-def bench_kernel(cfg: Config, train_path: str, repeats: int) -> dict[str, float]:
-    """In-process rollout math (no Ray), shard decode and the learner update, one thread."""
+def bench_kernel(
+    cfg: Config, train_path: str, repeats: int, minibatch_sizes: tuple[int, ...] = ()
+) -> dict[str, float]:
+    """In-process rollout math (no Ray), shard decode and the learner update
+    (:func:`bench_learner`, also at each of ``minibatch_sizes``), one thread."""
     import pyarrow.parquet as pq
 
     from grade_ray.data.plan import ROLLOUT_COLUMNS, DataPlan, TaskReader
-    from grade_ray.learner.grpo import GRPOLearner, GRPOSettings
     from grade_ray.learner.loop import new_policy, rollout_spec
     from grade_ray.rollout.worker import RolloutWorker
 
@@ -199,17 +202,94 @@ def bench_kernel(cfg: Config, train_path: str, repeats: int) -> dict[str, float]
     worker.set_weights(policy.state_dict(), 0)
     dt = _median_time(lambda: worker.rollout(batch, 10.0), repeats)
     rb = worker.rollout(batch, 10.0)
-    learner = GRPOLearner(policy, GRPOSettings.from_config(cfg))
-    dt_learn = _median_time(lambda: learner.update(rb), repeats)
-    samples = len(batch) * cfg.exploration.group_size * cfg.grpo.epochs_per_batch
     return {
         "kernel.rollout_requests_per_s": len(batch) / dt,
         "kernel.read_requests_per_s": len(batch) / dt_read,
         "kernel.decode_requests_per_s": shard_rows / dt_decode,
         "kernel.cached_read_requests_per_s": shard_rows / dt_mapped,
-        "learner.samples_per_s": samples / dt_learn,
-        "learner.requests_per_s": len(batch) / dt_learn,
+        **bench_learner(cfg, rb, policy, repeats, minibatch_sizes),
     }
+
+
+LEARNER_MINIBATCHES = (256, 1024)
+"""Minibatch sizes the full run times the learner at besides ``grpo.minibatch_size``."""
+
+
+def bench_learner(
+    cfg: Config,
+    batch: dict,
+    policy: torch.nn.Module,
+    repeats: int,
+    minibatch_sizes: tuple[int, ...] = (),
+) -> dict[str, float]:
+    """The Stage 2 update, one thread, on one rollout batch from the same starting weights:
+    :meth:`GRPOLearner.update` (stacked-expert policy, reference policy once per batch,
+    fused Adam) and the earlier path kept as a reference
+    (:class:`~grade_ray.learner.grpo_reference.ReferenceGRPOLearner` on the per-expert
+    :class:`~grade_ray.models.policy_reference.PerExpertFusionPolicy`), alternating repeat
+    by repeat. Keys: ``learner.requests_per_s`` / ``learner.samples_per_s`` (training's
+    path), ``learner.reference_requests_per_s``, ``learner.speedup`` (their ratio);
+    ``learner.weights_max_abs_diff`` between the two after one update from the same state
+    (``learner.update_max_abs``: the largest change of a weight in it, for scale). At
+    each of ``minibatch_sizes`` besides ``grpo.minibatch_size``:
+    ``learner.mb{M}.requests_per_s``, ``.reference_requests_per_s`` and ``.speedup``.
+    """
+    import copy
+
+    from grade_ray.learner.grpo import GRPOLearner, GRPOSettings
+    from grade_ray.learner.grpo_reference import ReferenceGRPOLearner
+    from grade_ray.models.policy_reference import PerExpertFusionPolicy, stacked_to_per_expert
+
+    torch.set_num_threads(1)
+    state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+    pc = cfg.policy
+
+    def pair(minibatch_size: int) -> tuple[GRPOLearner, GRPOLearner]:
+        settings = GRPOSettings.from_config(cfg.replace(**{"grpo.minibatch_size": minibatch_size}))
+        new = copy.deepcopy(policy)
+        new.load_state_dict(state)
+        old = PerExpertFusionPolicy(
+            new.context_dim,
+            new.num_tasks,
+            num_experts=pc.num_experts,
+            expert_hidden=pc.expert_hidden,
+            dropout=pc.dropout,
+        )
+        old.load_state_dict(stacked_to_per_expert(state))
+        return GRPOLearner(new, settings), ReferenceGRPOLearner(old, settings)
+
+    requests = len(batch[keys.CONTEXT])
+    out: dict[str, float] = {}
+    default = cfg.grpo.minibatch_size
+    for m in sorted({default, *minibatch_sizes}):
+        learners = dict(zip(("new", "reference"), pair(m), strict=True))
+        for learner in learners.values():
+            learner.update(batch)  # warm-up; from the same state: the equality check below
+        if m == default:
+            got = stacked_to_per_expert(learners["new"].module.state_dict())
+            want = learners["reference"].module.state_dict()
+            out["learner.weights_max_abs_diff"] = max(
+                float((got[k] - v).abs().max()) for k, v in want.items()
+            )
+            out["learner.update_max_abs"] = max(
+                float((v - state[k]).abs().max())
+                for k, v in learners["new"].module.state_dict().items()
+            )
+        times: dict[str, list[float]] = {name: [] for name in learners}
+        for _ in range(repeats):
+            for name, learner in learners.items():
+                t0 = time.perf_counter()
+                learner.update(batch)
+                times[name].append(time.perf_counter() - t0)
+        rate = {name: requests / statistics.median(t) for name, t in times.items()}
+        prefix = "learner" if m == default else f"learner.mb{m}"
+        out[f"{prefix}.requests_per_s"] = rate["new"]
+        out[f"{prefix}.reference_requests_per_s"] = rate["reference"]
+        out[f"{prefix}.speedup"] = rate["new"] / rate["reference"]
+        if m == default:
+            samples = requests * cfg.exploration.group_size * cfg.grpo.epochs_per_batch
+            out["learner.samples_per_s"] = samples * rate["new"] / requests
+    return out
 
 
 STAGE1_BATCHES = (256, 1024)
@@ -426,7 +506,7 @@ def _throughput(quick: bool, address: str | None) -> dict[str, Any]:
         cfg = bench_config(str(root / "run"), requests)
         results: dict[str, Any] = {"setup": _setup(cfg, quick)}
         train_path, _ = prepare_data(cfg)
-        results.update(bench_kernel(cfg, train_path, repeats))
+        results.update(bench_kernel(cfg, train_path, repeats, () if quick else LEARNER_MINIBATCHES))
         results.update(bench_stage1(cfg, train_path, repeats, () if quick else STAGE1_BATCHES))
         results.update(bench_serving(cfg, train_path, root))
         init_ray(address, num_cpus=None if address else 2)
