@@ -63,10 +63,18 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "grpo-loss-sign",
         "algos/losses.py",
-        "pg_loss = -torch.minimum(surr, surr_clipped).mean()",
-        "pg_loss = torch.minimum(surr, surr_clipped).mean()",
+        "\n    pg_loss = -torch.minimum(surr, surr_clipped).mean()",
+        "\n    pg_loss = torch.minimum(surr, surr_clipped).mean()",
+        ("tests/algos/test_losses.py::test_grpo_loss_by_hand",),
+        "the composed GRPO loss climbs",
+    ),
+    Mutation(
+        "fused-grpo-gradient-sign",
+        "algos/losses.py",
+        "g = torch.full_like(surr, -1.0 / n)",
+        "g = torch.full_like(surr, 1.0 / n)",
         (f"{T_LEARNER}::test_update_on_a_fixed_batch_raises_the_reward_of_fresh_samples",),
-        "the learner climbs the loss",
+        "the learner (fused loss, the default) climbs the loss",
     ),
     Mutation(
         "fused-loss-ties",
@@ -81,10 +89,20 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "kl-penalty-sign",
         "algos/losses.py",
-        "loss = pg_loss + beta * kl_mean",
-        "loss = pg_loss - beta * kl_mean",
+        "\n    loss = pg_loss + beta * kl_mean",
+        "\n    loss = pg_loss - beta * kl_mean",
         ("tests/algos/test_losses.py::test_grpo_loss_by_hand",),
         "KL rewarded instead of penalised",
+    ),
+    Mutation(
+        "fused-kl-gradient-sign",
+        "algos/losses.py",
+        "d_a = d_a + (beta / kl.numel()) * d_kl",
+        "d_a = d_a - (beta / kl.numel()) * d_kl",
+        (
+            "tests/algos/test_losses.py::test_fused_dirichlet_grpo_equals_the_composed_loss_in_value_stats_and_gradient",
+        ),
+        "the fused gradient rewards the KL",
     ),
     Mutation(
         "format-gate-strict",
@@ -530,20 +548,32 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "lambda-pairs-counted-twice",
         "algos/losses.py",
-        "below = rank_real.unsqueeze(-2) > torch.arange(kk, device=rank.device).unsqueeze(-1)",
-        "below = rank_real.unsqueeze(-2) >= 0 * torch.arange(kk, device=rank.device).unsqueeze(-1)",
+        "weight = below.neg_().add_(disc.view(-1)[anchor].unsqueeze(-1)).clamp_min_(0.0)",
+        "weight = below.neg_().add_(disc.view(-1)[anchor].unsqueeze(-1)).abs_()",
         (
-            "tests/algos/test_losses.py::test_topk_pair_lambda_loss_equals_all_pairs_in_value_and_gradient",
+            "tests/algos/test_losses.py::test_lambda_loss_pairs_from_positive_or_top_rows_equal_all_pairs",
         ),
-        "top-k pairs counted twice",
+        "top-k rows pair items ranked above the anchor too: pairs counted twice",
     ),
     Mutation(
         "lambda-padded-pairs",
         "algos/losses.py",
-        "rank_real = rank.masked_fill(~m, -1)",
-        "rank_real = rank",
-        ("tests/algos/test_losses.py::test_lambda_loss_matches_reference_loop",),
-        "padded candidates paired with real top items",
+        "g_real = g_norm.masked_fill(~m, math.inf)",
+        "g_real = g_norm",
+        (
+            "tests/algos/test_losses.py::test_lambda_loss_pairs_from_positive_or_top_rows_equal_all_pairs",
+        ),
+        "padded candidates paired with positive items",
+    ),
+    Mutation(
+        "lambda-positive-rows-below-top",
+        "algos/losses.py",
+        "for anchor in (positive & in_top, positive & ~in_top):",
+        "for anchor in (positive & in_top,):",
+        (
+            "tests/algos/test_losses.py::test_lambda_loss_pairs_from_positive_or_top_rows_equal_all_pairs",
+        ),
+        "positive items ranked below the top k lose their pairs with the top k",
     ),
     # -- serving ----------------------------------------------------------------------------
     Mutation(

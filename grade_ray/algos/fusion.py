@@ -40,7 +40,7 @@ def linear(scores: torch.Tensor, weights: torch.Tensor, eps: float = 1e-6) -> to
 @FUSIONS.register("log_product")
 def log_product(scores: torch.Tensor, weights: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """s = sum_k w_k log(p_k + eps). scores (B, N, K) >= 0; weights (B, K) | (B, G, K)."""
-    return _combine(torch.log(scores.clamp_min(0) + eps), weights)
+    return _combine(scores.clamp_min(0).add_(eps).log_(), weights)  # one buffer, not three
 
 
 def fuse(name: str, scores: torch.Tensor, weights: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -8,16 +8,12 @@ LambdaLoss (Stage 1).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from grade_ray.algos.metrics import (
-    ideal_dcg_at_k,
-    inverse_permutation,
-    rank_discounts,
-    rank_positions,
-)
+from grade_ray.algos.metrics import ideal_dcg_at_k, rank_discounts, rank_positions, ranking
 from grade_ray.algos.registry import Registry
 
 POLICY_LOSSES: Registry = Registry("policy loss")
@@ -87,6 +83,88 @@ def grpo_loss(
     return loss, stats
 
 
+class _WeightedSoftplusSum(torch.autograd.Function):
+    """sum(w * softplus(x)) over a pair tensor, its gradient w * sigmoid(x) written by hand:
+    a softplus and a dot product forward, a sigmoid and a product backward, where autograd's
+    graph of the same expression makes about ten passes over the pairs."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        return torch.dot(F.softplus(x).reshape(-1), w.reshape(-1))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        x, w = ctx.saved_tensors
+        return torch.sigmoid(x).mul_(w).mul_(grad), None
+
+
+class PairRows(NamedTuple):
+    """LambdaLoss pairs as rows of one anchor item against C items of its request.
+
+    request: (R,) each row's request; anchor: (R,) its flat (request * N + item) index;
+    cols: (R, C) the columns' flat indices, or None for all N items of the request (C = N);
+    weight: (R, C) the pairs' |delta NDCG| weights (0 for what is not a pair); flip: (R, C)
+    the sign of g_anchor - g_column, or None where the anchor always has the higher gain.
+    Every weighted pair of the batch is exactly one entry of one :class:`PairRows`.
+    """
+
+    request: torch.Tensor
+    anchor: torch.Tensor
+    cols: torch.Tensor | None
+    weight: torch.Tensor
+    flip: torch.Tensor | None
+
+    @property
+    def pairs(self) -> int:
+        return self.weight.numel()
+
+
+def top_rows(g_norm, disc, top, m) -> list[PairRows]:
+    """Rows of each request's top kk items (|D_i - D_j| = 0 when both rank beyond kk) against
+    the real items ranked below them (padded items rank last: their D is set above every
+    D_row): B x kk x N pairs for top (B, kk), the items at ranks 0..kk-1. Only requests
+    with a positive gain get rows."""
+    n = g_norm.shape[-1]
+    has_pos = (g_norm > 0).any(-1)
+    top = top[has_pos]
+    request = has_pos.nonzero().squeeze(-1).repeat_interleave(top.shape[-1])
+    anchor = request * n + top.reshape(-1)
+    gap = g_norm.index_select(0, request).neg_().add_(g_norm.view(-1)[anchor].unsqueeze(-1))
+    below = disc.masked_fill(~m, 2.0).index_select(0, request)
+    weight = below.neg_().add_(disc.view(-1)[anchor].unsqueeze(-1)).clamp_min_(0.0)
+    return [PairRows(request, anchor, None, weight.mul_(gap.abs()), gap.sign_())]
+
+
+def positive_rows(g_norm, disc, rank, top, m) -> list[PairRows]:
+    """Rows of each positive-gain item (the higher-gain item of every weighted pair has a
+    positive gain) against the real items of lower gain (a padded item's gain is taken as
+    +inf, so it is never lower): a positive item in the top kk against all N items, one
+    ranked below them against the top kk only (|D_i - D_j| = 0 when both rank beyond kk).
+    With sparse feedback, far fewer pairs than :func:`top_rows`. rank (B, N) the items'
+    ranks, top (B, kk) the items at ranks 0..kk-1."""
+    b, n = g_norm.shape
+    kk = top.shape[-1]
+    g_real = g_norm.masked_fill(~m, math.inf)
+    positive = g_norm > 0
+    in_top = rank < kk
+    out = []
+    for anchor in (positive & in_top, positive & ~in_top):
+        anchor = anchor.view(-1).nonzero().squeeze(-1)
+        request = anchor.div(n, rounding_mode="floor")
+        if not out:  # in the top kk: against all N items
+            cols, g_cols = None, g_real.index_select(0, request)
+            d_cols = disc.index_select(0, request)
+        else:  # below the top kk: against the top kk items
+            top_flat = top + torch.arange(b, device=top.device).unsqueeze(-1) * n
+            cols = top_flat.index_select(0, request)
+            g_cols, d_cols = g_real.view(-1)[cols], disc.view(-1)[cols]
+        weight = g_cols.neg_().add_(g_norm.view(-1)[anchor].unsqueeze(-1)).clamp_min_(0.0)
+        weight.mul_(d_cols.sub_(disc.view(-1)[anchor].unsqueeze(-1)).abs_())
+        out.append(PairRows(request, anchor, cols, weight, None))
+    return out
+
+
 def lambda_loss(
     fused: torch.Tensor,
     gains: torch.Tensor,
@@ -106,8 +184,12 @@ def lambda_loss(
       w_ij = (g_i - g_j) / IDCG * |D_i - D_j|   (the NDCG@k change from swapping i and j)
       L_b  = sum_{i, j real, g_i > g_j} w_ij * log2(1 + exp(-(s_i - s_j) / temperature))
     Returns the scalar mean of L_b over requests with a positive gain (0, still differentiable,
-    if there are none). Padded candidates and ties contribute no NaN. Pairs with both items
-    ranked beyond k weigh 0, so only (B, k, N) pairs are formed, not (B, N, N).
+    if there are none). Padded candidates and ties contribute no NaN.
+
+    Only rows of pairs that can carry weight are formed (:class:`PairRows`), by whichever
+    set is smaller for the batch: each request's top k items (:func:`top_rows`, B x k x N
+    pairs) or its positive-gain items (:func:`positive_rows`, R x N for R of them; implicit
+    feedback is sparse). Both give the same loss and gradient up to float summation order.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -121,26 +203,22 @@ def lambda_loss(
         has_pos = ideal > 0
         table = rank_discounts(n, fused.dtype, fused.device)
         table[kk:] = 0.0
-        rank = rank_positions(fused.detach(), m)  # (B, N)
+        order, rank = ranking(fused.detach(), m)  # (B, N) each
+        top = order[..., :kk]  # the items at ranks 0..kk-1
         disc = table[rank]
         g_norm = g / ideal.clamp_min(eps).unsqueeze(-1)
-        # Only pairs with at least one item in the top kk carry weight (|D_i - D_j| = 0 when
-        # both rank beyond kk): pair each top item t with every item j ranked below it, so
-        # each pair is formed once. Real items take ranks 0..n_real-1 and padded ones come
-        # after, so "j real and ranked below t" is one comparison against j's rank with
-        # padded j at -1 (a padded t has no real item below it), and D_t >= D_j there.
-        top = inverse_permutation(rank)[..., :kk]  # the items at ranks 0..kk-1
-        g_top, d_top = g_norm.gather(-1, top), disc.gather(-1, top)
-        dg = g_top.unsqueeze(-1) - g_norm.unsqueeze(-2)  # (B, kk, N)
-        rank_real = rank.masked_fill(~m, -1)
-        below = rank_real.unsqueeze(-2) > torch.arange(kk, device=rank.device).unsqueeze(-1)
-        weight = torch.where(below, dg.abs() * (d_top.unsqueeze(-1) - disc.unsqueeze(-2)), zero)
-        sign = torch.sign(dg)  # +1: the top item has the higher gain (0: no weight)
-    s = fused.masked_fill(~m, 0.0) / temperature
-    diff = sign * (s.gather(-1, top).unsqueeze(-1) - s.unsqueeze(-2))
-    per_request = (weight * F.softplus(-diff)).sum((-1, -2)) / math.log(2.0)
-    n_pos = has_pos.sum()
-    return (per_request * has_pos).sum() / n_pos.clamp_min(1)
+        rows = positive_rows(g_norm, disc, rank, top, m)
+        if sum(r.pairs for r in rows) > int(has_pos.sum()) * kk * n:  # dense feedback
+            rows = top_rows(g_norm, disc, top, m)
+    s = (fused.masked_fill(~m, 0.0) / temperature).reshape(-1)
+    total = fused.new_zeros(())
+    for r in rows:
+        # s_col - s_anchor: the margin by which the anchor (the higher gain) should win,
+        # negated (flip turns it where the column item has the higher gain)
+        s_cols = s.view(-1, n).index_select(0, r.request) if r.cols is None else s[r.cols]
+        x = s_cols - s[r.anchor].unsqueeze(-1)
+        total = total + _WeightedSoftplusSum.apply(x if r.flip is None else x * r.flip, r.weight)
+    return total / math.log(2.0) / has_pos.sum().clamp_min(1)
 
 
 def lambda_loss_dense_reference(

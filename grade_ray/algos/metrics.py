@@ -162,6 +162,12 @@ def rank_positions(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     Returns int64 of scores' shape: rank[..., i] in [0, N). Real candidates occupy ranks
     0..n_real-1; padded ones come after; ties go to the lower index first.
     """
+    return ranking(scores, mask)[1]
+
+
+def ranking(scores: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, rank): the items by rank (order[..., r] = the item at rank r) and
+    :func:`rank_positions` (rank[..., i] = the rank of item i), inverse permutations."""
     with torch.no_grad():
         full_mask = _expand_mask(mask, scores)
         if scores.dtype == torch.float64:
@@ -173,7 +179,7 @@ def rank_positions(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             else:
                 key = torch.sort(key, dim=-1).values
             order = key & _LOW32
-        return inverse_permutation(order)
+        return order, inverse_permutation(order)
 
 
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:

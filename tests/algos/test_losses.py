@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from grade_ray.algos import losses
 from grade_ray.algos.exploration import EXPLORATIONS, safe_log
 from grade_ray.algos.losses import (
     K3_BOUND,
@@ -180,6 +181,40 @@ def test_lambda_loss_descent_raises_ndcg():
         lambda_loss(fused, gains, mask, k=5).backward()
         opt.step()
     assert ndcg_at_k(fused.detach(), gains, mask, 5).mean() > before + 0.05
+
+
+@pytest.mark.parametrize("positives", [0.03, 0.3, 1.0])
+@pytest.mark.parametrize("k", [3, 10, None])
+def test_lambda_loss_pairs_from_positive_or_top_rows_equal_all_pairs(positives, k, monkeypatch):
+    """Sparse feedback forms the pairs from the positive items' rows, dense feedback from
+    the top-k rows: each way, every weighted pair once (loss and gradient equal the dense
+    reference's), padded candidates, ties in score and in gain included."""
+    used = []
+    for name in ("positive_rows", "top_rows"):
+        fn = getattr(losses, name)
+        monkeypatch.setattr(
+            losses, name, lambda *a, _fn=fn, _name=name: used.append(_name) or _fn(*a)
+        )
+    gen = torch.Generator().manual_seed(int(positives * 100) + (k or 0))
+    b, n = 48, 60
+    fused = torch.randn(b, n, generator=gen, dtype=torch.float64)
+    fused[::3, 5:9] = 0.5
+    gains = (torch.rand(b, n, generator=gen) < positives).double() * torch.randint(
+        1, 4, (b, n), generator=gen
+    )
+    gains[::7] = 0.0  # requests without feedback
+    mask = torch.rand(b, n, generator=gen) < 0.85
+    mask[1::4, 20:] = False  # short lists: fewer real items than k
+    a = fused.clone().requires_grad_(True)
+    d = fused.clone().requires_grad_(True)
+    got = lambda_loss(a, gains, mask, k=k, temperature=0.7)
+    want = lambda_loss_dense_reference(d, gains, mask, k=k, temperature=0.7)
+    got.backward()
+    want.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-9, abs=1e-12)
+    torch.testing.assert_close(a.grad, d.grad, rtol=1e-6, atol=1e-9)
+    dense = positives == 1.0 and k is not None  # every item positive: the top rows are fewer
+    assert used == (["positive_rows", "top_rows"] if dense else ["positive_rows"])
 
 
 @pytest.mark.parametrize("k", [1, 5, 10, None])

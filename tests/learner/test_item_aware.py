@@ -224,8 +224,9 @@ def test_tiny_item_aware_run_trains_evaluates_and_refuses_export(smoke_cfg, smok
 def test_option_off_leaves_the_default_run_unchanged(smoke_cfg, smoke_data, tmp_path, monkeypatch):
     """policy.kind defaults to 'context': the default run builds a plain FusionPolicy, never
     touches the item-aware code, and its per-round metrics equal those of the code before the
-    option existed (GOLDEN: the smoke run at commit c895fd6; regenerate it deliberately if the
-    default training's numerics change for another reason)."""
+    option existed (GOLDEN: the smoke run as of issue 17's Stage 1 pair kernel and learner, which
+    moved the numerics at the rounding level; regenerate it deliberately if the default
+    training's numerics change for another reason)."""
     import grade_ray.algos.rewards as rewards
     import grade_ray.rollout.worker as worker
 
