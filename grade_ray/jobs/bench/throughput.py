@@ -301,20 +301,24 @@ def bench_stage1(
 ) -> dict[str, float]:
     """Stage 1's kernel, one thread: requests/s of the pretraining loss plus its backward
     (policy forward, softmax, fusion, standardisation, LambdaLoss@k, logit hinge: what
-    :meth:`SupervisedLearner.step` computes, without the optimizer step) with training's
-    kernel (:func:`lambda_loss`: only the pairs that can carry weight, from the positive
-    items' or the top-k items' rows; key suffix ``_topk``) and the dense (B, N, N) reference
-    (:func:`lambda_loss_dense_reference`), alternating repeat by repeat on the same batch
-    and weights, each timed run after an untimed one of the same kernel. At ``pretrain.batch_size`` and each of ``batch_sizes``: keys
-    ``stage1.b{B}.requests_per_s_topk`` / ``_dense`` and ``stage1.b{B}.topk_speedup``.
-    On the ``pretrain.batch_size`` batch: ``stage1.loss_abs_diff`` and
-    ``stage1.grad_max_abs_diff`` (over every trained parameter) between the two kernels,
-    and ``stage1.grad_max_abs`` for scale.
+    :meth:`SupervisedLearner.step` computes, without the optimizer step) by training's path
+    (:func:`lambda_loss`, only the pairs that can carry weight; key suffix ``_topk``) and by
+    the path before issue 17 kept as a reference (suffix ``_dense``: all (B, N, N) pairs,
+    :func:`lambda_loss_dense_reference`, through the per-expert
+    :class:`~grade_ray.models.policy_reference.PerExpertFusionPolicy` with the same weights),
+    alternating repeat by repeat on the same batch, each timed run after an untimed one of
+    the same path (the dense path's freed ~20 MB buffers leave the allocator cold, which
+    training's steady state never sees). At ``pretrain.batch_size`` and each of
+    ``batch_sizes``: ``stage1.b{B}.requests_per_s_topk`` / ``_dense`` and
+    ``stage1.b{B}.topk_speedup``. On the ``pretrain.batch_size`` batch, the two kernels on
+    training's policy: ``stage1.loss_abs_diff``, ``stage1.grad_max_abs_diff`` (over every
+    trained parameter) and ``stage1.grad_max_abs`` for scale.
     """
     from grade_ray.algos.losses import lambda_loss, lambda_loss_dense_reference
     from grade_ray.data.reading import read_sessions
     from grade_ray.learner.loop import new_policy
     from grade_ray.learner.supervised import SupervisedLearner, SupervisedSettings
+    from grade_ray.models.policy_reference import PerExpertFusionPolicy, stacked_to_per_expert
     from grade_ray.spec import RewardSpec
 
     torch.set_num_threads(1)
@@ -323,16 +327,27 @@ def bench_stage1(
     if len(batch) < sizes[-1]:
         raise ValueError(f"Stage 1 bench needs {sizes[-1]} requests, {train_path} has {len(batch)}")
     policy = new_policy(cfg, meta, train_path)
-    learner = SupervisedLearner(
-        policy, SupervisedSettings.from_config(cfg), RewardSpec.from_config(cfg.reward, meta)
+    pc = cfg.policy
+    old = PerExpertFusionPolicy(
+        policy.context_dim,
+        policy.num_tasks,
+        num_experts=pc.num_experts,
+        expert_hidden=pc.expert_hidden,
+        dropout=pc.dropout,
     )
-    params = [p for group in learner.optimizer.param_groups for p in group["params"]]
-    kernels = {"topk": lambda_loss, "dense": lambda_loss_dense_reference}
+    old.load_state_dict(stacked_to_per_expert(policy.state_dict()))
+    settings, reward = SupervisedSettings.from_config(cfg), RewardSpec.from_config(cfg.reward, meta)
+    learner = SupervisedLearner(policy, settings, reward)
+    paths = {
+        "topk": (learner, lambda_loss),
+        "dense": (SupervisedLearner(old, settings, reward), lambda_loss_dense_reference),
+    }
 
-    def loss_and_grad(sub, kernel) -> tuple[float, torch.Tensor]:
+    def loss_and_grad(sub, learner, kernel) -> tuple[float, torch.Tensor]:
         learner.optimizer.zero_grad(set_to_none=True)
         loss = learner.loss(sub, kernel).loss
         loss.backward()
+        params = [p for group in learner.optimizer.param_groups for p in group["params"]]
         grad = torch.cat(
             [torch.zeros(p.numel()) if p.grad is None else p.grad.flatten() for p in params]
         )
@@ -341,24 +356,25 @@ def bench_stage1(
     out: dict[str, float] = {}
     for b in sizes:
         sub = batch.slice(0, b)
-        for kernel in kernels.values():
-            loss_and_grad(sub, kernel)  # warm-up
-        times: dict[str, list[float]] = {name: [] for name in kernels}
+        for path in paths.values():
+            loss_and_grad(sub, *path)  # warm-up
+        times: dict[str, list[float]] = {name: [] for name in paths}
         for _ in range(repeats):
-            for name, kernel in kernels.items():
-                # an untimed run first: the other kernel's freed buffers (the dense one's are
-                # ~20 MB) leave the allocator cold, which training's steady state never sees
-                loss_and_grad(sub, kernel)
+            for name, path in paths.items():
+                loss_and_grad(sub, *path)  # untimed: see above
                 t0 = time.perf_counter()
-                loss_and_grad(sub, kernel)
+                loss_and_grad(sub, *path)
                 times[name].append(time.perf_counter() - t0)
         rate = {name: b / statistics.median(t) for name, t in times.items()}
         out[f"stage1.b{b}.requests_per_s_topk"] = rate["topk"]
         out[f"stage1.b{b}.requests_per_s_dense"] = rate["dense"]
         out[f"stage1.b{b}.topk_speedup"] = rate["topk"] / rate["dense"]
     sub = batch.slice(0, cfg.pretrain.batch_size)
-    (loss_t, grad_t), (loss_d, grad_d) = (loss_and_grad(sub, k) for k in kernels.values())
-    learner.optimizer.zero_grad(set_to_none=True)
+    (loss_t, grad_t), (loss_d, grad_d) = (
+        loss_and_grad(sub, learner, k) for k in (lambda_loss, lambda_loss_dense_reference)
+    )
+    for path_learner, _ in paths.values():
+        path_learner.optimizer.zero_grad(set_to_none=True)
     out["stage1.loss_abs_diff"] = abs(loss_t - loss_d)
     out["stage1.grad_max_abs_diff"] = float((grad_t - grad_d).abs().max())
     out["stage1.grad_max_abs"] = float(grad_d.abs().max())
