@@ -85,13 +85,15 @@ def grpo_loss(
 
 class _WeightedSoftplusSum(torch.autograd.Function):
     """sum(w * softplus(x)) over a pair tensor, its gradient w * sigmoid(x) written by hand:
-    a softplus and a dot product forward, a sigmoid and a product backward, where autograd's
-    graph of the same expression makes about ten passes over the pairs."""
+    a softplus, a product and a sum forward, a sigmoid and a product backward, where
+    autograd's graph of the same expression makes about ten passes over the pairs. (Not
+    ``torch.dot``: BLAS's result depends on the buffers' alignment, so a resumed run would
+    log a loss that differs from the uninterrupted run's in the last digits.)"""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, w)
-        return torch.dot(F.softplus(x).reshape(-1), w.reshape(-1))
+        return F.softplus(x).mul_(w).sum()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -103,7 +105,7 @@ class PairRows(NamedTuple):
     """LambdaLoss pairs as rows of one anchor item against C items of its request.
 
     request: (R,) each row's request; anchor: (R,) its flat (request * N + item) index;
-    cols: (R, C) the columns' flat indices, or None for all N items of the request (C = N);
+    cols: (B, C) the column items of each request's rows, or None for all N items (C = N);
     weight: (R, C) the pairs' |delta NDCG| weights (0 for what is not a pair); flip: (R, C)
     the sign of g_anchor - g_column, or None where the anchor always has the higher gain.
     Every weighted pair of the batch is exactly one entry of one :class:`PairRows`.
@@ -143,7 +145,7 @@ def positive_rows(g_norm, disc, rank, top, m) -> list[PairRows]:
     ranked below them against the top kk only (|D_i - D_j| = 0 when both rank beyond kk).
     With sparse feedback, far fewer pairs than :func:`top_rows`. rank (B, N) the items'
     ranks, top (B, kk) the items at ranks 0..kk-1."""
-    b, n = g_norm.shape
+    n = g_norm.shape[-1]
     kk = top.shape[-1]
     g_real = g_norm.masked_fill(~m, math.inf)
     positive = g_norm > 0
@@ -156,9 +158,9 @@ def positive_rows(g_norm, disc, rank, top, m) -> list[PairRows]:
             cols, g_cols = None, g_real.index_select(0, request)
             d_cols = disc.index_select(0, request)
         else:  # below the top kk: against the top kk items
-            top_flat = top + torch.arange(b, device=top.device).unsqueeze(-1) * n
-            cols = top_flat.index_select(0, request)
-            g_cols, d_cols = g_real.view(-1)[cols], disc.view(-1)[cols]
+            cols = top
+            g_cols = g_real.gather(-1, top).index_select(0, request)
+            d_cols = disc.gather(-1, top).index_select(0, request)
         weight = g_cols.neg_().add_(g_norm.view(-1)[anchor].unsqueeze(-1)).clamp_min_(0.0)
         weight.mul_(d_cols.sub_(disc.view(-1)[anchor].unsqueeze(-1)).abs_())
         out.append(PairRows(request, anchor, cols, weight, None))
@@ -210,13 +212,15 @@ def lambda_loss(
         rows = positive_rows(g_norm, disc, rank, top, m)
         if sum(r.pairs for r in rows) > int(has_pos.sum()) * kk * n:  # dense feedback
             rows = top_rows(g_norm, disc, top, m)
-    s = (fused.masked_fill(~m, 0.0) / temperature).reshape(-1)
+    s = fused.masked_fill(~m, 0.0) / temperature
     total = fused.new_zeros(())
     for r in rows:
         # s_col - s_anchor: the margin by which the anchor (the higher gain) should win,
-        # negated (flip turns it where the column item has the higher gain)
-        s_cols = s.view(-1, n).index_select(0, r.request) if r.cols is None else s[r.cols]
-        x = s_cols - s[r.anchor].unsqueeze(-1)
+        # negated (flip turns it where the column item has the higher gain). Gathers whose
+        # gradient is index_add_ / scatter_add_, not advanced indexing: its backward
+        # (index_put_ with accumulate) adds repeated indices in a thread-dependent order.
+        s_cols = (s if r.cols is None else s.gather(-1, r.cols)).index_select(0, r.request)
+        x = s_cols - s.view(-1).index_select(0, r.anchor).unsqueeze(-1)
         total = total + _WeightedSoftplusSum.apply(x if r.flip is None else x * r.flip, r.weight)
     return total / math.log(2.0) / has_pos.sum().clamp_min(1)
 

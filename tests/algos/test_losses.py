@@ -217,6 +217,39 @@ def test_lambda_loss_pairs_from_positive_or_top_rows_equal_all_pairs(positives, 
     assert used == (["positive_rows", "top_rows"] if dense else ["positive_rows"])
 
 
+@pytest.mark.parametrize("positives", [0.05, 1.0])
+def test_lambda_loss_gradient_is_bitwise_repeatable_on_two_threads(positives):
+    """A resumed Stage 1 must equal the uninterrupted one. Advanced indexing's backward
+    (index_put_ with accumulate) adds repeated indices in a thread-dependent order on CPU,
+    rarely enough to slip past a repeat check (1 resumed run in 8 here), so the loss's
+    graph must not hold one; and the gradient repeats bit for bit on two threads."""
+    gen = torch.Generator().manual_seed(5)
+    b, n = 2048, 100
+    fused = torch.randn(b, n, generator=gen)
+    gains = (torch.rand(b, n, generator=gen) < positives).float()
+    mask = torch.rand(b, n, generator=gen) < 0.9
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads, seen = [], {}
+        for _ in range(4):
+            x = fused.clone().requires_grad_(True)
+            loss = lambda_loss(x, gains, mask, k=10)
+            stack = [loss.grad_fn]
+            while stack:
+                node = stack.pop()
+                if node is not None and id(node) not in seen:
+                    seen[id(node)] = node.name()
+                    stack.extend(f for f, _ in node.next_functions)
+            loss.backward()
+            grads.append(x.grad)
+    finally:
+        torch.set_num_threads(threads)
+    nodes = set(seen.values())
+    assert "SubBackward0" in nodes and not any(n.startswith("IndexBackward") for n in nodes), nodes
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
+
+
 @pytest.mark.parametrize("k", [1, 5, 10, None])
 def test_topk_pair_lambda_loss_equals_all_pairs_in_value_and_gradient(k):
     """The (B, k, N) top-k pairs against the (B, N, N) reference at N = 100: a pair dropped
