@@ -217,10 +217,7 @@ class GRPOLearner:
         # Rollouts sample in eval mode; the ratio and the KL must see the same policy (with
         # dropout, train mode would put the first update off ratio 1 and KL off 0).
         self.model.eval()
-        with torch.no_grad():  # pi_ref is frozen for the whole update
-            tensors[REF_PI] = self._pi(self.ref, tensors[keys.CONTEXT])
-        if self.fused_loss:  # the samples' logs, once per batch
-            tensors[LOG_W] = safe_log(tensors[keys.WEIGHTS])
+        tensors.update(self._batch_columns(tensors))
         totals: dict[str, float] = {}
         steps = 0
         for _ in range(s.epochs_per_batch):
@@ -237,6 +234,15 @@ class GRPOLearner:
                 steps += 1
         self.version += 1
         return {k: v / max(steps, 1) for k, v in totals.items()}
+
+    def _batch_columns(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Columns computed once per batch instead of per minibatch: pi_ref (frozen for the
+        whole update) and, for the fused loss, the samples' logs."""
+        with torch.no_grad():
+            cols = {REF_PI: self._pi(self.ref, tensors[keys.CONTEXT])}
+        if self.fused_loss:
+            cols[LOG_W] = safe_log(tensors[keys.WEIGHTS])
+        return cols
 
     def _step(self, mb: dict[str, torch.Tensor], alpha_hat: float) -> dict[str, float]:
         loss, stats = self.compute_loss(mb, alpha_hat)

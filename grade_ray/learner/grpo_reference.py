@@ -13,23 +13,14 @@ update up to floating-point rounding.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
-from grade_ray import keys
-from grade_ray.learner.grpo import (
-    _TRAIN_COLUMNS,
-    GRPOLearner,
-    GRPOSettings,
-    _synced_minibatches,
-    check_finite,
-)
-from grade_ray.spec import as_tensor
+from grade_ray.learner.grpo import GRPOLearner, GRPOSettings
 
 
 class ReferenceGRPOLearner(GRPOLearner):
-    """:class:`GRPOLearner` with the earlier update loop and optimizer."""
+    """:class:`GRPOLearner` with the earlier optimizer and pi_ref run on every minibatch."""
 
     def __init__(
         self,
@@ -42,27 +33,6 @@ class ReferenceGRPOLearner(GRPOLearner):
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=settings.lr)
         self.fused_loss = False  # the loss composed of log_prob, kl and grpo_loss (autograd)
 
-    def update(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
-        check_finite(batch)
-        s = self.settings
-        alpha_hat = float(batch[keys.ALPHA_HAT])
-        tensors = {c: as_tensor(np.asarray(batch[c])).to(self.device) for c in _TRAIN_COLUMNS}
-        n = tensors[keys.CONTEXT].shape[0]
-        n_mb = _synced_minibatches(n, s.minibatch_size)
-        self.model.eval()
-        totals: dict[str, float] = {}
-        steps = 0
-        for _ in range(s.epochs_per_batch):
-            order = torch.randperm(n, generator=self.generator).repeat(
-                -(-n_mb * s.minibatch_size // n)
-            )
-            size = -(-n // n_mb) if n_mb else 0
-            for j in range(n_mb):
-                idx = order[j * size : (j + 1) * size].to(self.device)
-                # no REF_PI column: compute_loss runs the reference on each minibatch
-                stats = self._step({c: t[idx] for c, t in tensors.items()}, alpha_hat)
-                for k, v in stats.items():
-                    totals[k] = totals.get(k, 0.0) + v
-                steps += 1
-        self.version += 1
-        return {k: v / max(steps, 1) for k, v in totals.items()}
+    def _batch_columns(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """None: compute_loss runs the reference policy on each minibatch, as it did."""
+        return {}
