@@ -117,10 +117,6 @@ class PairRows(NamedTuple):
     weight: torch.Tensor
     flip: torch.Tensor | None
 
-    @property
-    def pairs(self) -> int:
-        return self.weight.numel()
-
 
 def top_rows(g_norm, disc, top, m) -> list[PairRows]:
     """Rows of each request's top kk items (|D_i - D_j| = 0 when both rank beyond kk) against
@@ -209,8 +205,13 @@ def lambda_loss(
         top = order[..., :kk]  # the items at ranks 0..kk-1
         disc = table[rank]
         g_norm = g / ideal.clamp_min(eps).unsqueeze(-1)
-        rows = positive_rows(g_norm, disc, rank, top, m)
-        if sum(r.pairs for r in rows) > int(has_pos.sum()) * kk * n:  # dense feedback
+        # positive_rows' pair count, counted before building any: (in top kk) x N + (below) x kk
+        positive = g > 0
+        n_top = int((positive & (rank < kk)).sum())
+        positive_pairs = n_top * n + (int(positive.sum()) - n_top) * kk
+        if positive_pairs <= int(has_pos.sum()) * kk * n:
+            rows = positive_rows(g_norm, disc, rank, top, m)
+        else:  # dense feedback: the top-k rows are fewer
             rows = top_rows(g_norm, disc, top, m)
     s = fused.masked_fill(~m, 0.0) / temperature
     total = fused.new_zeros(())
