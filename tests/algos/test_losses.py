@@ -183,6 +183,18 @@ def test_lambda_loss_descent_raises_ndcg():
     assert ndcg_at_k(fused.detach(), gains, mask, 5).mean() > before + 0.05
 
 
+def assert_equals_dense_reference(fused, gains, mask, k) -> None:
+    """lambda_loss equals the all-pairs reference in value (1e-9) and gradient (1e-6)."""
+    a = fused.clone().requires_grad_(True)
+    d = fused.clone().requires_grad_(True)
+    got = lambda_loss(a, gains, mask, k=k, temperature=0.7)
+    want = lambda_loss_dense_reference(d, gains, mask, k=k, temperature=0.7)
+    got.backward()
+    want.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-9, abs=1e-12)
+    torch.testing.assert_close(a.grad, d.grad, rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("positives", [0.03, 0.3, 1.0])
 @pytest.mark.parametrize("k", [3, 10, None])
 def test_lambda_loss_pairs_from_positive_or_top_rows_equal_all_pairs(positives, k, monkeypatch):
@@ -205,14 +217,7 @@ def test_lambda_loss_pairs_from_positive_or_top_rows_equal_all_pairs(positives, 
     gains[::7] = 0.0  # requests without feedback
     mask = torch.rand(b, n, generator=gen) < 0.85
     mask[1::4, 20:] = False  # short lists: fewer real items than k
-    a = fused.clone().requires_grad_(True)
-    d = fused.clone().requires_grad_(True)
-    got = lambda_loss(a, gains, mask, k=k, temperature=0.7)
-    want = lambda_loss_dense_reference(d, gains, mask, k=k, temperature=0.7)
-    got.backward()
-    want.backward()
-    assert got.item() == pytest.approx(want.item(), rel=1e-9, abs=1e-12)
-    torch.testing.assert_close(a.grad, d.grad, rtol=1e-6, atol=1e-9)
+    assert_equals_dense_reference(fused, gains, mask, k)
     dense = positives == 1.0 and k is not None  # every item positive: the top rows are fewer
     assert used == (["top_rows"] if dense else ["positive_rows"])  # one row set built
 
@@ -264,14 +269,7 @@ def test_topk_pair_lambda_loss_equals_all_pairs_in_value_and_gradient(k):
     gains[:, :3] = torch.tensor([10.0, 1.0, 1.0])  # ties in gain
     mask = torch.rand(b, n, generator=gen) < 0.9
     mask[:, 0] = True
-    a = fused.clone().requires_grad_(True)
-    d = fused.clone().requires_grad_(True)
-    got = lambda_loss(a, gains, mask, k=k, temperature=0.7)
-    want = lambda_loss_dense_reference(d, gains, mask, k=k, temperature=0.7)
-    got.backward()
-    want.backward()
-    assert got.item() == pytest.approx(want.item(), rel=1e-9, abs=1e-12)
-    torch.testing.assert_close(a.grad, d.grad, rtol=1e-6, atol=1e-9)
+    assert_equals_dense_reference(fused, gains, mask, k)
 
 
 # ---------------------------------------------------------------- fused Dirichlet GRPO
