@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -196,6 +197,12 @@ def test_serve_over_http(ray_session, export_dir, service):
             load(url, b'{"context": [[1]]}', requests=4, clients=2)
     finally:
         shutdown()
+    # Serve's proxy closes its socket shortly after shutdown() returns (a request in that
+    # window is accepted, then reset): wait for the listener to go, then nothing answers
+    deadline = time.monotonic() + 30
+    while _listening_hosts(port) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _listening_hosts(port), "the port still listens 30 s after shutdown()"
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(url, timeout=5)
 
