@@ -175,9 +175,6 @@ class GRPOLearner:
         """Loss for one minibatch; override this (and only this) to change the objective."""
         s = self.settings
         pi = self._pi(self.model, mb[keys.CONTEXT])
-        logp = self.explore.log_prob(
-            pi, mb[keys.WEIGHTS], alpha_hat, floor=s.alpha_floor, sigma=s.sigma
-        )
         pi_ref = mb.get(REF_PI)
         if pi_ref is None:
             with torch.no_grad():
@@ -195,6 +192,9 @@ class GRPOLearner:
                 clip_eps=s.clip_eps,
                 beta=s.beta,
             )
+        logp = self.explore.log_prob(
+            pi, mb[keys.WEIGHTS], alpha_hat, floor=s.alpha_floor, sigma=s.sigma
+        )
         if s.kl_estimator == "exact":
             kl = self.explore.kl(pi, pi_ref, alpha_hat, floor=s.alpha_floor, sigma=s.sigma)
         else:
