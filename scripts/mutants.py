@@ -71,20 +71,20 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "fused-grpo-gradient-sign",
         "algos/losses.py",
-        "g = torch.full_like(surr, -1.0 / n)",
-        "g = torch.full_like(surr, 1.0 / n)",
+        "torch.full_like(surr, -1.0 / logp.numel())",
+        "torch.full_like(surr, 1.0 / logp.numel())",
         (f"{T_LEARNER}::test_update_on_a_fixed_batch_raises_the_reward_of_fresh_samples",),
         "the learner (fused loss, the default) climbs the loss",
     ),
     Mutation(
-        "fused-loss-ties",
+        "fused-loss-clipped-samples",
         "algos/losses.py",
-        "g_half = torch.where(tie, g / 2, g)",
-        "g_half = g",
+        ".masked_fill_(clipped, 0.0) * adv",
+        " * adv",
         (
             "tests/algos/test_losses.py::test_fused_dirichlet_grpo_equals_the_composed_loss_in_value_stats_and_gradient",
         ),
-        "the fused gradient counts minimum()'s ties twice",
+        "the fused gradient flows through samples whose clipped term is the minimum",
     ),
     Mutation(
         "kl-penalty-sign",

@@ -299,21 +299,17 @@ class _DirichletGRPO(torch.autograd.Function):
         pg_loss = -torch.minimum(surr, surr_clipped).mean()
         kl_mean = kl.mean()
         loss = pg_loss + beta * kl_mean
-        outside = (ratio < 1.0 - clip_eps) | (ratio > 1.0 + clip_eps)
-        clipped = (surr_clipped < surr) & outside
+        # the clipped term is the smaller one only outside [1 - eps, 1 + eps] (inside, clamp
+        # returns ratio itself and the two terms are equal): grpo_loss's clip_frac
+        clipped = surr_clipped < surr
         stats = torch.stack([pg_loss, kl_mean, clipped.float().mean(), ratio.mean()])
 
-        # d loss / d logp, as autograd takes it through grpo_loss: minimum() gives each side
-        # half the gradient on ties (every unclipped sample), clamp() passes it at its bounds
-        n = logp.numel()
-        tie = surr == surr_clipped
-        g = torch.full_like(surr, -1.0 / n)
-        g_half = torch.where(tie, g / 2, g)
-        in_clip = (ratio >= 1.0 - clip_eps) & (ratio <= 1.0 + clip_eps)
-        d_ratio = (
-            g_half.masked_fill(surr > surr_clipped, 0.0) * adv
-            + (g_half.masked_fill(surr < surr_clipped, 0.0) * adv) * in_clip
-        )
+        # d loss / d ratio, as autograd takes it through grpo_loss: -adv / n where the
+        # unclipped term is the minimum, 0 where the clipped one is smaller (ratio beyond
+        # a bound). On ties minimum() gives each side half and clamp() passes its half
+        # inside [1 - eps, 1 + eps], bounds included, where the ties with adv != 0 lie:
+        # the halves add up to -adv / n, bitwise (halving and doubling are exact)
+        d_ratio = torch.full_like(surr, -1.0 / logp.numel()).masked_fill_(clipped, 0.0) * adv
         c = d_ratio * ratio * ((diff >= -_LOG_RATIO_CLAMP) & (diff <= _LOG_RATIO_CLAMP))
         # logp = lgamma(a0) - sum lgamma(a) + sum_k (a_k - 1) log w_k:
         #   d/da_k = sum_g c_g (digamma(a0) - digamma(a_k) + log w_gk)
