@@ -111,8 +111,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from grade_ray.jobs.bench.throughput import run_bench
 
-    if args.stage1_only:
-        parts: tuple[str, ...] = ("stage1",)
+    if args.stage1_only or args.learner_only:
+        parts: tuple[str, ...] = ("stage1",) if args.stage1_only else ("learner",)
     else:
         parts = ("quality",) if args.quality_only else ("throughput",)
         if not (args.no_quality or args.quality_only):
@@ -209,6 +209,11 @@ def _add_bench(sub) -> None:
         "--stage1-only",
         action="store_true",
         help="the Stage 1 kernel only: top-k vs dense LambdaLoss requests/s per thread",
+    )
+    which.add_argument(
+        "--learner-only",
+        action="store_true",
+        help="the Stage 2 learner update only: training's path vs the earlier one, per thread",
     )
     p.add_argument("--address", default=None)
     p.set_defaults(fn=cmd_bench)

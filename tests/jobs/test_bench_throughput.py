@@ -131,3 +131,23 @@ def test_md_table_aligns_columns_and_checks_them():
     assert md.splitlines() == ["| arm | value |", "|---|---:|", "| a | 1 |", "| b | 2 |"]
     with pytest.raises(ValueError, match="one 'l' or 'r' per column"):
         md_table(("arm", "value"), "l", [])
+
+
+def test_cli_bench_learner_only_writes_the_learner_keys_alone(tmp_path, capsys):
+    """`grade-ray bench --learner-only --quick`: the learner's keys (training's path against
+    the earlier one, which compute the same update) and nothing of the other parts."""
+    import json
+
+    from grade_ray.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--learner-only", "--quick", "--out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["learner.requests_per_s"] > 0 and got["learner.reference_requests_per_s"] > 0
+    assert got["learner.speedup"] == pytest.approx(
+        got["learner.requests_per_s"] / got["learner.reference_requests_per_s"]
+    )
+    assert got["learner.update_max_abs"] > 1e-4 and got["learner.weights_max_abs_diff"] <= 1e-6
+    assert not [k for k in got if k.startswith(("rollout.", "stage1.", "training.", "quality."))]
+    assert "`learner.speedup` |" in out.with_suffix(".md").read_text()
+    assert json.loads(capsys.readouterr().out)["learner.speedup"] == got["learner.speedup"]

@@ -175,8 +175,6 @@ def bench_kernel(
     import pyarrow.parquet as pq
 
     from grade_ray.data.plan import ROLLOUT_COLUMNS, DataPlan, TaskReader
-    from grade_ray.learner.loop import new_policy, rollout_spec
-    from grade_ray.rollout.worker import RolloutWorker
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -197,9 +195,7 @@ def bench_kernel(
         dt_decode = _median_time(decode, repeats)
         dt_mapped = _median_time(mapped, repeats)
     shard_rows = pq.ParquetFile(first.file).metadata.num_rows
-    policy = new_policy(cfg, plan.meta, train_path)
-    worker = RolloutWorker(policy, rollout_spec(cfg, plan.meta, train_path))
-    worker.set_weights(policy.state_dict(), 0)
+    policy, worker = _rollout_worker(cfg, plan.meta, train_path)
     dt = _median_time(lambda: worker.rollout(batch, 10.0), repeats)
     rb = worker.rollout(batch, 10.0)
     return {
@@ -209,6 +205,17 @@ def bench_kernel(
         "kernel.cached_read_requests_per_s": shard_rows / dt_mapped,
         **bench_learner(cfg, rb, policy, repeats, minibatch_sizes),
     }
+
+
+def _rollout_worker(cfg: Config, meta, train_path: str):
+    """Training's initial policy and an in-process rollout worker holding it."""
+    from grade_ray.learner.loop import new_policy, rollout_spec
+    from grade_ray.rollout.worker import RolloutWorker
+
+    policy = new_policy(cfg, meta, train_path)
+    worker = RolloutWorker(policy, rollout_spec(cfg, meta, train_path))
+    worker.set_weights(policy.state_dict(), 0)
+    return policy, worker
 
 
 LEARNER_MINIBATCHES = (256, 1024)
@@ -473,7 +480,7 @@ def bench_serving(cfg: Config, train_path: str, root: Path) -> dict[str, float]:
     return serving_latency(run / "export", threads=1)
 
 
-PARTS = ("throughput", "quality", "stage1")
+PARTS = ("throughput", "quality", "stage1", "learner")
 
 
 def run_bench(
@@ -487,7 +494,8 @@ def run_bench(
     ``parts``: "throughput" (rollout, learner, Stage 1 kernel and whole epochs locally and
     on Ray Train, sync, RLlib PPO steps/s,
     simulator, memory, serving, Ray Serve over HTTP when installed), "stage1" (the Stage 1
-    kernel alone, :func:`bench_stage1`; included in "throughput") and/or "quality"
+    kernel alone, :func:`bench_stage1`) and "learner" (the Stage 2 update alone,
+    :func:`bench_learner`; both included in "throughput") and/or "quality"
     (:func:`grade_ray.jobs.bench.quality.bench_quality`: the arms' lifts at equal samples
     and equal time; its run directory is OUT's folder/quality, or a temporary one without
     ``out``).
@@ -498,8 +506,11 @@ def run_bench(
     results: dict[str, Any] = {}
     if "throughput" in parts:
         results.update(_throughput(quick, address))
-    elif "stage1" in parts:
-        results.update(_stage1_only(quick))
+    else:
+        if "stage1" in parts:
+            results.update(_stage1_only(quick))
+        if "learner" in parts:
+            results.update(_learner_only(quick))
     if "quality" in parts:
         from grade_ray.jobs.bench.quality import bench_quality
 
@@ -578,6 +589,27 @@ def _stage1_only(quick: bool) -> dict[str, Any]:
         return {
             "setup": _setup(cfg, quick),
             **bench_stage1(cfg, train_path, 3 if quick else 7, sizes),
+        }
+
+
+def _learner_only(quick: bool) -> dict[str, Any]:
+    """The learner part alone (:func:`bench_learner`, training's path against the earlier
+    one), on one rollout batch of freshly simulated requests (no Ray)."""
+    from grade_ray.data.plan import DataPlan, TaskReader
+    from grade_ray.jobs.train import prepare_data
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = bench_config(str(Path(tmp) / "run"), 4096)
+        train_path, _ = prepare_data(cfg)
+        plan = DataPlan.build(train_path, rounds=1, batch_size=cfg.rollout.batch_size)
+        torch.set_num_threads(1)
+        policy, worker = _rollout_worker(cfg, plan.meta, train_path)
+        rb = worker.rollout(TaskReader(plan.meta).load(plan.rounds[0][0]), 10.0)
+        return {
+            "setup": _setup(cfg, quick),
+            **bench_learner(
+                cfg, rb, policy, 3 if quick else 7, () if quick else LEARNER_MINIBATCHES
+            ),
         }
 
 
