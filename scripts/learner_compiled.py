@@ -22,7 +22,6 @@ import copy
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -73,32 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/learner_compiled")
     args = ap.parse_args(argv)
 
-    from grade_ray.data.plan import DataPlan, TaskReader
-    from grade_ray.jobs.bench.throughput import _rollout_worker, bench_config
-    from grade_ray.jobs.train import prepare_data
+    from grade_ray.jobs.bench.throughput import learner_batch
     from grade_ray.learner.grpo_reference import ReferenceGRPOLearner
-    from grade_ray.models.policy_reference import PerExpertFusionPolicy, stacked_to_per_expert
+    from grade_ray.models.policy_reference import per_expert_copy
 
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = bench_config(str(Path(tmp) / "run"), 4096)
-        train_path, _ = prepare_data(cfg)
-        plan = DataPlan.build(train_path, rounds=1, batch_size=cfg.rollout.batch_size)
-        torch.set_num_threads(1)
-        policy, worker = _rollout_worker(cfg, plan.meta, train_path)
-        batch = worker.rollout(TaskReader(plan.meta).load(plan.rounds[0][0]), 10.0)
+    cfg, policy, batch = learner_batch()
     settings = GRPOSettings.from_config(cfg)
     state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
-    pc = cfg.policy
-    old = PerExpertFusionPolicy(
-        policy.context_dim,
-        policy.num_tasks,
-        num_experts=pc.num_experts,
-        expert_hidden=pc.expert_hidden,
-        dropout=pc.dropout,
-    )
-    old.load_state_dict(stacked_to_per_expert(state))
     learners = {
-        "reference (before issue 17)": ReferenceGRPOLearner(old, settings),
+        "reference (before issue 17)": ReferenceGRPOLearner(per_expert_copy(policy), settings),
         "eager (training's path)": GRPOLearner(copy.deepcopy(policy), settings),
         "compiled loss": CompiledGRPOLearner(copy.deepcopy(policy), settings),
     }

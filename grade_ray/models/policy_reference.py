@@ -72,3 +72,19 @@ def stacked_to_per_expert(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
         out[f"experts.{i}.3.weight"] = state["expert_w2"][i].clone()
         out[f"experts.{i}.3.bias"] = state["expert_b2"][i].clone()
     return out
+
+
+def per_expert_copy(policy: nn.Module) -> PerExpertFusionPolicy:
+    """A :class:`PerExpertFusionPolicy` holding a stacked :class:`FusionPolicy`'s weights
+    (its sizes and dropout read off the policy): the same function, computed the earlier
+    way."""
+    w1 = policy.expert_w1
+    old = PerExpertFusionPolicy(
+        policy.context_dim,
+        policy.num_tasks,
+        num_experts=w1.shape[0],
+        expert_hidden=w1.shape[1],
+        dropout=policy.expert_dropout.p,
+    )
+    old.load_state_dict(stacked_to_per_expert(policy.state_dict()))
+    return old

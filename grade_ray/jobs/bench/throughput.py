@@ -245,25 +245,16 @@ def bench_learner(
 
     from grade_ray.learner.grpo import GRPOLearner, GRPOSettings
     from grade_ray.learner.grpo_reference import ReferenceGRPOLearner
-    from grade_ray.models.policy_reference import PerExpertFusionPolicy, stacked_to_per_expert
+    from grade_ray.models.policy_reference import per_expert_copy, stacked_to_per_expert
 
     torch.set_num_threads(1)
     state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
-    pc = cfg.policy
 
     def pair(minibatch_size: int) -> tuple[GRPOLearner, GRPOLearner]:
         settings = GRPOSettings.from_config(cfg.replace(**{"grpo.minibatch_size": minibatch_size}))
         new = copy.deepcopy(policy)
         new.load_state_dict(state)
-        old = PerExpertFusionPolicy(
-            new.context_dim,
-            new.num_tasks,
-            num_experts=pc.num_experts,
-            expert_hidden=pc.expert_hidden,
-            dropout=pc.dropout,
-        )
-        old.load_state_dict(stacked_to_per_expert(state))
-        return GRPOLearner(new, settings), ReferenceGRPOLearner(old, settings)
+        return GRPOLearner(new, settings), ReferenceGRPOLearner(per_expert_copy(new), settings)
 
     requests = len(batch[keys.CONTEXT])
     out: dict[str, float] = {}
@@ -325,7 +316,7 @@ def bench_stage1(
     from grade_ray.data.reading import read_sessions
     from grade_ray.learner.loop import new_policy
     from grade_ray.learner.supervised import SupervisedLearner, SupervisedSettings
-    from grade_ray.models.policy_reference import PerExpertFusionPolicy, stacked_to_per_expert
+    from grade_ray.models.policy_reference import per_expert_copy
     from grade_ray.spec import RewardSpec
 
     torch.set_num_threads(1)
@@ -334,15 +325,7 @@ def bench_stage1(
     if len(batch) < sizes[-1]:
         raise ValueError(f"Stage 1 bench needs {sizes[-1]} requests, {train_path} has {len(batch)}")
     policy = new_policy(cfg, meta, train_path)
-    pc = cfg.policy
-    old = PerExpertFusionPolicy(
-        policy.context_dim,
-        policy.num_tasks,
-        num_experts=pc.num_experts,
-        expert_hidden=pc.expert_hidden,
-        dropout=pc.dropout,
-    )
-    old.load_state_dict(stacked_to_per_expert(policy.state_dict()))
+    old = per_expert_copy(policy)
     settings, reward = SupervisedSettings.from_config(cfg), RewardSpec.from_config(cfg.reward, meta)
     learner = SupervisedLearner(policy, settings, reward)
     paths = {
@@ -592,25 +575,32 @@ def _stage1_only(quick: bool) -> dict[str, Any]:
         }
 
 
-def _learner_only(quick: bool) -> dict[str, Any]:
-    """The learner part alone (:func:`bench_learner`, training's path against the earlier
-    one), on one rollout batch of freshly simulated requests (no Ray)."""
+def learner_batch(requests: int = 4096) -> tuple[Config, torch.nn.Module, dict]:
+    """(the bench's config, training's initial policy, one rollout batch of it) on freshly
+    simulated requests, in process (no Ray), one torch thread: what the learner is timed on.
+    The config's run directory is temporary and gone on return."""
     from grade_ray.data.plan import DataPlan, TaskReader
     from grade_ray.jobs.train import prepare_data
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = bench_config(str(Path(tmp) / "run"), 4096)
+        cfg = bench_config(str(Path(tmp) / "run"), requests)
         train_path, _ = prepare_data(cfg)
         plan = DataPlan.build(train_path, rounds=1, batch_size=cfg.rollout.batch_size)
         torch.set_num_threads(1)
         policy, worker = _rollout_worker(cfg, plan.meta, train_path)
-        rb = worker.rollout(TaskReader(plan.meta).load(plan.rounds[0][0]), 10.0)
-        return {
-            "setup": _setup(cfg, quick),
-            **bench_learner(
-                cfg, rb, policy, 3 if quick else 7, () if quick else LEARNER_MINIBATCHES
-            ),
-        }
+        return cfg, policy, worker.rollout(TaskReader(plan.meta).load(plan.rounds[0][0]), 10.0)
+
+
+def _learner_only(quick: bool) -> dict[str, Any]:
+    """The learner part alone (:func:`bench_learner`, training's path against the earlier
+    one), on :func:`learner_batch`."""
+    cfg, policy, batch = learner_batch()
+    return {
+        "setup": _setup(cfg, quick),
+        **bench_learner(
+            cfg, batch, policy, 3 if quick else 7, () if quick else LEARNER_MINIBATCHES
+        ),
+    }
 
 
 PROJECTION_WORKERS = (1, 2, 4, 8, 16, 32, 64)
