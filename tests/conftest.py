@@ -1,8 +1,11 @@
-"""Shared fixtures: one local Ray per test session, small simulated logs."""
+"""Shared fixtures: one local Ray per test session, small simulated logs, scripts/ runs."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -42,3 +45,24 @@ def smoke_data(smoke_cfg):
     from grade_ray.jobs.train import prepare_data
 
     return prepare_data(smoke_cfg)
+
+
+@pytest.fixture
+def run_script():
+    """``run_script(name, args, env=None, timeout=900)``: ``python scripts/NAME ARGS`` in a
+    subprocess from the repository root, with ``env`` over this process's environment;
+    returns the CompletedProcess (output captured as text, the exit status not checked)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def run(name: str, args: list[str], env: dict[str, str] | None = None, timeout: int = 900):
+        return subprocess.run(
+            [sys.executable, str(root / "scripts" / name), *args],
+            cwd=root,
+            env={**os.environ, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    return run

@@ -3,38 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ENV = {"RAY_ADDRESS": "", "OMP_NUM_THREADS": "1"}
 
 
-def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "scale_out.py"), "--out", str(tmp_path), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-
-
-def test_bad_worker_counts_are_refused_in_one_line(tmp_path):
-    res = _run(["--workers", "0"], tmp_path)
+def test_bad_worker_counts_are_refused_in_one_line(tmp_path, run_script):
+    res = run_script("scale_out.py", ["--out", str(tmp_path), "--workers", "0"], ENV)
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0
     assert "--workers" in res.stderr
 
 
 @pytest.mark.slow
-def test_every_part_measures_and_writes_one_table(tmp_path):
-    res = _run(["--workers", "1", "2", "--requests", "4096", "--repeats", "1"], tmp_path)
+def test_every_part_measures_and_writes_one_table(tmp_path, run_script):
+    args = ["--out", str(tmp_path), "--workers", "1", "2", "--requests", "4096", "--repeats", "1"]
+    res = run_script("scale_out.py", args, ENV)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = json.loads((tmp_path / "scale_out.json").read_text())
     for mode in ("rollout_only", "on_policy", "pipelined"):
