@@ -30,6 +30,8 @@ import argparse
 import json
 import logging
 import signal
+import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -209,23 +211,52 @@ def deploy(
     return f"http://{host}:{port}/"
 
 
-def shutdown() -> None:
+def shutdown(url: str | None = None, timeout: float = 30.0) -> bool:
     """Remove this application; stop Serve too when no other application runs on it (a
-    shared cluster may serve others). Nothing to do when Ray or Serve is not running."""
+    shared cluster may serve others). Nothing to do when Ray or Serve is not running.
+
+    With ``url`` (what :func:`deploy` returned), when Serve was stopped, wait up to
+    ``timeout`` s for its HTTP port to stop accepting connections: Serve's proxy closes
+    its socket a moment after ``serve.shutdown()`` returns, and a request in that window
+    is accepted, then reset. Returns False only when the port still listens after that."""
     import ray
 
     if not ray.is_initialized():
-        return
+        return True
     from ray import serve
 
     try:
         apps = serve.status().applications
     except Exception:  # Serve never started (interrupted before serve.start)
-        return
+        return True
     if APP_NAME in apps:
         serve.delete(APP_NAME)
     if set(apps) <= {APP_NAME}:
         serve.shutdown()
+        if url is not None:
+            return _wait_closed(url, timeout)
+    return True
+
+
+def _wait_closed(url: str, timeout: float) -> bool:
+    """Poll ``url``'s host:port until a TCP connect is refused (True) or ``timeout`` s."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    # a wildcard bind answers on loopback
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(
+        parts.hostname or "", parts.hostname
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, parts.port), timeout=1.0):
+                pass
+        except OSError:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
 
 
 # ---------------------------------------------------------------------------
@@ -240,6 +271,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # `kill PID` (and a container stop) stops it like Ctrl-C, from the start: Ray's driver
     # would otherwise exit on SIGTERM without removing the application.
     previous = signal.signal(signal.SIGTERM, _interrupt)
+    url = None
     try:
         url = deploy(
             args.export_dir,
@@ -262,7 +294,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
-    shutdown()
+    if not shutdown(url):
+        print(f"warning: Serve stopped, but {url} still accepts connections", file=sys.stderr)
     print("stopped", flush=True)
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -15,7 +16,7 @@ import pytest
 
 from grade_ray.cli import main
 from grade_ray.serving.export import export_policy
-from grade_ray.serving.serve import MAX_BODY_BYTES, answer, parse_request
+from grade_ray.serving.serve import MAX_BODY_BYTES, _wait_closed, answer, parse_request
 from grade_ray.serving.service import FusionService, RequestError
 
 SERVE_REASON = (
@@ -149,6 +150,27 @@ def _post(url: str, body: bytes) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
+@pytest.mark.parametrize("bind", ["127.0.0.1", "0.0.0.0"])
+def test_wait_closed_returns_once_the_port_stops_listening(bind):
+    """What `grade-ray serve` waits on before it prints "stopped": True only after the
+    listener has closed (probed on loopback for a wildcard bind), False on timeout."""
+    listener = socket.create_server((bind, 0))
+    port = listener.getsockname()[1]
+    url = f"http://{bind}:{port}/"
+    assert not _wait_closed(url, timeout=0.3)  # still listening: times out
+
+    closer = threading.Timer(0.5, listener.close)
+    start = time.monotonic()
+    closer.start()
+    try:
+        assert _wait_closed(url, timeout=10)
+        assert time.monotonic() - start >= 0.5
+        assert not _listening_hosts(port)
+    finally:
+        closer.cancel()
+        listener.close()
+
+
 @pytest.mark.ray
 def test_serve_over_http(ray_session, export_dir, service):
     pytest.importorskip("ray.serve", reason=SERVE_REASON)
@@ -196,13 +218,10 @@ def test_serve_over_http(ray_session, export_dir, service):
         with pytest.raises(RuntimeError, match="serve answered 400"):
             load(url, b'{"context": [[1]]}', requests=4, clients=2)
     finally:
-        shutdown()
-    # Serve's proxy closes its socket shortly after shutdown() returns (a request in that
-    # window is accepted, then reset): wait for the listener to go, then nothing answers
-    deadline = time.monotonic() + 30
-    while _listening_hosts(port) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _listening_hosts(port), "the port still listens 30 s after shutdown()"
+        closed = shutdown(url)
+    # shutdown(url) returns once Serve's proxy has closed its socket (a request just after
+    # serve.shutdown() would otherwise be accepted, then reset)
+    assert closed and not _listening_hosts(port)
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(url, timeout=5)
 
@@ -255,6 +274,8 @@ def test_cli_serve_answers_and_stops_on_sigterm(
     status, got = seen["answer"]
     assert status == 200
     np.testing.assert_array_equal(got["ranking"], service.rank(x, s))
+    # "stopped" is printed once the port no longer listens: nothing answers any more
+    assert not _listening_hosts(port)
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(url, timeout=5)
 

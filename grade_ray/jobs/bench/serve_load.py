@@ -134,4 +134,4 @@ def bench_serve(
         log.info("serve latency: %s", out)
         return out
     finally:
-        shutdown()
+        shutdown(url)
