@@ -249,11 +249,11 @@ def _flat_values(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 def _any_per_row(flags: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """flags: (sum(lengths),) bool -> (len(lengths),) whether any flag is set in each row."""
-    if flags.size == 0:
-        return np.zeros(len(lengths), dtype=bool)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    counts = np.add.reduceat(flags.astype(np.int64), np.minimum(starts, flags.size - 1))
-    return (counts > 0) & (lengths > 0)
+    # flags set up to each row's end minus up to its start: empty rows anywhere (also last,
+    # where reduceat's clamped start would cut the row before short) count 0
+    ends = np.cumsum(lengths, dtype=np.int64)
+    upto = np.concatenate([[0], np.cumsum(flags, dtype=np.int64)])
+    return upto[ends] > upto[ends - lengths]
 
 
 class SeenIds:

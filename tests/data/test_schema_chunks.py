@@ -56,6 +56,7 @@ BAD_ROWS = {
     1000: "nan score",
     4321: "inf label",
     9000: "nan label",
+    9998: "nan last score",  # the last value of a row followed by an empty row at chunk end
     9999: "empty",
 }
 
@@ -67,6 +68,8 @@ def corrupt(batch: SessionBatch, row: int, what: str) -> None:
         batch.labels[row, 0, 0] = -np.inf
     elif what == "nan score":
         batch.scores[row, 0, 2] = np.nan
+    elif what == "nan last score":
+        batch.scores[row, batch.mask[row].sum() - 1, -1] = np.nan
     elif what == "empty":
         batch.mask[row] = False
 
@@ -119,8 +122,8 @@ def test_error_names_the_absolute_row(tmp_path, row, what):
     corrupt(batch, row, what)
     write(tmp_path, batch)
     (f,) = tmp_path.glob("*.parquet")
-    column = {"nan label": "labels", "inf label": "labels", "nan score": "scores"}.get(
-        what, "item_ids"
+    column = {"nan label": "labels", "inf label": "labels"}.get(
+        what, "scores" if "score" in what else "item_ids"
     )
     with pytest.raises(SchemaError) as e:
         list(iter_batches(tmp_path, CHUNK))
@@ -199,3 +202,18 @@ def test_two_files_count_rows_per_file(tmp_path):
     reader = TaskReader(plan.meta)
     ids = np.concatenate([reader.load(t).request_id for t in plan.rounds[0]])
     np.testing.assert_array_equal(np.sort(ids), np.setdiff1d(np.arange(5_500), [5_345]))
+
+
+def test_any_per_row_matches_a_loop_with_empty_rows_anywhere():
+    """The per-row reduction behind every value check: empty rows first, between and last
+    (the case that once hid a bad last value of the row before) and all-empty input."""
+    from grade_ray.data.validation import _any_per_row
+
+    rng = np.random.default_rng(0)
+    cases = [np.array([0, 0]), np.array([3, 0]), np.array([0, 2, 0, 0]), np.array([], int)]
+    cases += [rng.integers(0, 4, rng.integers(1, 30)) for _ in range(200)]
+    for lengths in cases:
+        flags = rng.random(int(lengths.sum())) < 0.2
+        ends = np.cumsum(lengths)
+        want = [bool(flags[e - n : e].any()) for n, e in zip(lengths, ends)]
+        np.testing.assert_array_equal(_any_per_row(flags, lengths), want, str(lengths))
