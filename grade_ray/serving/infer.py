@@ -79,13 +79,15 @@ def _result_table(
 
 
 def _outside(path: Path, data: Path, what: str) -> None:
-    """Refuse to write ``path`` into the input data directory."""
-    root = data.resolve() if data.is_dir() else None
-    if root is not None and path.resolve().is_relative_to(root):
-        raise RequestError(
-            f"{what} {path} is inside the input data directory {data}; write it elsewhere "
-            "(a later read of the directory would take it for session data)"
-        )
+    """Refuse to write ``path`` over the input data file or into the input directory."""
+    if data.is_dir():
+        if path.resolve().is_relative_to(data.resolve()):
+            raise RequestError(
+                f"{what} {path} is inside the input data directory {data}; write it elsewhere "
+                "(a later read of the directory would take it for session data)"
+            )
+    elif path.resolve() == data.resolve():
+        raise RequestError(f"{what} {path} is the input data file; write it elsewhere")
 
 
 def run_infer(

@@ -207,3 +207,19 @@ def test_infer_never_writes_into_the_input_directory(exported, smoke_data, tmp_p
     assert sorted(p.name for p in data.iterdir()) == ["eval.parquet"]
     batch, _, _ = read_sessions(data)
     assert len(batch) == 300
+
+
+def test_infer_never_writes_over_its_input_file(exported, smoke_data, tmp_path):
+    data = _eval_with_far_contexts(smoke_data, tmp_path, rows=()) / "eval.parquet"
+    before = data.read_bytes()
+    for out, extra in (
+        (data, {}),
+        (data.parent / "." / data.name, {}),  # the same file, spelled differently
+        (tmp_path / "o.parquet", {"rejects_path": data, "on_error": "reject"}),
+    ):
+        with pytest.raises(RequestError, match="is the input data file"):
+            run_infer(exported, data, out, **extra)
+    assert data.read_bytes() == before
+    # beside the input file is fine: a file input never reads its directory
+    res = run_infer(exported, data, data.parent / "scored.parquet")
+    assert res["rows_written"] == 300
