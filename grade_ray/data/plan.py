@@ -31,6 +31,7 @@ from grade_ray.data.reading import (
     file_meta,
     iter_validated,
     list_files,
+    parquet_metadata,
     row_lengths,
 )
 from grade_ray.data.sessions import (
@@ -323,7 +324,7 @@ class DecodedCache:
         for f in files:
             if self.path_for(f).exists():
                 continue
-            md = pq.ParquetFile(f).metadata
+            md = parquet_metadata(f)
             for g in range(md.num_row_groups):
                 rg = md.row_group(g)
                 for c in range(rg.num_columns):

@@ -59,14 +59,26 @@ def list_files(path: str | Path) -> list[Path]:
     return [p]
 
 
+def _unreadable(file: str | Path, e: BaseException) -> SchemaError:
+    return SchemaError(
+        f"{file}: not a readable Parquet file ({error_brief(e)}); is it truncated or in "
+        "another format?"
+    )
+
+
+def parquet_metadata(file: str | Path) -> pq.FileMetaData:
+    """A file's Parquet footer (row counts, row groups); an unreadable file raises naming it."""
+    try:
+        return pq.ParquetFile(file).metadata
+    except (pa.ArrowException, OSError) as e:
+        raise _unreadable(file, e) from None
+
+
 def _file_schema(file: str | Path) -> pa.Schema:
     try:
         schema = pq.read_schema(file)
     except (pa.ArrowException, OSError) as e:
-        raise SchemaError(
-            f"{file}: not a readable Parquet file ({error_brief(e)}); is it truncated or in "
-            "another format?"
-        ) from None
+        raise _unreadable(file, e) from None
     if REJECT_REASON in schema.names:
         raise SchemaError(
             f"{file}: this is a rejects file (it has a {REJECT_REASON!r} column), not "

@@ -32,6 +32,7 @@ from grade_ray.data.reading import (
     iter_validated,
     length_segments,
     list_files,
+    parquet_metadata,
     row_lengths,
 )
 from grade_ray.data.sessions import CONTEXT, SchemaError, SessionMeta, table_to_batch
@@ -117,7 +118,7 @@ def run_infer(
     except RequestError as e:
         raise RequestError(f"{files[0]}: {e}") from None
     out, rejects_path = _output_paths(Path(out), Path(data), on_error, rejects_path)
-    total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    total = sum(parquet_metadata(f).num_rows for f in files)
     report = ReadReport()
     rejects = RejectsWriter(rejects_path if on_error == "reject" else None)
     chunks = iter_validated(

@@ -382,6 +382,23 @@ def file_cases(root: Path) -> list[Case]:
         cases.append(
             Case(cid, "file", d, match=match, bad=[(str(d / "part-00001.parquet"), -1, "")])
         )
+    # an unreadable shard after a good one (read before validation: cache sizing, row totals)
+    for cid, content in (
+        ("file-dir-second-csv", lambda: b"request_id,user_id\n1,2\n"),
+        ("file-dir-second-truncated", lambda: raw()[: len(raw()) // 2]),
+    ):
+        d = root / cid / "data"
+        write(d / "part-00000.parquet", good)
+        (d / "part-00001.parquet").write_bytes(content())
+        cases.append(
+            Case(
+                cid,
+                "file",
+                d,
+                match="not a readable Parquet file",
+                bad=[(str(d / "part-00001.parquet"), -1, "")],
+            )
+        )
     d = root / "file-empty-dir" / "data"
     d.mkdir(parents=True)
     cases.append(
