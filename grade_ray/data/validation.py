@@ -380,6 +380,8 @@ def normalize_table(table: pa.Table, file: str = "<table>") -> pa.Table:
 def _cast(col: pa.ChunkedArray, want: pa.DataType, name: str, file: str) -> pa.ChunkedArray:
     try:
         if name == TS and _is_time(col.type):
+            if pa.types.is_timestamp(col.type) and col.type.unit != "s":
+                col = pc.floor_temporal(col, unit="second")  # ms/us/ns logs: whole seconds
             return pc.cast(col.cast(pa.timestamp("s")), pa.int64())
         return col if col.type == want else col.cast(want)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:

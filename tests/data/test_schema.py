@@ -94,6 +94,26 @@ def test_bad_input_names_file_row_column(tmp_path, kind):
     assert str(path) in str(e.value) and "row 2" in str(e.value) and repr(column) in str(e.value)
 
 
+@pytest.mark.parametrize(
+    "unit, tz", [("s", None), ("ms", None), ("us", "UTC"), ("ns", "Asia/Shanghai")]
+)
+def test_timestamp_ts_is_read_as_whole_seconds(tmp_path, unit, tz):
+    """`ts` may be a Parquet timestamp of any unit (logs usually carry milliseconds): it is
+    read as epoch seconds, floored, also before 1970; nothing is refused or rejected."""
+    seconds = np.array([1_700_000_000, 1_700_000_000, 1_700_000_001, -2, 0, 5])
+    frac = np.array([0.0, 0.123, 0.999, 0.5, 0.0, 0.25])  # pre-1970: -2 + 0.5 = -1.5 s
+    per_s = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}[unit]
+    ticks = seconds * per_s + np.round(frac * per_s).astype(np.int64)
+    table = to_table(make_batch(), META)
+    i = table.schema.get_field_index("ts")
+    table = table.set_column(i, "ts", pa.array(ticks, pa.timestamp(unit, tz=tz)))
+    for on_error in ("raise", "reject"):
+        back, _, report = read_sessions(write(tmp_path, table), on_error=on_error)
+        assert report.rows_rejected == 0
+        want = seconds if unit != "s" else ticks
+        np.testing.assert_array_equal(back.ts, want)
+
+
 def test_missing_column(tmp_path):
     path = write(tmp_path, to_table(make_batch(), META).drop_columns(["labels"]))
     with pytest.raises(SchemaError, match="missing column"):
