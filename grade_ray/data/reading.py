@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -47,16 +48,41 @@ twice its real cells and this floor, so ordinary batches are never cut."""
 
 
 def list_files(path: str | Path) -> list[Path]:
-    """A Parquet file, or every ``*.parquet`` below a directory (sorted)."""
+    """A Parquet file, or every ``*.parquet`` below a directory (sorted), following
+    symbolic links to files and directories (each directory once). A broken link below the
+    directory raises: it may stand for data that is not mounted, which would otherwise be
+    left out without a word."""
     p = Path(path)
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*.parquet") if f.is_file())
+        files = sorted(_parquet_below(p))
         if not files:
             raise FileNotFoundError(f"no *.parquet files under {p}")
         return files
     if not p.exists():
         raise FileNotFoundError(f"no such session file or directory: {p}")
     return [p]
+
+
+def _parquet_below(root: Path) -> Iterator[Path]:
+    seen = {root.resolve()}
+    for top, dirs, names in os.walk(root, followlinks=True):
+        for name in dirs + names:
+            f = Path(top, name)
+            if f.is_symlink() and not f.exists():
+                raise FileNotFoundError(
+                    f"{f}: broken symbolic link in the data directory (to {os.readlink(f)}); "
+                    "mount or remove it"
+                )
+        kept = []
+        for d in sorted(dirs):  # a linked directory reached twice (or a link loop) is read once
+            real = Path(top, d).resolve()
+            if real not in seen:
+                seen.add(real)
+                kept.append(d)
+        dirs[:] = kept
+        for name in names:
+            if name.endswith(".parquet") and Path(top, name).is_file():
+                yield Path(top, name)
 
 
 def _unreadable(file: str | Path, e: BaseException) -> SchemaError:

@@ -114,6 +114,39 @@ def test_timestamp_ts_is_read_as_whole_seconds(tmp_path, unit, tz):
         np.testing.assert_array_equal(back.ts, want)
 
 
+def test_directory_read_follows_links_and_refuses_broken_ones(tmp_path, capsys):
+    """Shards and day directories linked into the data directory are read (each once, a
+    link loop too); a broken link stops the read naming it, instead of silently leaving
+    its data out."""
+    from grade_ray.cli import main
+    from grade_ray.data.reading import list_files
+
+    store = tmp_path / "store"
+    with ShardWriter(store / "day1", META, rows_per_shard=3) as w:
+        w.write(make_batch(6))
+    other = make_batch(4)
+    other.request_id += 100
+    with ShardWriter(store / "day2", META) as w:
+        w.write(other)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "day1").symlink_to(store / "day1", target_is_directory=True)
+    (data / "day2.parquet").symlink_to(next((store / "day2").glob("*.parquet")))
+    (data / "again").symlink_to(store / "day1", target_is_directory=True)  # same dir twice
+    (store / "day1" / "loop").symlink_to(data, target_is_directory=True)
+    files = list_files(data)
+    assert [f.relative_to(data).parts[0] for f in files] == ["again", "again", "day2.parquet"]
+    back, _, report = read_sessions(data)
+    assert report.rows_read == 10 and sorted(back.request_id) == [*range(6), *range(100, 104)]
+
+    (data / "day3").symlink_to(tmp_path / "unmounted" / "day3", target_is_directory=True)
+    with pytest.raises(FileNotFoundError, match="day3: broken symbolic link"):
+        list_files(data)
+    rc = main(["pretrain", "--config", "configs/smoke.yaml", "--set", f"data.train_path={data}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "day3: broken symbolic link" in err[0], err
+
+
 def test_missing_column(tmp_path):
     path = write(tmp_path, to_table(make_batch(), META).drop_columns(["labels"]))
     with pytest.raises(SchemaError, match="missing column"):
