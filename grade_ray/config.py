@@ -1,6 +1,6 @@
 """Configuration: frozen dataclasses <-> YAML, with dotted command-line overrides.
 
-``load_config(["configs/smoke.yaml"], ["rollout.group_size=10"])`` starts from
+``load_config(["configs/smoke.yaml"], ["exploration.group_size=10"])`` starts from
 the dataclass defaults, merges each YAML file in order (a file may name a
 ``base:`` file it extends, relative to itself), then the overrides. Unknown
 keys raise an error listing the valid ones. Cross-field checks live in each

@@ -1,4 +1,5 @@
-"""``grade-ray report RUN_OR_SWEEP_DIR``: PNG plots and a Markdown page.
+"""``grade-ray report DIR``: PNG plots and a Markdown page for a run, sweep, suite or
+data-scale directory.
 
 For a training run: reward components and KL per round, the alpha_hat
 schedule, clip and zero-variance fractions, policy diagnostics, the learned
@@ -366,8 +367,10 @@ def run_report(path: str | Path) -> Path:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("report", help="plots + Markdown page for a run or sweep directory")
-    p.add_argument("path", help="run directory or sweep directory")
+    p = sub.add_parser(
+        "report", help="plots + Markdown page for a run, sweep, suite or data-scale directory"
+    )
+    p.add_argument("path", help="a run, sweep (Tune), suite or data-scale output directory")
 
     def handler(args) -> int:
         print(f"report: {run_report(args.path)}")
