@@ -88,6 +88,7 @@ class SimulatorConfig:
 
     def __post_init__(self) -> None:
         _check(self.num_requests > 0, "simulator.num_requests must be > 0")
+        _check(self.num_eval_requests > 0, "simulator.num_eval_requests must be > 0")
         _check(
             self.num_users > 0 and self.num_items > 0, "simulator.num_users/num_items must be > 0"
         )
@@ -158,6 +159,12 @@ class DataConfig:
 
 FORMAT_KINDS = ("rules", "learned", "none")
 """``reward.format_kind`` values (the R_format variants of ``grade_ray.algos.rewards.FORMATS``)."""
+FUSION_FORMS = ("linear", "log_product")
+"""``policy.fusion`` values (``grade_ray.algos.fusion.FUSIONS``)."""
+EXPLORATION_KINDS = ("dirichlet", "gaussian")
+"""``exploration.kind`` values (``grade_ray.algos.exploration.EXPLORATIONS``)."""
+ALPHA_SCHEDULES = ("cosine", "linear", "constant")
+"""``exploration.schedule`` values (``grade_ray.algos.exploration.SCHEDULES``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,6 +292,10 @@ class PolicyConfig:
             self.kind in ("context", "item_aware"),
             f"policy.kind must be 'context' or 'item_aware', got {self.kind!r}",
         )
+        _check(
+            self.fusion in FUSION_FORMS,
+            f"policy.fusion={self.fusion!r}: use one of {list(FUSION_FORMS)}",
+        )
         _check(self.modulation_sigma > 0, "policy.modulation_sigma must be > 0")
         _check(0 <= self.dropout < 1, "policy.dropout must be in [0, 1)")
         _check(self.fusion_eps > 0, "policy.fusion_eps must be > 0 (log(p + eps) at p = 0)")
@@ -315,6 +326,14 @@ class ExplorationConfig:
         )
         _check(self.alpha_start > 0 and self.alpha_end > 0, "exploration.alpha_* must be > 0")
         _check(self.alpha_floor > 0, "exploration.alpha_floor must be > 0")
+        _check(
+            self.kind in EXPLORATION_KINDS,
+            f"exploration.kind={self.kind!r}: use one of {list(EXPLORATION_KINDS)}",
+        )
+        _check(
+            self.schedule in ALPHA_SCHEDULES,
+            f"exploration.schedule={self.schedule!r}: use one of {list(ALPHA_SCHEDULES)}",
+        )
         _check(self.sigma > 0, "exploration.sigma must be > 0")
 
 
@@ -568,11 +587,11 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     """Build dataclass ``cls`` from a (partial) dict; unknown keys raise."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
+    unknown = sorted(set(data) - set(names), key=str)
     if unknown:
         prefix = f"{where}." if where else ""
         raise ConfigError(
-            f"unknown config key(s) {[prefix + u for u in unknown]}; valid keys here: {names}"
+            f"unknown config key(s) {[prefix + str(u) for u in unknown]}; valid keys here: {names}"
         )
     kwargs = {}
     for name, value in data.items():
@@ -607,7 +626,29 @@ def set_dotted(d: dict, key: str, value: Any) -> None:
         node = node[p]
     if parts[-1] not in node:
         raise ConfigError(f"unknown config key {key!r}; valid keys here: {sorted(node)}")
+    old = node[parts[-1]]
+    if isinstance(old, dict) and isinstance(value, dict) and parts[-1] not in _LEAF_DICTS:
+        # 'grpo={rounds: 3}' sets those keys of the section, like a config file would
+        _check_keys(value, old, "--set", f"{key}.")
+        value = merge_dicts(old, value)
     node[parts[-1]] = value
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (PyYAML would keep
+    the last one without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} given twice", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -619,14 +660,14 @@ def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
         loop = " -> ".join(str(p) for p in (*_chain, path.resolve()))
         raise ConfigError(f"{path}: the base: chain loops ({loop}); remove one base: line")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid YAML ({_first_line(e)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must be a mapping")
     base = data.pop("base", None)
-    if base:
-        if not isinstance(base, str):
+    if base is not None:
+        if not isinstance(base, str) or not base:
             raise ConfigError(f"{path}: base: must name a YAML file, got {base!r}")
         data = merge_dicts(read_yaml(path.parent / base, (*_chain, path.resolve())), data)
     return data
@@ -641,10 +682,10 @@ def _check_keys(
     data: dict[str, Any], known: dict[str, Any], path: str | Path, at: str = ""
 ) -> None:
     """Raise ConfigError naming ``path`` for a key of ``data`` that ``known`` lacks."""
-    unknown = sorted(set(data) - set(known))
+    unknown = sorted(set(data) - set(known), key=str)
     if unknown:
         raise ConfigError(
-            f"{path}: unknown config key(s) {[at + k for k in unknown]}; valid keys here: "
+            f"{path}: unknown config key(s) {[at + str(k) for k in unknown]}; valid keys here: "
             f"{sorted(known)}"
         )
     for k, v in data.items():
