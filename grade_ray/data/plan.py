@@ -130,6 +130,13 @@ class DataPlan:
         fidx, ridx, ts, cached = _scan(
             path, files, report, on_error, rejects_path, read_batch, cache_dir, max_candidates
         )
+        if len(ts) < rounds // data_passes:
+            raise SchemaError(
+                f"{path}: {len(ts)} usable training requests cannot fill "
+                f"{rounds // data_passes} time windows (grpo.rounds={rounds} / "
+                f"grpo.data_passes={data_passes}; a round needs at least one request): lower "
+                "grpo.rounds or give more data"
+            )
         order = np.argsort(ts, kind="stable")
         windows = np.array_split(order, rounds // data_passes)
         plan_rounds = []

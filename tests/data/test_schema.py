@@ -229,3 +229,13 @@ def test_reject_mode_checks_every_row_when_another_row_has_a_bad_width(
     assert report.rows_rejected == 2, report.summary()
     assert sorted(pq.read_table(tmp_path / "r.parquet").column("source_row").to_pylist()) == [1, 4]
     assert all(np.isfinite(b.scores).all() and np.isfinite(b.labels).all() for b in got)
+
+
+def test_more_time_windows_than_requests_is_refused_before_training(tmp_path):
+    """Each round's window needs a request: 6 requests fill 6 windows (or 12 rounds over 2
+    passes), 7 windows are refused up front instead of an empty round crashing mid-run."""
+    path = write(tmp_path, to_table(make_batch(6), META))
+    plan = DataPlan.build(path, rounds=12, batch_size=4, data_passes=2)
+    assert [sum(len(t) for t in r) for r in plan.rounds] == [1] * 12
+    with pytest.raises(SchemaError, match="6 usable training requests cannot fill 7 time"):
+        DataPlan.build(path, rounds=7, batch_size=4)
