@@ -123,10 +123,15 @@ def _plain(d: dict[str, Any]) -> dict[str, Any]:
 def save_checkpoint(run_dir: str | Path, name: str, state: dict[str, Any]) -> Path:
     """Atomically write ``RUN_DIR/checkpoints/NAME.pt`` (tensors + plain values only): the
     bytes reach the disk before the file takes the name."""
-    d = Path(run_dir) / CHECKPOINT_DIR
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / f"{name}.pt"
-    tmp = path.with_suffix(".pt.tmp")
+    return save_atomic(Path(run_dir) / CHECKPOINT_DIR / f"{name}.pt", state)
+
+
+def save_atomic(path: str | Path, state: Any) -> Path:
+    """``torch.save`` to ``path`` so that a crash leaves the old file or the new one, never
+    part of one: written aside, fsynced, then renamed over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
     with tmp.open("wb") as f:
         torch.save(state, f)
         f.flush()

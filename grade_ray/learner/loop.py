@@ -44,6 +44,7 @@ from grade_ray.runlog import (
     Progress,
     load_checkpoint,
     read_metrics,
+    save_atomic,
     save_checkpoint,
 )
 from grade_ray.spec import RewardSpec, as_tensor
@@ -135,10 +136,7 @@ def save_policy(
         "config_hash": cfg.hash(),
         **(extra or {}),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path)
-    return path
+    return save_atomic(path, state)
 
 
 def load_policy(path: str | Path) -> tuple[FusionPolicy, SessionMeta, dict[str, Any]]:

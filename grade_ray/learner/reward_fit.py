@@ -36,7 +36,7 @@ from grade_ray.config import Config, ConfigError
 from grade_ray.data.reading import read_sessions
 from grade_ray.data.sessions import SessionBatch, SessionMeta
 from grade_ray.learner import format_fit
-from grade_ray.runlog import load_checkpoint
+from grade_ray.runlog import CheckpointError, load_checkpoint, save_atomic
 from grade_ray.spec import RewardFit, RewardSpec, as_tensor
 
 log = logging.getLogger(__name__)
@@ -240,8 +240,6 @@ def _format_from_state(f: dict | None) -> FittedDirichlet | None:
 
 def save_reward_fit(path: str | Path, fit: RewardFit, cfg: Config) -> None:
     """Write the fit with the reward config it was made for (safe to load)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "reward": cfg.to_dict()["reward"],
         "calibration": _cal_state(fit.calibration),
@@ -250,7 +248,7 @@ def save_reward_fit(path: str | Path, fit: RewardFit, cfg: Config) -> None:
         "format": _format_state(fit.format),
         "format_for": _format_for(cfg),
     }
-    torch.save(state, path)
+    save_atomic(path, state)
 
 
 def load_reward_fit(path: str | Path, cfg: Config) -> RewardFit:
@@ -274,6 +272,8 @@ def run_reward_fit(cfg: Config, train_path: str | Path, meta: SessionMeta) -> Re
             return load_reward_fit(path, cfg)
         except ConfigError:
             log.info("refitting %s: the reward config changed", path)
+        except CheckpointError as e:  # damaged: it is a cache of a deterministic fit
+            log.warning("refitting %s: %s", path, e)
     fit = fit_reward(cfg, train_path, meta)
     save_reward_fit(path, fit, cfg)
     return fit

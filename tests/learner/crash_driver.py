@@ -64,29 +64,44 @@ def half_a_metrics_line(n: int) -> None:
     MetricsLogger.log = cut
 
 
-def half_a_checkpoint(n: int) -> None:
-    """The n-th round checkpoint's temporary file is half written when the kill comes."""
+HALF_WRITTEN = {
+    # which torch.save is cut: a round checkpoint, Stage 1's pretrain.pt, the reward's fit
+    "checkpoint-half-written": lambda obj: "next_round" in obj,
+    "pretrain-half-written": lambda obj: "state_dict" in obj and "stage" not in obj,
+    "reward-fit-half-written": lambda obj: "post_scale" in obj,
+}
+
+
+def half_written(point: str, n: int) -> None:
+    """The n-th torch.save of the kind ``point`` names has written half its bytes (to the
+    file object or path it was given) when the kill comes."""
+    import io
+
     import torch
 
     import grade_ray.runlog as runlog
 
     seen = [0]
     save = torch.save
+    kind = HALF_WRITTEN[point]
 
     def partial(obj, f, *args, **kwargs):
-        # save_checkpoint passes its open temporary file; a round's state has next_round
-        hit = hasattr(f, "write") and isinstance(obj, dict) and "next_round" in obj
+        hit = isinstance(obj, dict) and kind(obj)
         seen[0] += hit
         if hit and seen[0] == n:
-            import io
-
             buf = io.BytesIO()
             save(obj, buf)
-            f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
-            f.flush()
+            half = buf.getvalue()[: len(buf.getvalue()) // 2]
+            if hasattr(f, "write"):
+                f.write(half)
+                f.flush()
+            else:
+                with open(f, "wb") as out:
+                    out.write(half)
             die()
         return save(obj, f, *args, **kwargs)
 
+    torch.save = partial
     runlog.torch.save = partial
 
 
@@ -103,8 +118,8 @@ def install(point: str, n: int) -> None:
         on_nth(DecodedCache, "add", n)
     elif point == "grpo-update":
         on_nth(GRPOLearner, "update", n)
-    elif point == "checkpoint-half-written":
-        half_a_checkpoint(n)
+    elif point in HALF_WRITTEN:
+        half_written(point, n)
     elif point == "after-checkpoint-before-log":
         on_nth(loop, "save_checkpoint", n, after=True)
     elif point == "metrics-line-half-written":

@@ -2,12 +2,13 @@
 uninterrupted run (issue 14, finding 4).
 
 Each case runs the CLI in a child process (``crash_driver.py``) that kills itself with
-SIGKILL at one point: in Stage 1, while writing the decoded cache, in a round's update,
-with a checkpoint half written, between a round's checkpoint and its metrics row, with a
-metrics row half written, between logging a round and the next one, and after the last
-round before the final policy is written. ``train --local --resume`` then finishes the run.
-After each: the metrics hold every Stage 1 epoch and Stage 2 round exactly once and equal
-the uninterrupted run's, every training request is counted once, and the final policy is
+SIGKILL at one point: in Stage 1, with Stage 1's result or the reward's fit half written,
+while writing the decoded cache, in a round's update, with a checkpoint half written,
+between a round's checkpoint and its metrics row, with a metrics row half written, between
+logging a round and the next one, and after the last round before the final policy is
+written. ``train --local --resume`` then finishes the run. After each: the metrics hold
+every Stage 1 epoch and Stage 2 round exactly once and equal the uninterrupted run's, every
+training request is counted once, and the final policy is
 bit-identical. A run directory that already holds a run is refused without ``--resume``;
 a truncated checkpoint falls back to the round before, or is named when none loads.
 """
@@ -53,6 +54,8 @@ POINTS = {
     "decoded cache, second shard": ("cache-write", 2),
     "round 1, in the update": ("grpo-update", 2),
     "round 1, checkpoint half written": ("checkpoint-half-written", 2),
+    "stage1 done, pretrain.pt half written": ("pretrain-half-written", 1),
+    "reward fit half written": ("reward-fit-half-written", 1),
     "round 2, after the checkpoint, before its metrics row": ("after-checkpoint-before-log", 3),
     "round 0, metrics row half written": ("metrics-line-half-written", 1),
     "round 2, after its metrics row": ("after-log", 3),
