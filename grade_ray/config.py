@@ -721,5 +721,77 @@ def load_config(
     return from_dict(Config, d)
 
 
+STAGE1_KEYS = (
+    "seed",
+    "simulator",
+    "data",
+    "policy",
+    "pretrain",
+    "reward.k",
+    "reward.post_gains",
+    "reward.propensity",
+    "reward.propensity_scale",
+    "reward.propensity_power",
+    "reward.propensity_min",
+)
+"""Config keys and sections (dotted prefixes) Stage 1's result depends on: its data, the
+policy, its own settings and the R_post gains LambdaLoss ranks by."""
+RESULT_FREE_KEYS = (
+    "run_dir",
+    "eval",
+    "data.eval_path",
+    "data.cache",
+    "data.cache_dir",
+    "simulator.num_eval_requests",
+    "learner.max_failures",
+    "learner.num_cpus_per_worker",
+    "learner.use_gpu",
+    "rollout.num_cpus_per_worker",
+    "rollout.resource",
+)
+"""Keys that do not change what training computes (where it runs, what it is evaluated
+on, how failures are retried): free to differ between a run's checkpoints and a resume."""
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _flat(d: dict[str, Any], at: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in _LEAF_DICTS:
+            out.update(_flat(v, f"{at}{k}."))
+        else:
+            out[f"{at}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def stage1_key(key: str) -> bool:
+    """Whether changing dotted ``key`` changes Stage 1's result."""
+    return _under(key, STAGE1_KEYS) and not _under(key, RESULT_FREE_KEYS)
+
+
+def stage1_settings(d: dict[str, Any]) -> dict[str, Any]:
+    """The flat ``key: value`` settings of a ``to_dict()`` config that Stage 1 depends on."""
+    return {k: v for k, v in _flat(d).items() if stage1_key(k)}
+
+
+def config_changes(
+    saved: dict[str, Any], now: dict[str, Any], within: tuple[str, ...] | None = None
+) -> list[str]:
+    """``'key: saved -> now'`` for each setting that differs between two ``to_dict()``
+    configs and changes what training computes (not :data:`RESULT_FREE_KEYS`), limited to
+    the keys under ``within`` when given (e.g. :data:`STAGE1_KEYS`)."""
+    a, b = _flat(saved), _flat(now)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if _under(key, RESULT_FREE_KEYS) or (within is not None and not _under(key, within)):
+            continue
+        if a.get(key) != b.get(key):
+            out.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    return out
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

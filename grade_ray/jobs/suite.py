@@ -35,7 +35,7 @@ import torch
 import yaml
 
 from grade_ray.algos.fusion import fuse_requests
-from grade_ray.config import Config, ConfigError, load_config, save_config
+from grade_ray.config import Config, ConfigError, load_config, save_config, stage1_settings
 from grade_ray.data.abtest import ab_test
 from grade_ray.jobs.headroom import (
     CONTEXT_ORACLE,
@@ -56,15 +56,6 @@ log = logging.getLogger(__name__)
 
 SUITE_KEYS = ("worlds", "set", "arms")
 ARM_KEYS = ("config", "set")
-STAGE1_REWARD_KEYS = (
-    "k",
-    "post_gains",
-    "propensity",
-    "propensity_scale",
-    "propensity_power",
-    "propensity_min",
-)
-"""Reward settings Stage 1 (LambdaLoss on R_post gains) depends on."""
 
 
 class SuiteError(ConfigError):
@@ -187,10 +178,7 @@ def arm_config(
 
 
 def _stage1_key(cfg: Config) -> str:
-    d = cfg.to_dict()
-    keep = {k: d[k] for k in ("seed", "pretrain", "policy", "simulator")}
-    keep["reward"] = {k: v for k, v in d["reward"].items() if k in STAGE1_REWARD_KEYS}
-    keep["data"] = {k: d["data"][k] for k in ("train_path", "on_error")}
+    keep = stage1_settings(cfg.to_dict())
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:10]
 
 

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from grade_ray import keys
-from grade_ray.config import Config, save_config
+from grade_ray.config import STAGE1_KEYS, Config, config_changes, save_config
 from grade_ray.data.plan import DataPlan
 from grade_ray.data.reading import iter_validated, read_meta
 from grade_ray.data.validation import ReadReport, read_scope, rejects_file
@@ -40,8 +40,10 @@ from grade_ray.learner.stage1 import epoch_checkpoints
 from grade_ray.rollout.backend import LocalRollout
 from grade_ray.runlog import (
     CHECKPOINT_DIR,
+    CheckpointError,
     MetricsLogger,
     RunDirError,
+    load_checkpoint,
     load_latest,
     read_metrics,
     round_checkpoints,
@@ -131,6 +133,49 @@ def claim_stage2(run_dir: Path, resume: bool, overwrite: bool) -> None:
     for name in ("summary.json", "rollout_actors.json"):
         (run_dir / name).unlink(missing_ok=True)
     _drop_stage_rows(run_dir, 2)
+
+
+def check_run_config(cfg: Config, resume: bool) -> None:
+    """Before a run starts from what its directory holds, and before anything there is
+    written: refuse with :class:`RunDirError`, naming the settings, when Stage 1's saved
+    result (which every ``train`` in the directory reuses) or, with ``resume``, the
+    checkpoint it continues from was made with settings that change what training computes
+    (:func:`~grade_ray.config.config_changes`; where it runs and evaluation may differ)."""
+    run_dir = Path(cfg.run_dir)
+    sp = run_dir / CHECKPOINT_DIR / f"{PRETRAIN_CKPT}.pt"
+    checks: list[tuple[list[Path], tuple[str, ...] | None, str]] = []
+    if sp.exists():
+        checks.append(([sp], STAGE1_KEYS, f"delete {sp} to train Stage 1 again"))
+    elif resume:
+        checks.append((epoch_checkpoints(run_dir), STAGE1_KEYS, "resume without --resume"))
+    if resume:
+        checks.append((round_checkpoints(run_dir), None, "start over without --resume"))
+    now = cfg.to_dict()
+    for paths, within, fix in checks:
+        saved = _newest_config(paths)
+        if saved is None:
+            continue
+        path, config = saved
+        changes = config_changes(config, now, within)
+        if changes:
+            more = f" and {len(changes) - 4} more" if len(changes) > 4 else ""
+            raise RunDirError(
+                f"{path} was made with other settings ({'; '.join(changes[:4])}{more}); set "
+                f"them back, use another --run-dir, or {fix}"
+            )
+
+
+def _newest_config(paths: list[Path]) -> tuple[Path, dict] | None:
+    """(path, saved config) of the newest of ``paths`` that loads; a damaged one is left
+    to the resume itself, which falls back past it or names it."""
+    for path in reversed(paths):
+        try:
+            config = load_checkpoint(path).get("config")
+        except CheckpointError:
+            continue
+        if isinstance(config, dict):
+            return path, config
+    return None
 
 
 def _claim_stage1(run_dir: Path, overwrite: bool) -> None:
@@ -264,6 +309,7 @@ def run_train_local(cfg: Config, resume: bool = False, *, overwrite: bool = True
     round checkpoint that loads; ``overwrite``: replace an earlier Stage 2 run in the run
     directory (else refuse)."""
     claim_stage2(Path(cfg.run_dir), resume, overwrite)
+    check_run_config(cfg, resume)
     with data_scope(cfg):
         return _train_local(cfg, resume)
 

@@ -305,9 +305,10 @@ def run_train_ray(
     round / Stage 1 epoch (fault-tolerance tests). ``resume`` / ``overwrite``: as
     :func:`grade_ray.jobs.train.run_train_local`.
     """
-    from grade_ray.jobs.train import claim_stage2, data_scope
+    from grade_ray.jobs.train import check_run_config, claim_stage2, data_scope
 
     claim_stage2(Path(cfg.run_dir), resume, overwrite)
+    check_run_config(cfg, resume)
     with data_scope(cfg):
         faults = {"fail_at_round": fail_at_round, "fail_at_epoch": fail_at_epoch}
         return _run(cfg, resume, address, faults, callbacks)
@@ -325,12 +326,14 @@ def run_pretrain_ray(
     :func:`run_train_ray` runs it; returns RUN_DIR/checkpoints/pretrain.pt. ``overwrite``:
     replace an earlier Stage 1 result (else refuse); ``resume``: continue after the newest
     epoch checkpoint; ``fail_at_epoch``: as :func:`run_train_ray`."""
-    from grade_ray.jobs.train import _claim_stage1, data_scope
+    from grade_ray.jobs.train import _claim_stage1, check_run_config, data_scope
     from grade_ray.learner.loop import PRETRAIN_CKPT
     from grade_ray.runlog import CHECKPOINT_DIR
 
     if not resume:
         _claim_stage1(Path(cfg.run_dir), overwrite)
+    else:
+        check_run_config(cfg, resume)
     with data_scope(cfg):
         faults = {"fail_at_epoch": fail_at_epoch, "stage1_only": True}
         _run(cfg, resume, address, faults, None)

@@ -167,3 +167,35 @@ def test_truncated_checkpoint_falls_back_or_is_named(reference, tmp_path, capsys
     assert main(argv(run, "--resume")) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("grade-ray: error: no round checkpoint of") and "round-0000.pt" in err
+
+
+def test_resume_and_stage1_reuse_refuse_other_settings(reference, smoke_data, tmp_path, capsys):
+    """A resume continues only what the checkpoints were made with: a changed setting that
+    changes training is named and refused before anything is written (where it runs and
+    evaluation may change); a saved Stage 1 result is reused only with its own Stage 1
+    settings, whatever Stage 2's."""
+    run = tmp_path / "copy"
+    shutil.copytree(reference, run, symlinks=True)
+    before = {p: (run / p).read_bytes() for p in ("config.yaml", "metrics.jsonl")}
+    assert main(argv(run, "--resume", "--set", "grpo.lr=0.05")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "round-0003.pt was made with other settings" in err[0], err
+    assert "grpo.lr: 0.001 -> 0.05" in err[0]
+    assert {p: (run / p).read_bytes() for p in before} == before
+    on_ray = [a for a in argv(run, "--resume", "--set", "grpo.lr=0.05") if a != "--local"]
+    assert main(on_ray) == 2  # the Ray path checks the same, before it starts anything
+    assert "grpo.lr: 0.001 -> 0.05" in capsys.readouterr().err
+    assert {p: (run / p).read_bytes() for p in before} == before
+    assert main(argv(run, "--resume", "--set", "eval.bootstrap=50")) == 0  # free to change
+
+    stage1_only = new_run(tmp_path / "s1", smoke_data)
+    (stage1_only / "checkpoints").mkdir()
+    sp = reference / "checkpoints" / "pretrain.pt"
+    shutil.copy(sp, stage1_only / "checkpoints" / sp.name)
+    assert main(argv(stage1_only, "--set", "pretrain.epochs=3")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pretrain.pt was made with other settings" in err[0], err
+    assert f"pretrain.epochs: {EPOCHS} -> 3" in err[0] and "to train Stage 1 again" in err[0]
+    assert not (stage1_only / "config.yaml").exists()
+    assert main(argv(stage1_only, "--set", "grpo.lr=0.002")) == 0  # Stage 2 settings: reused
+    assert not rows(stage1_only, 1)  # Stage 1 was not trained again

@@ -43,6 +43,7 @@ from grade_ray.config import (
     parse_override,
     read_yaml,
     set_dotted,
+    stage1_key,
     to_dict,
 )
 
@@ -56,16 +57,6 @@ MODEL_SEARCHERS = {  # name -> (package, module, class, name of its seed argumen
 HELD_OUT_METRICS = {"eval/north_star": "simulated", "eval/ndcg": "logged"}
 TRAINING_PREFIXES = ("rollout/", "learner/", "pretrain/", "perf/", "policy/", "segment/")
 # Keys that change what Stage 1 learns (or the data it learns from).
-STAGE1_PREFIXES = ("simulator.", "data.", "policy.", "pretrain.")
-STAGE1_KEYS = {
-    "seed",
-    "reward.k",
-    "reward.post_gains",
-    "reward.propensity",
-    "reward.propensity_scale",
-    "reward.propensity_power",
-    "reward.propensity_min",
-}
 RESOURCE_KEYS = (
     "rollout.num_workers",
     "rollout.num_cpus_per_worker",
@@ -116,7 +107,7 @@ class TuneSpec:
 
     def shares_stage1(self) -> bool:
         """Trials start from one Stage 1 policy (no swept key changes Stage 1)."""
-        return not any(k in STAGE1_KEYS or k.startswith(STAGE1_PREFIXES) for k in self.space)
+        return not any(stage1_key(k) for k in self.space)
 
     def fingerprint(self) -> dict[str, Any]:
         """What a resumed sweep must keep unchanged."""
