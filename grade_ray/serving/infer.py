@@ -164,6 +164,10 @@ def _output_paths(
     _outside(out, data, "--out")
     if rejects_path is not None:
         _outside(Path(rejects_path), data, "the rejects file")
+        if Path(rejects_path).resolve() == out.resolve():
+            raise RequestError(
+                f"the rejects file {rejects_path} is the --out file; give them different paths"
+            )
     out.parent.mkdir(parents=True, exist_ok=True)
     return out, rejects_path
 

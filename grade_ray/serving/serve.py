@@ -89,7 +89,22 @@ def parse_request(body: bytes) -> dict[str, Any]:
         raise RequestError('request has no "context" (batch, D) array')
     if "mask" in payload and "scores" not in payload:
         raise RequestError('"mask" needs "scores" (it marks their real candidates)')
+    for key in ("context", "scores"):  # numpy would read a true among numbers as 1.0
+        if key in payload and _holds_bool(payload[key]):
+            raise RequestError(f'"{key}" holds true/false; it takes numbers only')
     return payload
+
+
+def _holds_bool(value: Any) -> bool:
+    """Whether nested JSON lists hold a true or false anywhere."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, bool):
+            return True
+        if isinstance(v, list):
+            stack.extend(v)
+    return False
 
 
 def answer(service: FusionService, payload: dict[str, Any]) -> dict[str, Any]:

@@ -410,7 +410,10 @@ class FusionService:
             )
         if mask is None:
             return s, None
-        m = np.asarray(mask)
+        try:
+            m = np.asarray(mask)
+        except ValueError as e:  # ragged nested lists
+            raise RequestError(f"mask is not a rectangular array: {e}") from None
         if m.dtype != np.bool_:
             raise RequestError(
                 f"mask must be a bool array (True = real candidate), got dtype {m.dtype}"
@@ -418,6 +421,12 @@ class FusionService:
         m = m[None] if single and m.ndim == 1 else m
         if m.shape != s.shape[:2]:
             raise RequestError(f"mask has shape {m.shape}, scores need {s.shape[:2]}")
+        empty = ~m.any(axis=1) if m.shape[1] else np.zeros(len(m), bool)
+        if empty.any():
+            raise RequestError(
+                f"mask marks no real candidate in requests {_bad_rows(empty)}: there is "
+                "nothing to rank (send such requests without scores, or drop them)"
+            )
         return s, m
 
     def _check_values(self, s: np.ndarray, m: np.ndarray, first: int) -> np.ndarray:
@@ -490,6 +499,13 @@ class FusionService:
         w = as_real_float32(weights, "weights")
         if w.ndim != 2 or w.shape[1] != self.num_tasks:
             raise RequestError(f"weights must be (batch, {self.num_tasks}), got shape {w.shape}")
+        off = ~(np.isfinite(w).all(axis=1) & _on_simplex(w))
+        if off.any():
+            raise RequestError(
+                f"weights rows {_bad_rows(off)} are not on the simplex (finite, >= 0, "
+                "summing to 1), e.g. "
+                f"{np.round(w[np.flatnonzero(off)[0]], 4).tolist()}; pass FusionService.weights"
+            )
         s, m = self._check_shapes(scores, mask, len(w))
         b, n = s.shape[:2]
         out = np.empty((b, n), dtype=np.float32)

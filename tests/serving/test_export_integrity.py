@@ -220,6 +220,9 @@ def test_infer_never_writes_over_its_input_file(exported, smoke_data, tmp_path):
         with pytest.raises(RequestError, match="is the input data file"):
             run_infer(exported, data, out, **extra)
     assert data.read_bytes() == before
+    out = data.parent / "o.parquet"  # the rejects file over the output would replace it
+    with pytest.raises(RequestError, match="is the --out file"):
+        run_infer(exported, data, out, on_error="reject", rejects_path=out)
     # beside the input file is fine: a file input never reads its directory
     res = run_infer(exported, data, data.parent / "scored.parquet")
     assert res["rows_written"] == 300

@@ -56,7 +56,7 @@ def _bad_requests(service):
             fn()
         return " ".join(str(e.value).split())
 
-    for ctx in ([[0.0] * (d - 1)], [0.0] * d, [[float("nan")] * d], [["a"] * d], [[True] * d]):
+    for ctx in ([[0.0] * (d - 1)], [0.0] * d, [[float("nan")] * d], [["a"] * d]):
         body = json.dumps({"context": ctx}).encode()
         cases.append((body, expect(lambda c=ctx: service.weights(c))))
     s_bad = s.copy()
@@ -67,12 +67,20 @@ def _bad_requests(service):
     mask_int = np.ones(s.shape[:2], int).tolist()
     body = json.dumps({"context": x.tolist(), "scores": s.tolist(), "mask": mask_int}).encode()
     cases.append((body, expect(lambda: service.fused_scores(x, s, np.array(mask_int)))))
+    ragged = [[True] * s.shape[1]] * (len(s) - 1) + [[True]]
+    empty = np.ones(s.shape[:2], bool)
+    empty[2] = False  # a request with no real candidate
+    for mask in (ragged, empty.tolist()):
+        body = json.dumps({"context": x.tolist(), "scores": s.tolist(), "mask": mask}).encode()
+        cases.append((body, expect(lambda m=mask: service.fused_scores(x, s, m))))
     for body in (
         b"{not json",
         b"[1, 2]",
         b'{"ctx": [[0]]}',
         b"{}",
         b'{"context": [[0]], "mask": []}',
+        json.dumps({"context": [[True] + [0.5] * (d - 1)]}).encode(),  # read as 1.0 by numpy
+        json.dumps({"context": x.tolist(), "scores": [[[0.5] * (k - 1) + [False]]]}).encode(),
     ):
         cases.append((body, expect(lambda b=body: parse_request(b))))
     return cases

@@ -70,6 +70,20 @@ def test_bad_requests_are_refused(exported):
     assert service.fusion == "log_product"
     with pytest.raises(RequestError, match=r"negative scores in requests \[1\]"):
         service.fused_scores(np.zeros((2, service.context_dim), np.float32), s)
+    s[1, 2, 0] = 0.5
+    w = np.full((2, service.num_tasks), 1 / service.num_tasks, np.float32)
+    for bad in (np.nan, 5.0):  # fuse() takes weights from the caller: checked like the model's
+        w_bad = w.copy()
+        w_bad[1, 0] = bad
+        with pytest.raises(RequestError, match=r"weights rows \[1\] are not on the simplex"):
+            service.fuse(w_bad, s)
+    mask = np.ones((2, 4), bool)
+    mask[1] = False
+    with pytest.raises(RequestError, match=r"mask marks no real candidate in requests \[1\]"):
+        service.fuse(w, s, mask)
+    with pytest.raises(RequestError, match="mask is not a rectangular array"):
+        service.fuse(w, s, [[True, True, True, True], [True]])
+    assert service.fuse(w, s[:, :0], np.zeros((2, 0), bool)).shape == (2, 0)  # no candidates
 
 
 def test_infer_writes_every_request_with_its_ranking(exported, smoke_data, tmp_path):
