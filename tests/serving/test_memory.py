@@ -157,6 +157,9 @@ def test_weights_of_a_million_requests_in_bounded_memory(inputs):
         "from grade_ray.serving.service import FusionService\n"
         f"svc = FusionService.load({str(inputs['export'])!r})\n"
         "x = np.random.default_rng(0).standard_normal((1_000_000, svc.context_dim), np.float32)\n"
+        # a warm-up of a few chunks first: TorchScript's profiling runs and the allocator's
+        # first arenas are a one-off (they made the peak vary 83-166 MB run to run)
+        "svc.weights(x[:50_000])\n"
         "before = peak_mb()\n"
         "w = svc.weights(x)\n"
         "ok = bool(np.allclose(w.sum(1), 1, atol=1e-4))\n"
