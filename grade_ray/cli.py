@@ -42,6 +42,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             cfg.eval.static_grid_step,
             n_requests=cfg.eval.search_requests,
             seed=cfg.eval.ab_seed,
+            eps=cfg.policy.fusion_eps,
         )
         print(json.dumps(h, indent=2, default=float))
     return 0

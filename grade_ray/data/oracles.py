@@ -96,8 +96,10 @@ def grid_north_star(
     fusion: str,
     weights: np.ndarray,
     chunk: int = 128,
+    eps: float = 1e-6,
 ) -> np.ndarray:
-    """(B, P) expected north-star of each request under each weight vector (P, K).
+    """(B, P) expected north-star of each request under each weight vector (P, K), fused
+    with ``eps`` (``policy.fusion_eps``: the fusion the arms are measured under).
 
     Vectorised over requests x grid points (fusion by :func:`fuse`, then one
     SIMD argsort per chunk). Exact ties between real candidates (probability
@@ -109,7 +111,7 @@ def grid_north_star(
     out = []
     for s in range(0, len(batch), chunk):
         sc = torch.from_numpy(batch.scores[s : s + chunk])
-        fused = fuse(fusion, sc, w.expand(sc.shape[0], *w.shape)).numpy()  # (b, P, N)
+        fused = fuse(fusion, sc, w.expand(sc.shape[0], *w.shape), eps).numpy()  # (b, P, N)
         key = np.where(batch.mask[s : s + chunk, None, :], -fused, np.inf)
         order = torch.from_numpy(np.argsort(key, axis=-1))
         v = torch.gather(value[s : s + chunk, None, :].expand(order.shape), -1, order)
@@ -118,12 +120,17 @@ def grid_north_star(
 
 
 def truth_table(
-    sim: MarketplaceSimulator, fusion: str, grid_step: float, n_requests: int, seed: int
+    sim: MarketplaceSimulator,
+    fusion: str,
+    grid_step: float,
+    n_requests: int,
+    seed: int,
+    eps: float = 1e-6,
 ) -> ValueTable:
     """True expected north-star of every grid point on ``n_requests`` fresh requests."""
     grid = simplex_grid(len(TASK_NAMES), grid_step)
     batch, truth = sim.fresh_requests(n_requests, seed)
-    ns = grid_north_star(sim, batch, truth, fusion, grid)
+    ns = grid_north_star(sim, batch, truth, fusion, grid, eps=eps)
     return ValueTable.from_requests(grid, ns, truth.segment, len(sim.segment_names))
 
 
@@ -133,6 +140,7 @@ def headroom(
     grid_step: float = 0.1,
     n_requests: int = 5_000,
     seed: int = 0,
+    eps: float = 1e-6,
 ) -> dict:
     """Best static vs the attainable (context-posterior) and segment oracles, searched on
     fresh requests (``seed``) and measured on other fresh requests (``seed + 1``).
@@ -141,7 +149,7 @@ def headroom(
     relative gains over static, the weights, and (upper bound) the north-star of
     sorting each request by its true item value.
     """
-    table = truth_table(sim, fusion, grid_step, n_requests, seed)
+    table = truth_table(sim, fusion, grid_step, n_requests, seed, eps)
     static, oracle = table.static_best(), table.segment_best()
     batch, truth = sim.fresh_requests(n_requests, seed + 1)
     w_log = np.asarray(sim.cfg.logging_weights) / sum(sim.cfg.logging_weights)
@@ -149,7 +157,7 @@ def headroom(
 
     def ns(w: np.ndarray) -> float:
         w = np.ascontiguousarray(w, dtype=np.float32)
-        fused = fuse(fusion, sc, torch.from_numpy(w)).numpy()
+        fused = fuse(fusion, sc, torch.from_numpy(w), eps).numpy()
         return float(sim.expected_outcomes(batch, truth, fused)["north_star"].mean())
 
     value = truth.item_value(sim.cfg.north_star)

@@ -148,14 +148,17 @@ def offline_metrics(
     bootstrap: int,
     seed: int,
 ) -> dict[str, float]:
-    """NDCG@k per label, composite reward (with CI) and GAUC per label for one arm."""
+    """NDCG@k per label (over the requests with a positive of that label, as the replay's
+    ``ndcg/<label>``), composite reward (with CI) and GAUC per label for one arm."""
     scores, mask = as_tensor(batch.scores), as_tensor(batch.mask)
     fused = fuse_requests(fusion, scores, torch.from_numpy(np.ascontiguousarray(weights)), eps)
     labels = as_tensor(batch.labels)
     out: dict[str, float] = {}
     for j, name in enumerate(meta.label_names):
         gains = labels[..., j].clamp_min(0)
-        out[f"ndcg@{spec.k}/{name}"] = float(ndcg_at_k(fused, gains, mask, spec.k).mean())
+        has_pos = ((gains > 0) & mask).any(-1)
+        ndcg = ndcg_at_k(fused, gains, mask, spec.k)[has_pos]
+        out[f"ndcg@{spec.k}/{name}"] = float(ndcg.mean()) if len(ndcg) else float("nan")
         out[f"gauc/{name}"] = float(gauc(fused.numpy(), (labels[..., j] > 0).numpy(), batch.mask))
     post = ndcg_at_k(fused, spec.post_gain(labels, as_tensor(batch.position)), mask, spec.k).numpy()
     prior = ndcg_at_k(
@@ -241,6 +244,10 @@ def run_evaluate(
         raise FileNotFoundError("no held-out data: set data.eval_path or pass --data")
     search = static_search(cfg.replace(run_dir=str(run_dir)), train_path) if baselines else None
     arms, statics = default_arms(cfg, run_dir, train_path, baselines, search)
+    # the arm the diagnosis is about: the run's own policy (extra arms, e.g. ablations, come
+    # after it), else the first extra arm
+    own = [a for a in arms if a not in ("uniform", "best_static", "SP")]
+    policy = own[-1] if own else next(iter(extra_arms or {}), "")
     arms.update({name: policy_arm(path) for name, path in (extra_arms or {}).items()})
     if not arms:
         raise FileNotFoundError(f"nothing to evaluate: no {POLICY_FILE} in {run_dir}")
@@ -256,7 +263,6 @@ def run_evaluate(
     if baselines:
         logs = logs_headroom(cfg, spec, train_path, batch, weights)
         replay = _replay(cfg, sim, search, batch, meta, spec, arms, weights, statics)
-    policy = next((a for a in reversed(arms) if a not in ("uniform", "best_static", "SP")), "")
     warnings = diagnose(oracles, weights, policy) + (
         [] if logs is None else diagnose_logs(logs, policy)
     )

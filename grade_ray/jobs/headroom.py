@@ -85,7 +85,14 @@ def world_truth_table(cfg: Config, sim: MarketplaceSimulator) -> ValueTable:
     """The truth table of ``cfg``'s world, searched on its own fresh requests (seed
     ``eval.ab_seed + 7``, never the A/B test's)."""
     e = cfg.eval
-    return truth_table(sim, cfg.policy.fusion, e.static_grid_step, e.search_requests, e.ab_seed + 7)
+    return truth_table(
+        sim,
+        cfg.policy.fusion,
+        e.static_grid_step,
+        e.search_requests,
+        e.ab_seed + 7,
+        cfg.policy.fusion_eps,
+    )
 
 
 def oracle_arms(cfg: Config, sim: MarketplaceSimulator, train_path: str) -> dict:

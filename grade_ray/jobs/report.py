@@ -146,7 +146,12 @@ def _oracle_weights(run_dir: Path) -> dict[str, list[float]] | None:
     sim = MarketplaceSimulator(cfg.simulator)
     e = cfg.eval
     w = truth_table(
-        sim, cfg.policy.fusion, e.static_grid_step, e.search_requests, e.ab_seed + 7
+        sim,
+        cfg.policy.fusion,
+        e.static_grid_step,
+        e.search_requests,
+        e.ab_seed + 7,
+        cfg.policy.fusion_eps,
     ).segment_best()
     return {s: w[i].tolist() for i, s in enumerate(sim.segment_names)}
 

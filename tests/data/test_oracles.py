@@ -34,9 +34,9 @@ def fresh(sim):
     return sim.fresh_requests(3_000, seed=11)
 
 
-def _fused(batch, w) -> np.ndarray:
+def _fused(batch, w, eps: float = 1e-6) -> np.ndarray:
     weights = torch.from_numpy(np.tile(np.asarray(w, np.float32), (len(batch), 1)))
-    return fuse("log_product", torch.from_numpy(batch.scores), weights).numpy()
+    return fuse("log_product", torch.from_numpy(batch.scores), weights, eps).numpy()
 
 
 # ---------------------------------------------------------------------------
@@ -81,12 +81,14 @@ def test_simplex_grid():
         simplex_grid(4, 0.3)
 
 
-def test_grid_north_star_matches_expected_outcomes(sim):
+@pytest.mark.parametrize("eps", [1e-6, 0.05])
+def test_grid_north_star_matches_expected_outcomes(sim, eps):
+    """The oracle search ranks under the same fusion (eps included) as the arms it bounds."""
     batch, truth = sim.fresh_requests(40, seed=8)
     grid = simplex_grid(4, 0.5)
-    ns = grid_north_star(sim, batch, truth, "log_product", grid, chunk=16)
-    for p in (0, 3, len(grid) - 1):
-        ref = sim.expected_outcomes(batch, truth, _fused(batch, grid[p]))["north_star"]
+    ns = grid_north_star(sim, batch, truth, "log_product", grid, chunk=16, eps=eps)
+    for p in (0, 3, 7, len(grid) - 1):
+        ref = sim.expected_outcomes(batch, truth, _fused(batch, grid[p], eps))["north_star"]
         np.testing.assert_allclose(ns[:, p], ref, rtol=1e-4)
 
 

@@ -149,12 +149,16 @@ def test_resume_at_round_boundary_runs_the_rest(local_run, tmp_path):
 def evaluated(local_run):
     from grade_ray.jobs.evaluate import run_evaluate
 
-    return run_evaluate(local_run, local_run.run_dir)
+    # an extra arm after the run's own (as compare's ablations are): the Stage 1 policy again
+    sp = Path(local_run.run_dir) / "checkpoints" / "pretrain.pt"
+    return run_evaluate(local_run, local_run.run_dir, extra_arms={"SP-again": str(sp)})
 
 
 def test_evaluate_all_arms(local_run, evaluated):
     res = evaluated
-    assert set(res.offline) == {"uniform", "best_static", "SP", "GRADE"}
+    assert set(res.offline) == {"uniform", "best_static", "SP", "GRADE", "SP-again"}
+    # the diagnosis is about the run's own policy, not the last arm evaluated
+    assert not any("SP-again" in w for w in res.warnings), res.warnings
     arms = {r["arm"] for r in res.online}
     assert {"GRADE", "SP", "best_static", "static_truth", "oracle"} <= arms
     ns = {r["arm"]: r["value"] for r in res.online if r["metric"] == "north_star"}
@@ -206,6 +210,13 @@ def test_evaluate_scores_the_runs_policy(local_run, smoke_data, evaluated):
     )
     got = evaluated.offline["GRADE"]
     assert got["r_post"] == pytest.approx(float(post.mean()), rel=1e-5)
+    for j, name in enumerate(meta.label_names):  # per label: over requests with a positive
+        g = torch.from_numpy(np.maximum(batch.labels[..., j], 0))
+        pos = (g > 0).numpy().any(-1)
+        per = ndcg_at_k(fused, g, torch.from_numpy(batch.mask), r.k).numpy()[pos]
+        assert got[f"ndcg@{r.k}/{name}"] == pytest.approx(float(per.mean()), rel=1e-5), name
+        replay = evaluated.replay["arms"]["GRADE"]["metrics"][f"ndcg/{name}"]["value"]
+        assert replay == pytest.approx(got[f"ndcg@{r.k}/{name}"], rel=1e-4), name
     assert got["r_post"] != pytest.approx(evaluated.offline["uniform"]["r_post"], rel=1e-6)
 
     sim = simulator_for(cfg)
