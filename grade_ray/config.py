@@ -757,11 +757,13 @@ def _under(key: str, prefixes: tuple[str, ...]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
-def _flat(d: dict[str, Any], at: str = "") -> dict[str, Any]:
+def flat_settings(d: dict[str, Any], at: str = "") -> dict[str, Any]:
+    """A ``to_dict()`` config as ``{dotted setting: value}`` (dict-valued settings such as
+    ``reward.post_gains`` are one setting; tuples become lists)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict) and k not in _LEAF_DICTS:
-            out.update(_flat(v, f"{at}{k}."))
+            out.update(flat_settings(v, f"{at}{k}."))
         else:
             out[f"{at}{k}"] = list(v) if isinstance(v, tuple) else v
     return out
@@ -774,7 +776,7 @@ def stage1_key(key: str) -> bool:
 
 def stage1_settings(d: dict[str, Any]) -> dict[str, Any]:
     """The flat ``key: value`` settings of a ``to_dict()`` config that Stage 1 depends on."""
-    return {k: v for k, v in _flat(d).items() if stage1_key(k)}
+    return {k: v for k, v in flat_settings(d).items() if stage1_key(k)}
 
 
 def config_changes(
@@ -783,7 +785,7 @@ def config_changes(
     """``'key: saved -> now'`` for each setting that differs between two ``to_dict()``
     configs and changes what training computes (not :data:`RESULT_FREE_KEYS`), limited to
     the keys under ``within`` when given (e.g. :data:`STAGE1_KEYS`)."""
-    a, b = _flat(saved), _flat(now)
+    a, b = flat_settings(saved), flat_settings(now)
     out = []
     for key in sorted(set(a) | set(b)):
         if _under(key, RESULT_FREE_KEYS) or (within is not None and not _under(key, within)):

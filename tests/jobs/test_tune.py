@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -77,6 +78,34 @@ def test_spec_defaults_and_layout(tmp_path):
         ({**GRID, "cpus_per_trial": 0}, "must be > 0"),
         ({**GRID, "num_samples": 0}, "num_samples=0 must be >= 1"),
         ({**GRID, "samples": 2}, "unknown tune key"),
+        ({**GRID, "num_samples": float("inf")}, "num_samples must be a int"),
+        ({**GRID, "cpus_per_trial": float("nan")}, "cpus_per_trial must be a finite number"),
+        ({"space": {1: {"grid": [4]}}}, "a dotted config name"),
+        # every value a trial may get is checked, not only the range ends
+        (
+            {"space": {"exploration.group_size": {"uniform": [4, 8]}}, "search": "random"},
+            "group_size must be an integer",
+        ),
+        (
+            {
+                "space": {"grpo.rounds": {"randint": [2, 4]}, "grpo.data_passes": {"choice": [2]}},
+                "search": "random",
+            },
+            "rounds=3 must be a multiple of grpo.data_passes=2",
+        ),
+        (
+            {
+                "space": {
+                    "simulator.num_candidates": {"choice": [20, 30]},
+                    "simulator.min_candidates": {"randint": [10, 30]},
+                },
+                "search": "random",
+            },
+            "combination",
+        ),
+        # a whole section would slip past the shared-data and shared-Stage-1 rules
+        ({"space": {"simulator": {"grid": [{"seed": 0}, {"seed": 1}]}}}, "is a config section"),
+        ({"space": {"reward": {"grid": [{"k": 5}]}}}, "is a config section"),
     ],
 )
 def test_tune_spec_errors_are_clear(tmp_path, tune, match):
@@ -181,6 +210,11 @@ def test_sweep_runs_writes_results_and_resumes(ray_session, tmp_path):
 
     with pytest.raises(TuneError, match="pass --resume"):
         run_tune(spec)
+    for changed in ({"mode": "min"}, {"num_samples": 3}, {"max_concurrent_trials": 2}):
+        # Tune restores its own copy of these: a changed one is refused, naming it
+        (key,) = changed
+        with pytest.raises(TuneError, match=f"{key}: .* -> "):
+            run_tune(dataclasses.replace(spec, **changed), resume=True)
     res2 = run_tune(spec, resume=True)
     assert sorted(t["trial_id"] for t in res2.trials) == sorted(by_id)  # no new trials
     assert all(t["status"] == "completed" for t in res2.trials), res2.trials

@@ -38,6 +38,7 @@ import yaml
 from grade_ray.config import (
     Config,
     ConfigError,
+    flat_settings,
     from_dict,
     merge_dicts,
     parse_override,
@@ -110,19 +111,47 @@ class TuneSpec:
         return not any(stage1_key(k) for k in self.space)
 
     def fingerprint(self) -> dict[str, Any]:
-        """What a resumed sweep must keep unchanged."""
-        return {"space": self.space, "search": self.search, "config_hash": self.cfg.hash()}
+        """What a resumed sweep must keep unchanged: the space, the base config and every
+        tune setting (Tune restores its own copy of mode, samples, scheduler and
+        concurrency, so a changed one would be ignored by Tune but not by the results)."""
+        return {
+            "space": self.space,
+            "config_hash": self.cfg.hash(),
+            **{f: getattr(self, f) for f in sorted(_TUNE_FIELDS - {"space", "storage_path"})},
+        }
 
 
 _TUNE_FIELDS = {f.name for f in dataclasses.fields(TuneSpec)} - {"cfg"}
 
 
 def _extremes(dist: dict[str, list] | None, default: Any) -> list[Any]:
-    """Values to check a distribution with: every discrete value, or both range ends."""
+    """Every discrete value of a distribution, or both range ends."""
     if not dist:
         return [default]
     (kind, values), *_ = dist.items()
     return list(values)
+
+
+RANDINT_ALL = 64
+"""A randint range of up to this many integers is checked value by value."""
+
+
+def _check_values(dist: dict[str, list]) -> list[Any]:
+    """Values a trial may get, to check a distribution with: every discrete value, every
+    integer of a small randint range (else its ends and middle), a continuous range's ends
+    and three points inside (an integer key swept with uniform fails there)."""
+    (kind, values), *_ = dist.items()
+    if kind in ("grid", "choice"):
+        return list(values)
+    lo, hi = values
+    if kind == "randint":
+        lo, hi = int(lo), int(hi)
+        if hi - lo + 1 <= RANDINT_ALL:
+            return list(range(lo, hi + 1))
+        return sorted({lo, (lo + hi) // 2, hi})
+    if kind == "loguniform":
+        return [float(lo * (hi / lo) ** q) for q in (0.0, 0.29, 0.5, 0.71, 1.0)]
+    return [float(lo + (hi - lo) * q) for q in (0.0, 0.29, 0.5, 0.71, 1.0)]
 
 
 def _parse_space(raw: Any) -> dict[str, dict[str, list]]:
@@ -134,6 +163,8 @@ def _parse_space(raw: Any) -> dict[str, dict[str, list]]:
     space = {}
     for key, dist in raw.items():
         where = f"tune.space[{key!r}]"
+        if not isinstance(key, str):
+            raise TuneError(f"{where}: a swept key is a dotted config name such as 'grpo.lr'")
         if key == "run_dir" or key.startswith("run_dir"):
             raise TuneError(f"{where}: run_dir cannot be swept (each trial gets its own)")
         if not isinstance(dist, dict) or len(dist) != 1:
@@ -162,20 +193,31 @@ def _parse_space(raw: Any) -> dict[str, dict[str, list]]:
     return space
 
 
+COMBINATIONS_CHECKED = 4096
+"""Up to this many combinations of the keys' check values are each built as a Config."""
+
+
 def _check_space(cfg: Config, space: dict[str, dict[str, list]]) -> None:
-    """Every key exists and every value (range end) builds a valid Config."""
+    """Every key is a setting (not a whole section) and every value a trial may get builds
+    a valid Config, alone and (up to :data:`COMBINATIONS_CHECKED`) with the other keys'."""
+    leaves = set(flat_settings(to_dict(cfg)))
+    values = {}
     for key, dist in space.items():
-        for value in _extremes(dist, None):
+        inside = sorted(k for k in leaves if k.startswith(key + "."))
+        if key not in leaves and inside:  # unknown keys get the config's own message below
+            raise TuneError(
+                f"tune.space[{key!r}] is a config section, not a setting: sweep its keys, "
+                f"e.g. {inside[:4]}"
+            )
+        values[key] = _check_values(dist)
+        for value in values[key]:
             try:
                 cfg.replace(**{key: value})
             except ConfigError as e:
                 raise TuneError(f"tune.space[{key!r}] value {value!r}: {e}") from e
-    discrete = {
-        k: v for k, d in space.items() for kind, v in d.items() if kind in ("grid", "choice")
-    }
-    if discrete and math.prod(len(v) for v in discrete.values()) <= 512:
-        for combo in itertools.product(*discrete.values()):
-            over = dict(zip(discrete, combo))
+    if len(values) > 1 and math.prod(len(v) for v in values.values()) <= COMBINATIONS_CHECKED:
+        for combo in itertools.product(*values.values()):
+            over = dict(zip(values, combo))
             try:
                 cfg.replace(**over)
             except ConfigError as e:
@@ -335,8 +377,10 @@ def _number(section: dict[str, Any], name: str, default: Any, kind: type, low: f
         value = kind(value)
         if kind is int and float(section.get(name, default)) != value:
             raise ValueError
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise TuneError(f"tune.{name} must be a {kind.__name__}, got {value!r}") from None
+    if not math.isfinite(value):
+        raise TuneError(f"tune.{name} must be a finite number, got {value!r}")
     if value < low:
         raise TuneError(f"tune.{name}={value} must be >= {low}")
     return value

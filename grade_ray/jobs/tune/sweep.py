@@ -75,11 +75,14 @@ def _check_start(spec: TuneSpec, resume: bool) -> None:
     spec_file = sweep_dir / SPEC_FILE
     if resume and spec_file.exists():
         saved = json.loads(spec_file.read_text())
-        now = json.loads(json.dumps(spec.fingerprint()))
-        if saved != now:
+        now = json.loads(json.dumps(spec.fingerprint(), default=str))
+        # a sweep started by an older grade_ray saved fewer keys: those it has must hold
+        changed = [k for k in now if k in saved and saved[k] != now[k]]
+        if changed:
+            what = "; ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
             raise TuneError(
-                f"--resume: the tune config changed since {sweep_dir} started (space, search or "
-                f"base config); saved: {saved}, now: {now}"
+                f"--resume: the tune config changed since {sweep_dir} started ({what}); Tune "
+                "would keep the old settings: set them back, or start a new sweep (tune.name)"
             )
 
 
