@@ -162,6 +162,24 @@ def _synthetic_log(n_days: int = 4, n_users: int = 6, seed: int = 0) -> list[dic
 # grouping and labels
 
 
+def test_a_row_logged_twice_is_dropped_and_counted(tmp_path, tables):
+    """An impression logged twice (every column equal) is one impression: a one-impression
+    user-day must not become a two-item request of the same video. Rows that only share
+    user, video and time are kept and counted."""
+    rows = [
+        _log_row(1, 2, D1, T0 + 1_000, is_click=1),
+        _log_row(1, 2, D1, T0 + 1_000, is_click=1),  # the same row again
+        _log_row(2, 6, D1, T0 + 500),
+        _log_row(2, 6, D1, T0 + 500, is_click=1),  # same key, another label: kept
+    ]
+    imp, report, rejected = _load(_write(tmp_path / "log.csv", rows), tables)
+    assert (report["rows_read"], report["rows_valid"], report["rows_rejected"]) == (4, 3, 0)
+    assert report["rows_duplicate_dropped"] == 1 and report["duplicate_impressions"] == 1
+    assert rejected is None and imp.src.tolist() == [0, 2, 3]  # the first copy is kept
+    req = group_requests(imp, "user_day")
+    assert sorted(req.lengths.tolist()) == [1, 2]  # user 1's day: one impression
+
+
 def test_user_day_grouping_orders_by_time_and_maps_labels(tmp_path, tables):
     rows = [
         _log_row(1, 3, D1, T0 + 3_000, play_time_ms=3000, duration_ms=2000),  # wr 1.5
@@ -288,9 +306,23 @@ def test_convert_writes_valid_sessions_after_the_training_boundary(converted):
     assert all(p == list(range(len(p))) for p in pos)
     rows = report["rows"]
     assert rows["rows_rejected"] == 1 and (out / "rejects.parquet").exists()
-    parts = ("rows_rejected", "rows_upstream_train", "rows_in_sessions", "rows_in_short_lists")
+    parts = (
+        "rows_rejected",
+        "rows_duplicate_dropped",
+        "rows_upstream_train",
+        "rows_in_sessions",
+        "rows_in_short_lists",
+    )
     assert sum(rows[k] for k in parts) == rows["rows_read"]
     assert "CC BY-SA 4.0" in (out / "README.md").read_text()
+    # every derived file carries the notice: the rejects (raw rows) and the upstream bundle
+    # (KuaiRand's id vocabularies) too
+    notice = pq.read_schema(out / "rejects.parquet").metadata[b"licence_notice"].decode()
+    assert "CC BY-SA 4.0" in notice
+    assert (
+        "CC BY-SA 4.0"
+        in json.loads((out / "upstream" / "upstream.json").read_text())["licence_notice"]
+    )
     saved = json.loads((out / "upstream_report.json").read_text())
     assert set(saved["upstream"]["auc_scored_days"]) == {"click", "long_view", "like"}
 
@@ -397,3 +429,25 @@ def test_real_kuairand_end_to_end(tmp_path):
         batch, meta, _ = read_sessions(tmp_path / split)
         assert len(batch) == report["splits"][split]["requests"] > 1000
     assert read_meta(tmp_path / "eval").source["dates"] == [20220430]
+
+
+def test_a_malformed_log_is_one_line_naming_file_and_line(tmp_path, tables, capsys):
+    """`grade-ray data kuairand` on a log with a non-number or a short line: one error line
+    naming the file and the line (the header is line 1), exit 2, no traceback."""
+    from grade_ray.cli import main
+
+    rows = [_log_row(1, 2, D1, T0 + i * 1000) for i in range(4)]
+    for case, edit, want in (
+        ("text", lambda s: s.replace(",0,", ",abc,", 1), ("line 2, column", "is not a number")),
+        ("short", lambda s: s + "1,2\n", ("line 6 has 2 fields",)),
+    ):
+        d = tmp_path / case
+        d.mkdir()
+        for src in tables:
+            (d / src.name).write_bytes(src.read_bytes())
+        log = _write(d / "log_random.csv", rows)
+        log.write_text(edit(log.read_text()))
+        rc = main(["data", "kuairand", "--data-dir", str(d), "--out", str(tmp_path / f"o-{case}")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1, err
+        assert str(log) in err[0] and all(w in err[0] for w in want), err

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from grade_ray.datasets.kuairand.dataset import LABEL_NAMES, KuaiRandOptions
+from grade_ray.datasets.kuairand.dataset import LABEL_NAMES, KuaiRandError, KuaiRandOptions
 from grade_ray.datasets.kuairand.raw import (
     Impressions,
     LogRows,
@@ -89,9 +89,9 @@ def _split_dates(date: np.ndarray, upstream_train_days: int, eval_days: int) -> 
     """Distinct dates -> (first upstream_train_days dates, the rest)."""
     dates = sorted(int(d) for d in np.unique(date))
     if upstream_train_days < 1 or eval_days < 1:
-        raise ValueError("upstream_train_days and eval_days must be >= 1")
+        raise KuaiRandError("upstream_train_days and eval_days must be >= 1")
     if upstream_train_days + eval_days >= len(dates):
-        raise ValueError(
+        raise KuaiRandError(
             f"the log has {len(dates)} dates {dates}: upstream_train_days={upstream_train_days} "
             f"+ eval_days={eval_days} must leave at least one date for the train split"
         )

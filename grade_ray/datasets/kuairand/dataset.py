@@ -19,6 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 
+from grade_ray.config import UserError
+
+
+class KuaiRandError(UserError, ValueError):
+    """KuaiRand input the user can fix (a file, a column, a row, an option or the date
+    split); the CLI prints its message on one line."""
+
+
 LICENCE_NOTICE = (
     "Derived from KuaiRand-Pure (Gao et al., 'KuaiRand: An Unbiased Sequential "
     "Recommendation Dataset with Randomly Exposed Videos', CIKM 2022, https://kuairand.com), "
@@ -86,10 +94,12 @@ class KuaiRandOptions:
 
     def __post_init__(self) -> None:
         if self.group_by not in GROUP_BY:
-            raise ValueError(f"group_by={self.group_by!r}: use one of {list(GROUP_BY)}")
+            raise KuaiRandError(f"group_by={self.group_by!r}: use one of {list(GROUP_BY)}")
         if self.session_gap_s <= 0:
-            raise ValueError(f"session_gap_s must be > 0, got {self.session_gap_s}")
+            raise KuaiRandError(f"session_gap_s must be > 0, got {self.session_gap_s}")
         if self.min_list_len < 1:
-            raise ValueError(f"min_list_len must be >= 1, got {self.min_list_len}")
+            raise KuaiRandError(f"min_list_len must be >= 1, got {self.min_list_len}")
         if self.max_categories < 2 or min(self.max_video_vocab, self.max_id_vocab) < 1:
-            raise ValueError("max_categories must be >= 2, max_video_vocab and max_id_vocab >= 1")
+            raise KuaiRandError(
+                "max_categories must be >= 2, max_video_vocab and max_id_vocab >= 1"
+            )

@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from grade_ray.datasets.kuairand.dataset import GROUP_BY
+from grade_ray.datasets.kuairand.dataset import GROUP_BY, KuaiRandError
 from grade_ray.datasets.kuairand.raw import Impressions
 
 
@@ -48,7 +48,7 @@ def group_requests(
     user_id * 10**4 + (index of the session within its user-day).
     """
     if group_by not in GROUP_BY:
-        raise ValueError(f"group_by={group_by!r}: use one of {list(GROUP_BY)}")
+        raise KuaiRandError(f"group_by={group_by!r}: use one of {list(GROUP_BY)}")
     m = len(imp)
     order = np.lexsort((imp.src, imp.time_ms, imp.date, imp.user_id))
     u, d, t = imp.user_id[order], imp.date[order], imp.time_ms[order]
@@ -62,7 +62,9 @@ def group_requests(
     first_of_day = np.maximum.accumulate(np.where(day_start[starts], r, 0)) if len(r) else r
     session = r - first_of_day
     if len(r) and (u.max() >= 10**7 or session.max() >= 10**4 or d.max() >= 9 * 10**7):
-        raise ValueError("user_id >= 1e7 or > 1e4 sessions per user-day: request ids would collide")
+        raise KuaiRandError(
+            "user_id >= 1e7 or > 1e4 sessions per user-day: request ids would collide"
+        )
     return Requests(
         order=order,
         offsets=np.append(starts, m).astype(np.int64),

@@ -56,7 +56,7 @@ from grade_ray.config import Config, save_config
 from grade_ray.data.reading import read_sessions
 from grade_ray.data.sessions import SessionBatch, SessionMeta
 from grade_ray.datasets.kuairand.datadir import ConvertOptions, check_split_dates, convert
-from grade_ray.datasets.kuairand.dataset import ATTRIBUTION, LICENCE_NOTICE
+from grade_ray.datasets.kuairand.dataset import ATTRIBUTION, LICENCE_NOTICE, KuaiRandError
 from grade_ray.datasets.kuairand.replay import evaluate_replay
 from grade_ray.datasets.kuairand.results_text import interpret, results_markdown
 from grade_ray.spec import RewardSpec
@@ -160,7 +160,7 @@ def train_variants(cfg: Config, names: Sequence[str]) -> dict[str, dict[str, Any
 
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
-        raise ValueError(f"unknown variant(s) {unknown}; valid: {list(VARIANTS)}")
+        raise KuaiRandError(f"unknown variant(s) {unknown}; valid: {list(VARIANTS)}")
     out: dict[str, dict[str, Any]] = {}
     for name in names:
         if name == "GRADE":
@@ -202,7 +202,7 @@ def _check_variants(names: Sequence[str]) -> None:
 
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
-        raise ValueError(f"unknown variant(s) {unknown}; valid: {list(VARIANTS)}")
+        raise KuaiRandError(f"unknown variant(s) {unknown}; valid: {list(VARIANTS)}")
 
 
 def _run_config(cfg: Config, out: Path) -> Config:

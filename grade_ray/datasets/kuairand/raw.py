@@ -34,6 +34,7 @@ from grade_ray.datasets.kuairand.dataset import (
     VIDEO_IDS,
     WATCH_RATIO,
     WATCH_RATIO_MAX,
+    KuaiRandError,
 )
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def _paths(path: str | Path | Sequence[str | Path]) -> list[Path]:
         if not p.exists():
             raise FileNotFoundError(f"no such KuaiRand file: {p}")
     if not out:
-        raise ValueError("no log file given")
+        raise KuaiRandError("no log file given")
     return out
 
 
@@ -63,21 +64,69 @@ def _read_columns(path: Path, wanted: Sequence[str]) -> pa.Table:
     CSV columns are read as float64, except the text columns in STRING_COLUMNS,
     so that type inference on the first block cannot disagree with later rows.
     """
-    if ".csv" in path.suffixes:
-        with pcsv.open_csv(path) as reader:
-            names = reader.schema.names
-        keep = [c for c in wanted if c in names]
-        types = {c: pa.string() if c in STRING_COLUMNS else pa.float64() for c in keep}
-        opts = pcsv.ConvertOptions(include_columns=keep, column_types=types)
-        return pcsv.read_csv(path, convert_options=opts)
-    names = pq.read_schema(path).names
-    return pq.read_table(path, columns=[c for c in wanted if c in names])
+    try:
+        if ".csv" in path.suffixes:
+            try:
+                with pcsv.open_csv(path) as reader:
+                    names = reader.schema.names
+                keep = [c for c in wanted if c in names]
+                types = {c: pa.string() if c in STRING_COLUMNS else pa.float64() for c in keep}
+                opts = pcsv.ConvertOptions(include_columns=keep, column_types=types)
+                return pcsv.read_csv(path, convert_options=opts)
+            except pa.ArrowInvalid as e:
+                raise KuaiRandError(_csv_problem(path, wanted, e)) from None
+        names = pq.read_schema(path).names
+        return pq.read_table(path, columns=[c for c in wanted if c in names])
+    except (pa.ArrowException, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise KuaiRandError(f"{path}: not readable as a KuaiRand table ({first})") from None
+
+
+def _csv_problem(path: Path, numeric: Sequence[str], error: Exception) -> str:
+    """Where a CSV that Arrow refused goes wrong: the first line with another number of
+    fields, else the first value of a numeric column that is not a number (line numbers
+    count the header as line 1)."""
+    bad: list[str] = []
+
+    def on_invalid(row) -> str:
+        if not bad:
+            where = f"line {row.number}" if row.number is not None else "a line"
+            bad.append(
+                f"{where} has {row.actual_columns} fields, the header {row.expected_columns}"
+            )
+        return "skip"
+
+    parse = pcsv.ParseOptions(invalid_row_handler=on_invalid)
+    try:  # every column as text: only the field counts can fail here
+        text = pcsv.read_csv(
+            path,
+            read_options=pcsv.ReadOptions(use_threads=False),  # line numbers are known
+            parse_options=parse,
+            convert_options=pcsv.ConvertOptions(column_types=dict.fromkeys(numeric, pa.string())),
+        )
+    except pa.ArrowException:
+        text = None
+    if not bad and text is not None:
+        for col in (c for c in numeric if c not in STRING_COLUMNS and c in text.column_names):
+            values = text.column(col).to_pylist()
+            for i, v in enumerate(values):
+                if v in (None, ""):
+                    continue
+                try:
+                    float(v)
+                except ValueError:
+                    bad.append(f"line {i + 2}, column {col!r}: {v!r} is not a number")
+                    break
+            if bad:
+                break
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+    return f"{path}: " + (bad[0] if bad else f"not a readable CSV ({first})")
 
 
 def _require(table: pa.Table, columns: Sequence[str], path: Path) -> None:
     missing = [c for c in columns if c not in table.column_names]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; present: {table.column_names}")
+        raise KuaiRandError(f"{path}: missing column(s) {missing}; present: {table.column_names}")
 
 
 def _floats(col: pa.ChunkedArray) -> np.ndarray:
@@ -137,7 +186,9 @@ def read_log(path: str | Path | Sequence[str | Path]) -> LogRows:
         files.append(str(p))
     names = set.intersection(*(set(c) for c in parts))
     if WATCH_RATIO not in names and not set(LOG_PLAY) <= names:
-        raise ValueError(f"{files}: give every file {WATCH_RATIO} or every file {list(LOG_PLAY)}")
+        raise KuaiRandError(
+            f"{files}: give every file {WATCH_RATIO} or every file {list(LOG_PLAY)}"
+        )
     cols = {c: np.concatenate([d[c] for d in parts]) for c in sorted(names)}
     rows = LogRows(cols, cols.pop("_log_file"), cols.pop("_log_row"), files)
     log.info("read %d log rows from %s", len(rows), files)
@@ -185,14 +236,14 @@ def _sorted_ids(col: pa.ChunkedArray, path: Path, what: str) -> tuple[np.ndarray
     """Key column -> (ids sorted (N,), permutation (N,)); raises on nulls or duplicates."""
     x = _floats(col)
     if not np.isfinite(x).all():
-        raise ValueError(
+        raise KuaiRandError(
             f"{path}: {what} has null/NaN values (rows {np.flatnonzero(~np.isfinite(x))[:5]})"
         )
     ids = x.astype(np.int64)
     order = np.argsort(ids, kind="stable")
     dup = ids[order][1:] == ids[order][:-1]
     if dup.any():
-        raise ValueError(
+        raise KuaiRandError(
             f"{path}: duplicate {what} values, e.g. {ids[order][1:][dup][:5].tolist()}"
         )
     return ids[order], order
@@ -217,7 +268,7 @@ def _upload_day(col: pa.ChunkedArray) -> np.ndarray:
     if pa.types.is_timestamp(col.type):
         col = pc.cast(col, pa.date32())
     if not pa.types.is_date32(col.type):
-        raise ValueError(f"upload_dt has unsupported type {col.type}")
+        raise KuaiRandError(f"upload_dt has unsupported type {col.type}")
     return _floats(pc.cast(col, pa.int32()))
 
 
@@ -348,12 +399,23 @@ def clean_log(
 ) -> tuple[Impressions, dict[str, Any], pa.Table | None]:
     """Validate every row. Returns (valid impressions, accounting, rejected rows or None).
 
-    Accounting: ``rows_read``, ``rows_valid``, ``rows_rejected``, ``rejected_by_reason``
-    and ``duplicate_impressions`` (same user, video and time_ms; kept, only counted).
+    Accounting: ``rows_read`` = ``rows_valid`` + ``rows_rejected`` +
+    ``rows_duplicate_dropped`` (a valid row equal to an earlier one in every column read:
+    the same impression logged twice, which would otherwise make a request of one video
+    shown "twice", or count its gain twice); ``rejected_by_reason``; and
+    ``duplicate_impressions`` (rows kept that share user, video and time_ms with another
+    but differ elsewhere; only counted).
     """
     reason, user_row, video_row, day = _reject_reasons(rows, users, videos)
-    ok = reason == ""
     c = rows.cols
+    valid = np.flatnonzero(reason == "")
+    first = np.zeros(len(valid), bool)
+    if len(valid):
+        every = np.stack([c[k][valid] for k in sorted(c)], 1)
+        first[np.unique(every, axis=0, return_index=True)[1]] = True
+    duplicate = np.zeros(len(reason), bool)
+    duplicate[valid[~first]] = True
+    ok = (reason == "") & ~duplicate
     labels = np.stack([c[col][ok] for col in BINARY_LABELS.values()] + [_watch_ratio(c)[ok]], 1)
     imp = Impressions(
         user_id=c["user_id"][ok].astype(np.int64),
@@ -367,20 +429,23 @@ def clean_log(
         video_row=video_row[ok],
         src=np.flatnonzero(ok),
     )
-    bad_reasons, counts = np.unique(reason[~ok].astype(str), return_counts=True)
+    bad_reasons, counts = np.unique(reason[reason != ""].astype(str), return_counts=True)
     key = np.stack([imp.user_id, imp.video_id, imp.time_ms], 1)
     report = {
         "rows_read": len(rows),
         "rows_valid": len(imp),
-        "rows_rejected": int((~ok).sum()),
+        "rows_rejected": int((reason != "").sum()),
+        "rows_duplicate_dropped": int(duplicate.sum()),
         "rejected_by_reason": {str(r): int(n) for r, n in zip(bad_reasons, counts)},
         "duplicate_impressions": int(len(key) - len(np.unique(key, axis=0))) if len(key) else 0,
     }
     for why, n in report["rejected_by_reason"].items():
         log.warning("rejected %d log rows: %s", n, why)
+    if duplicate.any():
+        log.info("dropped %d log rows identical to an earlier row", int(duplicate.sum()))
     rejected = None
-    if not ok.all():
-        bad = np.flatnonzero(~ok)
+    if (reason != "").any():
+        bad = np.flatnonzero(reason != "")
         data = {k: v[bad] for k, v in c.items()}
         data["reject_reason"] = reason[bad].astype(str)
         data["log_file"] = np.asarray(rows.files, dtype=object)[rows.log_file[bad]].astype(str)

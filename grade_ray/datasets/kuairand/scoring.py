@@ -15,7 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from grade_ray.datasets.kuairand.dataset import BINARY_LABELS, LABEL_NAMES, KuaiRandOptions
+from grade_ray.datasets.kuairand.dataset import (
+    ATTRIBUTION,
+    BINARY_LABELS,
+    LABEL_NAMES,
+    LICENCE_NOTICE,
+    KuaiRandError,
+    KuaiRandOptions,
+)
 from grade_ray.datasets.kuairand.features import KuaiRandEncoder
 from grade_ray.datasets.kuairand.raw import Impressions, UserTable, VideoTable
 from grade_ray.datasets.kuairand.upstream import (
@@ -35,7 +42,7 @@ BUNDLE_FILE = "upstream.json"
 BUNDLE_VERSION = 1
 
 
-class LeakageError(ValueError):
+class LeakageError(KuaiRandError):
     """Asked to score a day the upstream model was trained on (or an earlier one)."""
 
 
@@ -85,6 +92,9 @@ class UpstreamBundle:
             "encoder": self.encoder.to_dict(),
             "options": dataclasses.asdict(self.options),
             "label_names": list(LABEL_NAMES),
+            # the vocabularies are KuaiRand's user, video and author ids
+            "licence_notice": LICENCE_NOTICE,
+            "attribution": ATTRIBUTION,
         }
         (d / BUNDLE_FILE).write_text(json.dumps(bundle, indent=1, sort_keys=True))
         return d
@@ -99,7 +109,7 @@ def load_upstream(model_dir: str | Path) -> UpstreamBundle:
         raise FileNotFoundError(f"no {BUNDLE_FILE} in {model_dir} or {model_dir}/{MODEL_DIR}")
     meta = json.loads((d / BUNDLE_FILE).read_text())
     if meta.get("format_version") != BUNDLE_VERSION:
-        raise ValueError(
+        raise KuaiRandError(
             f"{d / BUNDLE_FILE}: format_version {meta.get('format_version')}, expected {BUNDLE_VERSION}"
         )
     model, cfg = load_mmoe(d / WEIGHTS_FILE, meta["architecture"])
@@ -122,7 +132,9 @@ def train_upstream(
     """Fit vocabularies and the MMoE on training-day impressions. Returns (bundle, history)."""
     unknown = [t for t in cfg.tasks if t not in BINARY_LABELS]
     if unknown:
-        raise ValueError(f"unknown upstream task(s) {unknown}; choose from {list(BINARY_LABELS)}")
+        raise KuaiRandError(
+            f"unknown upstream task(s) {unknown}; choose from {list(BINARY_LABELS)}"
+        )
     encoder = KuaiRandEncoder.fit(users, videos, train, opts)
     dense, cats, sizes = encoder.upstream_inputs(users, videos, train)
     y = train.labels[:, [LABEL_NAMES.index(t) for t in cfg.tasks]]

@@ -197,6 +197,8 @@ def prepare_dir(path: Path, overwrite: bool) -> Path:
 
 def write_docs(out: Path, report: dict, rejected: pa.Table | None, write_rejects: bool) -> None:
     if write_rejects and rejected is not None:
+        notice = {b"licence_notice": LICENCE_NOTICE.encode(), b"attribution": ATTRIBUTION.encode()}
+        rejected = rejected.replace_schema_metadata({**(rejected.schema.metadata or {}), **notice})
         pq.write_table(rejected, out / "rejects.parquet")
         report["rows"]["rejects_path"] = str(out / "rejects.parquet")
     (out / "README.md").write_text(_readme(report))
@@ -204,6 +206,8 @@ def write_docs(out: Path, report: dict, rejected: pa.Table | None, write_rejects
 
 def rows_summary(r: dict) -> str:
     s = f"rows read {r['rows_read']}, valid {r['rows_valid']}, rejected {r['rows_rejected']}"
+    if r.get("rows_duplicate_dropped"):
+        s += f", duplicates dropped {r['rows_duplicate_dropped']}"
     if r["rejected_by_reason"]:
         s += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(r["rejected_by_reason"].items())) + ")"
     return s

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from grade_ray.datasets.kuairand.dataset import KuaiRandError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TASKS = ("click", "long_view", "like")
@@ -76,13 +78,13 @@ class UpstreamConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "tasks", tuple(self.tasks))
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"upstream tasks must be non-empty and distinct, got {self.tasks}")
+            raise KuaiRandError(f"upstream tasks must be non-empty and distinct, got {self.tasks}")
         if min(self.num_experts, self.expert_hidden, self.tower_hidden, self.emb_dim) < 1:
-            raise ValueError("num_experts, expert_hidden, tower_hidden and emb_dim must be >= 1")
+            raise KuaiRandError("num_experts, expert_hidden, tower_hidden and emb_dim must be >= 1")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise KuaiRandError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
+            raise KuaiRandError("epochs and batch_size must be >= 1 and lr > 0")
 
 
 class MMoE(nn.Module):
