@@ -225,6 +225,19 @@ def default_arms(
     return arms, statics
 
 
+def _check_time_split(train_path: str, eval_path: str) -> None:
+    """Logs that record their dates (real-data converters do): held-out days must come
+    after the policy's training days and be scored by the same upstream model, else
+    :class:`~grade_ray.datasets.kuairand.scoring.LeakageError`."""
+    from grade_ray.data.reading import read_meta
+
+    train_meta, eval_meta = read_meta(train_path), read_meta(eval_path)
+    if train_meta.source.get("dates") and eval_meta.source.get("dates"):
+        from grade_ray.datasets.kuairand.datadir import check_split_dates
+
+        check_split_dates(train_meta, eval_meta)
+
+
 def run_evaluate(
     cfg: Config,
     run_dir: str | Path,
@@ -242,6 +255,7 @@ def run_evaluate(
     eval_path = eval_path or default_eval
     if not eval_path:
         raise FileNotFoundError("no held-out data: set data.eval_path or pass --data")
+    _check_time_split(train_path, eval_path)
     search = static_search(cfg.replace(run_dir=str(run_dir)), train_path) if baselines else None
     arms, statics = default_arms(cfg, run_dir, train_path, baselines, search)
     # the arm the diagnosis is about: the run's own policy (extra arms, e.g. ablations, come

@@ -360,6 +360,14 @@ def test_convert_more_scores_later_days_with_the_saved_model(converted, tables):
     assert set(table["date"].to_pylist()) == {D3, 20220428} and "p_like" in table.column_names
     assert rep["rows_outside_dates"] > 0
 
+    # evaluate refuses held-out days that a policy trained on out/train has seen
+    from grade_ray.jobs.evaluate import _check_time_split
+
+    _check_time_split(str(out / "train"), str(out / "more"))  # 04-28 after D3: fine
+    convert_more(log, out, out / "seen", user_path=tables[0], video_path=tables[1], dates=[D3])
+    with pytest.raises(LeakageError, match="time split violated"):
+        _check_time_split(str(out / "train"), str(out / "seen"))
+
 
 def test_vocabularies_are_fitted_on_training_days_only(tmp_path, tables):
     rows = _synthetic_log(n_days=3, n_users=4)
