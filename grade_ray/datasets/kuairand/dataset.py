@@ -32,7 +32,8 @@ LICENCE_NOTICE = (
     "Recommendation Dataset with Randomly Exposed Videos', CIKM 2022, https://kuairand.com), "
     "licensed CC BY-SA 4.0 (https://creativecommons.org/licenses/by-sa/4.0/). This derived "
     "data is distributed under the same licence. Changes: impressions grouped into requests, "
-    "features encoded, upstream-model scores added, bad rows set aside."
+    "features encoded, upstream-model scores added, bad rows set aside, rows logged twice "
+    "dropped."
 )
 ATTRIBUTION = (
     "Chongming Gao, Shijun Li, Yuan Zhang, Jiawei Chen, Biao Li, Wenqiang Lei, Peng Jiang, "
