@@ -64,7 +64,7 @@ import numpy as np
 import torch
 
 from grade_ray.algos.fusion import fuse
-from grade_ray.config import SimulatorConfig
+from grade_ray.config import ConfigError, SimulatorConfig
 from grade_ray.data.sessions import SessionBatch, SessionMeta, ShardWriter
 from grade_ray.data.world import SEGMENTS, Catalogue, Population
 
@@ -148,6 +148,15 @@ def rank_positions(fused: np.ndarray, mask: np.ndarray) -> np.ndarray:
 # The simulator
 
 
+def _duplicates(items: np.ndarray) -> np.ndarray:
+    """(B, n) -> (B, n) bool: entries equal to an earlier-sorted entry of the same row."""
+    order = np.argsort(items, axis=1)
+    srt = np.take_along_axis(items, order, 1)
+    dup = np.zeros_like(items, dtype=bool)
+    np.put_along_axis(dup, order[:, 1:], srt[:, 1:] == srt[:, :-1], 1)
+    return dup
+
+
 class MarketplaceSimulator:
     """Seeded marketplace with users, items, an upstream model and a logging policy.
 
@@ -158,10 +167,12 @@ class MarketplaceSimulator:
     def __init__(self, cfg: SimulatorConfig) -> None:
         unknown = [s for s in cfg.segment_names if s not in SEGMENTS]
         if unknown:
-            raise ValueError(f"unknown simulator segment(s) {unknown}; valid: {list(SEGMENTS)}")
+            raise ConfigError(
+                f"simulator.segment_names: unknown segment(s) {unknown}; valid: {list(SEGMENTS)}"
+            )
         bad = [k for k in cfg.north_star if k not in LABEL_NAMES]
         if bad:
-            raise ValueError(
+            raise ConfigError(
                 f"simulator.north_star has unknown label(s) {bad}; labels: {list(LABEL_NAMES)}"
             )
         self.cfg = cfg
@@ -200,13 +211,16 @@ class MarketplaceSimulator:
             np.int64
         )
         for _ in range(20):  # replace duplicates by uniform draws until a list is distinct
-            order = np.argsort(items, axis=1)
-            srt = np.take_along_axis(items, order, 1)
-            dup = np.zeros_like(items, dtype=bool)
-            np.put_along_axis(dup, order[:, 1:], srt[:, 1:] == srt[:, :-1], 1)
-            if not dup.any() or n > self.cfg.num_items:
-                break
+            dup = _duplicates(items)
+            if not dup.any():
+                return items
             items[dup] = rng.integers(0, self.cfg.num_items, int(dup.sum()))
+        # a catalogue barely larger than a list (num_items ~ num_candidates): the rows still
+        # repeating an item draw their repeats from the items they lack
+        for row in np.flatnonzero(_duplicates(items).any(1)):
+            dup = _duplicates(items[row : row + 1])[0]
+            lacking = np.setdiff1d(np.arange(self.cfg.num_items), items[row])
+            items[row, dup] = rng.choice(lacking, int(dup.sum()), replace=False)
         return items
 
     def _truth(self, users: np.ndarray, items: np.ndarray) -> Truth:

@@ -144,13 +144,31 @@ def test_fresh_requests_deterministic(sim):
     assert t1.ctr.shape == b1.mask.shape and t1.intent.shape == (200, 4)
 
 
-def test_bad_config_names():
-    with pytest.raises(ValueError, match="valid"):
+def test_bad_config_names(capsys):
+    """Unknown segment or label names: a ConfigError, so the CLI prints one line."""
+    from grade_ray.cli import main
+    from grade_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="valid"):
         MarketplaceSimulator(
             dataclasses.replace(SMALL, segment_names=("whale",), segment_mix=(1.0,))
         )
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(ConfigError, match="labels"):
         MarketplaceSimulator(dataclasses.replace(SMALL, north_star={"revenue": 1.0}))
+    rc = main(
+        ["simulate", "--config", "configs/smoke.yaml", "--set", "simulator.north_star={x: 1}"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "unknown label(s) ['x']" in err[0], err
+
+
+@pytest.mark.parametrize("num_items", [30, 33])
+def test_candidates_are_distinct_with_a_catalogue_barely_larger_than_a_list(num_items):
+    """The config allows num_items == num_candidates: every list still shows distinct items
+    (uniform redraws alone left duplicates in most lists)."""
+    cfg = dataclasses.replace(SMALL, num_items=num_items, min_candidates=30)
+    batch, _ = MarketplaceSimulator(cfg).fresh_requests(300, seed=1)
+    assert all(len(set(row)) == 30 for row in batch.item_ids.tolist())
 
 
 # ---------------------------------------------------------------------------
