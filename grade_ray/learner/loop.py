@@ -149,6 +149,14 @@ def load_policy(path: str | Path) -> tuple[FusionPolicy, SessionMeta, dict[str, 
     if not p.exists():
         raise FileNotFoundError(f"no policy at {p} (train one with `grade-ray train`)")
     state = load_checkpoint(p)
+    missing = [
+        k for k in ("state_dict", "context_dim", "num_tasks", "meta", "config") if k not in state
+    ]
+    if missing:
+        raise CheckpointError(
+            f"{p} is not a policy file (it lacks {missing}; a round or epoch checkpoint, or "
+            f"the reward fit?): give the run directory or its {POLICY_FILE}"
+        )
     pcfg = from_dict(PolicyConfig, state["config"]["policy"])
     policy = build_policy(pcfg, state["context_dim"], state["num_tasks"])
     policy.load_state_dict(state["state_dict"])

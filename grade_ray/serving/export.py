@@ -84,6 +84,24 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _check_export_dir(out: Path) -> None:
+    """An export goes into a new or empty directory, or over an earlier export: files of
+    other kinds there would be replaced or end up beside the export, outside its manifest."""
+    if not out.is_dir():
+        if out.exists():
+            raise RequestError(f"--out {out} is a file; give a directory")
+        return
+    ours = {TORCHSCRIPT_FILE, ONNX_FILE, METADATA_FILE, MANIFEST_FILE}
+    other = sorted(
+        f.name for f in out.iterdir() if f.name not in ours and not f.name.endswith(".tmp")
+    )
+    if other:
+        raise RequestError(
+            f"--out {out} holds files that are not an export ({other[:5]}); export into a new "
+            "or empty directory, or one an earlier export wrote"
+        )
+
+
 def _example_input(policy: FusionPolicy, batch: int = 8) -> torch.Tensor:
     """(batch, D) float32 contexts around the training distribution (for tracing)."""
     g = torch.Generator().manual_seed(0)
@@ -266,6 +284,7 @@ def export_policy(run_dir: str | Path, out_dir: str | Path, onnx: bool = False) 
             "fusion) in process"
         )
     out = Path(out_dir)
+    _check_export_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_FILE).unlink(missing_ok=True)  # incomplete until the new one is written
     wrapper = PolicyWeights(policy).eval()

@@ -151,3 +151,25 @@ def test_cli_bench_learner_only_writes_the_learner_keys_alone(tmp_path, capsys):
     assert not [k for k in got if k.startswith(("rollout.", "stage1.", "training.", "quality."))]
     assert "`learner.speedup` |" in out.with_suffix(".md").read_text()
     assert json.loads(capsys.readouterr().out)["learner.speedup"] == got["learner.speedup"]
+
+
+def test_cli_bench_refuses_an_unusable_out_before_measuring(tmp_path, capsys, monkeypatch):
+    """A bad --out is one line at once, not an error after minutes of measuring (the
+    measuring is replaced by a failure here: it must not be reached)."""
+    from grade_ray.cli import main
+    from grade_ray.jobs.bench import throughput
+
+    def measured(*args, **kwargs):
+        raise AssertionError("measured before --out was checked")
+
+    monkeypatch.setattr(throughput, "_learner_only", measured)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, want in (
+        (tmp_path / "bench.md", "give the JSON file"),  # its table would overwrite it
+        (tmp_path, "is a directory"),
+        (afile / "bench.json", "cannot create its directory"),
+    ):
+        assert main(["bench", "--learner-only", "--quick", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and want in err[0], err

@@ -518,3 +518,28 @@ def test_export_missing_run_is_clear(tmp_path):
         export_policy(tmp_path, tmp_path / "out")
     assert main(["export", str(tmp_path)]) == 2
     assert not (Path(tmp_path) / "out").exists()
+
+
+def test_export_refuses_a_checkpoint_that_is_not_a_policy_and_a_foreign_out(
+    run_dir, tmp_path, capsys
+):
+    """One line each: a round checkpoint given as the policy, and an --out directory that
+    holds other files (they would end up beside the export, outside its manifest)."""
+    from grade_ray.cli import main
+
+    from grade_ray.runlog import save_checkpoint
+
+    rnd = save_checkpoint(tmp_path / "r", "round-0000", {"next_round": 1, "history": []})
+    assert main(["export", str(rnd), "--out", str(tmp_path / "e1")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a policy file" in err[0], err
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert main(["export", str(run_dir), "--out", str(mine)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds files that are not an export" in err[0], err
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    again = tmp_path / "again"  # over an earlier export: allowed
+    assert main(["export", str(run_dir), "--out", str(again)]) == 0
+    assert main(["export", str(run_dir), "--out", str(again)]) == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import statistics
 import subprocess
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 from grade_ray import keys
-from grade_ray.config import Config, load_config
+from grade_ray.config import Config, UserError, load_config
 from grade_ray.jobs.bench.table import md_table
 
 log = logging.getLogger(__name__)
@@ -486,6 +487,8 @@ def run_bench(
     unknown = set(parts) - set(PARTS)
     if unknown or not parts:
         raise ValueError(f"bench parts must be a non-empty subset of {PARTS}, got {parts}")
+    if out:
+        _check_out(Path(out))  # before minutes of measuring, not after
     results: dict[str, Any] = {}
     if "throughput" in parts:
         results.update(_throughput(quick, address))
@@ -507,6 +510,20 @@ def run_bench(
         p.write_text(json.dumps(results, indent=2, default=float))
         p.with_suffix(".md").write_text(markdown_table(results))
     return results
+
+
+def _check_out(p: Path) -> None:
+    """``--out FILE.json`` must be writable, and its Markdown sibling another file."""
+    if p.suffix == ".md":
+        raise UserError(f"--out {p}: give the JSON file (the Markdown table goes beside it)")
+    if p.is_dir():
+        raise UserError(f"--out {p} is a directory; give a file such as {p / 'bench.json'}")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {p}: cannot create its directory ({e.strerror})") from None
+    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise UserError(f"--out {p}: not writable")
 
 
 def _throughput(quick: bool, address: str | None) -> dict[str, Any]:
