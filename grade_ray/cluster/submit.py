@@ -111,7 +111,9 @@ def resolve_address(address: str | None = None, env: Mapping[str, str] | None = 
             "no cluster address: pass --address http://HOST:8265 (the Ray dashboard) "
             "or set RAY_ADDRESS=http://HOST:8265"
         )
-    return address.rstrip("/")
+    address = address.rstrip("/")
+    # HOST:PORT without a scheme: Ray would take it for a GCS address and wait ~40 s
+    return address if "://" in address else f"http://{address}"
 
 
 def resolve_auth_token(
@@ -178,10 +180,11 @@ def connect(address: str | None = None, token: str | None = None):
             else "the token was refused: use the cluster's token"
         )
         raise JobError(f"{url}: {hint}\n{e}") from e
-    except ConnectionError as e:
+    except (ConnectionError, RuntimeError) as e:  # RuntimeError: answered, not as Ray's API
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise JobError(
-            f"cannot reach the Ray dashboard at {url} ({e}); check --address / RAY_ADDRESS "
-            "(the dashboard's HTTP address, port 8265 by default)"
+            f"cannot reach the Ray dashboard at {url} ({first}); check --address / "
+            "RAY_ADDRESS (the dashboard's HTTP address, port 8265 by default)"
         ) from e
 
 
@@ -307,12 +310,26 @@ def _stream(client, job_id: str, out: IO[str], timeout: float | None) -> None:
     asyncio.run(bounded())
 
 
+def _ask(call, job_id: str, *args):
+    """``call(job_id, *args)`` on the dashboard: an unknown job or a lost connection is a
+    :class:`JobError` (one line from the CLI; a lost connection leaves the job running)."""
+    try:
+        return call(job_id, *args)
+    except RuntimeError as e:  # the dashboard answered with an error (unknown job, ...)
+        raise JobError(f"job {job_id}: {e}") from e
+    except OSError as e:  # requests' ConnectionError and timeouts are OSErrors
+        raise JobError(
+            f"lost the connection to the Ray dashboard ({type(e).__name__}); job {job_id} "
+            f"keeps running on the cluster: grade-ray jobs status {job_id}"
+        ) from e
+
+
 def _poll(client, job_id: str, out: IO[str] | None, deadline: float | None, poll_s: float) -> str:
     printed = ""
     while True:
-        status = str(client.get_job_status(job_id))
+        status = str(_ask(client.get_job_status, job_id))
         if out is not None:
-            logs = client.get_job_logs(job_id)
+            logs = _ask(client.get_job_logs, job_id)
             new = logs[len(printed) :] if logs.startswith(printed) else logs
             if new:
                 out.write(new)
@@ -392,7 +409,7 @@ def stop_job(job_id: str, *, address: str | None = None, client=None, wait_s: fl
         raise JobError(f"job {job_id}: {e}") from e
     deadline = time.monotonic() + wait_s
     while wait_s > 0 and time.monotonic() < deadline:
-        if str(client.get_job_status(job_id)) in TERMINAL:
+        if str(_ask(client.get_job_status, job_id)) in TERMINAL:
             break
         time.sleep(0.5)
     return stopped

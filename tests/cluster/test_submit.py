@@ -15,6 +15,7 @@ same folder and delete the driver's working directory under it.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -427,6 +428,8 @@ def test_address_entrypoint_and_runtime_env(tmp_path):
         submit.resolve_address(None, {})
     assert submit.resolve_address(None, {"RAY_ADDRESS": "http://h:8265/"}) == "http://h:8265"
     assert submit.resolve_address("http://a:1", {"RAY_ADDRESS": "http://b:2"}) == "http://a:1"
+    # HOST:PORT is the dashboard's HTTP address (Ray alone would wait ~40 s for a GCS there)
+    assert submit.resolve_address("127.0.0.1:8265", {}) == "http://127.0.0.1:8265"
 
     ep = submit.build_entrypoint(["--", "train", "--set", "run_dir=/x y"])
     assert ep == "python -m grade_ray train --set 'run_dir=/x y'"
@@ -458,3 +461,39 @@ def test_submit_needs_a_known_command(capsys, monkeypatch):
     assert "unknown grade-ray command 'trian'" in capsys.readouterr().err
     assert cli.main(["submit", "--", "train"]) == 2
     assert "no cluster address" in capsys.readouterr().err
+
+
+def test_following_a_job_names_an_unknown_job_or_a_lost_connection(capsys):
+    """While following or polling a job, the dashboard answering 404 or going away is one
+    line (exit 2, not the 1 of a failed job), and a lost connection says the job runs on."""
+    import requests
+
+    class Dashboard:
+        def __init__(self, error):
+            self.error = error
+
+        def get_job_status(self, job_id):
+            raise self.error
+
+        get_job_logs = get_job_status
+
+        async def tail_job_logs(self, job_id):
+            raise self.error
+            yield ""  # an async generator, as Ray's
+
+    gone = Dashboard(requests.exceptions.ConnectionError("connection refused"))
+    with pytest.raises(submit.JobError, match="job j1 keeps running on the cluster"):
+        submit.wait_for_job("j1", client=gone, out=None)
+    unknown = Dashboard(
+        RuntimeError("Request failed with status code 404: Job nope does not exist.")
+    )
+    with pytest.raises(submit.JobError, match="job nope: .*does not exist"):
+        submit.wait_for_job("nope", client=unknown, out=io.StringIO())
+    with pytest.raises(submit.JobError, match="keeps running"):
+        submit.stop_job(
+            "j1",
+            client=type("D", (Dashboard,), {"stop_job": lambda s, j: True})(
+                requests.exceptions.ConnectionError("reset")
+            ),
+            wait_s=1,
+        )
