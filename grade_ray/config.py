@@ -510,6 +510,14 @@ class Config:
     learner: LearnerConfig = dataclasses.field(default_factory=LearnerConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
+    def __post_init__(self) -> None:
+        _check(
+            bool(self.data.train_path) or self.simulator.num_candidates <= self.data.max_candidates,
+            f"simulator.num_candidates={self.simulator.num_candidates} exceeds "
+            f"data.max_candidates={self.data.max_candidates}: every simulated request would "
+            "be a bad row when read; raise data.max_candidates too",
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
 

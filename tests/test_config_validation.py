@@ -31,6 +31,7 @@ from grade_ray.config import ConfigError, UserError, load_config
         ("learner.max_failures=-1", "learner.max_failures"),
         ("grpo.lr=[1", "not valid YAML"),
         ("simulator.num_eval_requests=-5", "simulator.num_eval_requests"),
+        ("data.max_candidates=50", "simulator.num_candidates=100 exceeds data.max_candidates=50"),
         ("exploration.schedule=cosin", "exploration.schedule='cosin': use one of"),
         ("exploration.kind=bogus", "exploration.kind='bogus': use one of"),
         ("policy.fusion=product", "policy.fusion='product': use one of"),

@@ -530,7 +530,14 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                 else f"{args.job_id} was not running"
             )
             if args.wait:
-                print(job_status(args.job_id, client=client).status)
+                status = job_status(args.job_id, client=client).status
+                print(status)
+                if status not in TERMINAL:
+                    print(
+                        f"grade-ray: {args.job_id} is still {status} after --wait {args.wait:g} s",
+                        file=sys.stderr,
+                    )
+                    return 1
             return 0
     except JobError as e:
         print(f"grade-ray: error: {e}", file=sys.stderr)

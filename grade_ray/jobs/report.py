@@ -323,12 +323,23 @@ def _suite_page(root: Path, out: Path) -> tuple[list[str], list[Path]] | None:
 
 
 def run_report(path: str | Path) -> Path:
-    """Write plots and ``report.md`` into PATH/report; returns the Markdown path."""
+    """Write plots and ``report.md`` into PATH/report; returns the Markdown path. A
+    directory with nothing to report gets no (empty) report folder."""
     root = Path(path)
-    if not root.exists():
+    if not root.is_dir():
         raise FileNotFoundError(f"no run or sweep directory at {root}")
     out = root / "report"
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _write_report(root, out)
+    except BaseException:
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _write_report(root: Path, out: Path) -> Path:
     lines = [f"# grade_ray report: {root.name}", ""]
     sweep = root / SWEEP_FILE
     suite = _suite_page(root, out)

@@ -497,3 +497,26 @@ def test_following_a_job_names_an_unknown_job_or_a_lost_connection(capsys):
             ),
             wait_s=1,
         )
+
+
+def test_jobs_stop_wait_says_when_the_job_still_runs(monkeypatch, capsys):
+    """`grade-ray jobs stop --wait S ID`: exit 1 and one line when the job has not ended."""
+    from grade_ray.cli import main
+
+    class Dashboard:
+        def stop_job(self, job_id):
+            return True
+
+        def get_job_status(self, job_id):
+            return "RUNNING"
+
+        def get_job_info(self, job_id):
+            return type("Info", (), {"status": "RUNNING", "message": ""})()
+
+        def get_job_logs(self, job_id):
+            return ""
+
+    monkeypatch.setattr(submit, "connect", lambda address: Dashboard())
+    assert main(["jobs", "stop", "--wait", "0.2", "j1"]) == 1
+    captured = capsys.readouterr()
+    assert "RUNNING" in captured.out and "still RUNNING after --wait" in captured.err

@@ -526,7 +526,6 @@ def test_export_refuses_a_checkpoint_that_is_not_a_policy_and_a_foreign_out(
     """One line each: a round checkpoint given as the policy, and an --out directory that
     holds other files (they would end up beside the export, outside its manifest)."""
     from grade_ray.cli import main
-
     from grade_ray.runlog import save_checkpoint
 
     rnd = save_checkpoint(tmp_path / "r", "round-0000", {"next_round": 1, "history": []})
