@@ -754,11 +754,13 @@ RESULT_FREE_KEYS = (
     "learner.max_failures",
     "learner.num_cpus_per_worker",
     "learner.use_gpu",
+    "rollout.num_workers",
     "rollout.num_cpus_per_worker",
     "rollout.resource",
 )
-"""Keys that do not change what training computes (where it runs, what it is evaluated
-on, how failures are retried): free to differ between a run's checkpoints and a resume."""
+"""Keys free to differ between a run's checkpoints and a resume: where it runs, what it is
+evaluated on, how failures are retried, and the rollout pool's width (scaling out a
+running job: the rounds still to run are dealt over the new pool)."""
 
 
 def _under(key: str, prefixes: tuple[str, ...]) -> bool:

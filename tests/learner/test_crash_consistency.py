@@ -186,7 +186,13 @@ def test_resume_and_stage1_reuse_refuse_other_settings(reference, smoke_data, tm
     assert main(on_ray) == 2  # the Ray path checks the same, before it starts anything
     assert "grpo.lr: 0.001 -> 0.05" in capsys.readouterr().err
     assert {p: (run / p).read_bytes() for p in before} == before
-    assert main(argv(run, "--resume", "--set", "eval.bootstrap=50")) == 0  # free to change
+    # free to change: evaluation, and the rollout pool's width (scaling out a running job)
+    assert main(argv(run, "--resume", "--set", "eval.bootstrap=50")) == 0
+    for name in ("round-0003.pt", "round-0002.pt"):
+        (run / "checkpoints" / name).unlink()
+    (run / "policy.pt").unlink()
+    assert main(argv(run, "--resume", "--set", "rollout.num_workers=1")) == 0
+    assert [r[keys.ROUND] for r in rows(run, 2)] == list(range(ROUNDS))  # rounds 2, 3 again
 
     stage1_only = new_run(tmp_path / "s1", smoke_data)
     (stage1_only / "checkpoints").mkdir()
