@@ -33,6 +33,13 @@ class UserError(Exception):
     caught once, in the CLI's ``main``, which prints the message on one line."""
 
 
+def error_brief(e: BaseException) -> str:
+    """First line of an exception's message (at most 200 characters; the exception's type
+    when it has none), for one-line user errors."""
+    text = str(e).strip().splitlines()
+    return (text[0][:200] if text else type(e).__name__) or type(e).__name__
+
+
 class ConfigError(UserError, ValueError):
     """An invalid configuration value; the message says how to fix it."""
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from grade_ray.config import UserError
+from grade_ray.config import UserError, error_brief
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +150,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise CheckpointError(
-            f"{path} does not load as a checkpoint ({type(e).__name__}: {first}); it is "
+            f"{path} does not load as a checkpoint ({type(e).__name__}: {error_brief(e)}); it is "
             "truncated, damaged or not a grade_ray checkpoint"
         ) from e
     if not isinstance(state, dict):

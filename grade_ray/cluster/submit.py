@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from grade_ray.config import error_brief
 from grade_ray.options import command_names
 
 log = logging.getLogger(__name__)
@@ -181,9 +182,8 @@ def connect(address: str | None = None, token: str | None = None):
         )
         raise JobError(f"{url}: {hint}\n{e}") from e
     except (ConnectionError, RuntimeError) as e:  # RuntimeError: answered, not as Ray's API
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise JobError(
-            f"cannot reach the Ray dashboard at {url} ({first}); check --address / "
+            f"cannot reach the Ray dashboard at {url} ({error_brief(e)}); check --address / "
             "RAY_ADDRESS (the dashboard's HTTP address, port 8265 by default)"
         ) from e
 

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from grade_ray.config import error_brief
 from grade_ray.data.sessions import (
     ITEM_IDS,
     META_KEY,
@@ -25,7 +26,6 @@ from grade_ray.data.sessions import (
     SchemaError,
     SessionBatch,
     SessionMeta,
-    error_brief,
     list_lengths,
     table_to_batch,
 )

@@ -67,12 +67,6 @@ class SchemaError(UserError, ValueError):
     """Bad logged-session input; the message names file, row and column."""
 
 
-def error_brief(e: BaseException) -> str:
-    """First line of an exception's message, for one-line user errors."""
-    text = str(e).strip().splitlines()
-    return (text[0][:200] if text else type(e).__name__) or type(e).__name__
-
-
 @dataclasses.dataclass(frozen=True)
 class SessionMeta:
     """What a session file's columns mean; stored as JSON in Parquet metadata."""

@@ -217,10 +217,10 @@ class MarketplaceSimulator:
             items[dup] = rng.integers(0, self.cfg.num_items, int(dup.sum()))
         # a catalogue barely larger than a list (num_items ~ num_candidates): the rows still
         # repeating an item draw their repeats from the items they lack
-        for row in np.flatnonzero(_duplicates(items).any(1)):
-            dup = _duplicates(items[row : row + 1])[0]
+        dup = _duplicates(items)
+        for row in np.flatnonzero(dup.any(1)):
             lacking = np.setdiff1d(np.arange(self.cfg.num_items), items[row])
-            items[row, dup] = rng.choice(lacking, int(dup.sum()), replace=False)
+            items[row, dup[row]] = rng.choice(lacking, int(dup[row].sum()), replace=False)
         return items
 
     def _truth(self, users: np.ndarray, items: np.ndarray) -> Truth:

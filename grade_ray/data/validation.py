@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from grade_ray.config import error_brief
 from grade_ray.data.sessions import (
     CONTEXT,
     ITEM_IDS,
@@ -39,7 +40,6 @@ from grade_ray.data.sessions import (
     TS,
     SchemaError,
     SessionMeta,
-    error_brief,
     list_lengths,
 )
 

@@ -260,7 +260,7 @@ def run_evaluate(
     arms, statics = default_arms(cfg, run_dir, train_path, baselines, search)
     # the arm the diagnosis is about: the run's own policy (extra arms, e.g. ablations, come
     # after it), else the first extra arm
-    own = [a for a in arms if a not in ("uniform", "best_static", "SP")]
+    own = [a for a in arms if a not in (*BASELINE_ARMS, "SP")]
     policy = own[-1] if own else next(iter(extra_arms or {}), "")
     arms.update({name: policy_arm(path) for name, path in (extra_arms or {}).items()})
     if not arms:

@@ -140,19 +140,11 @@ def _oracle_weights(run_dir: Path) -> dict[str, list[float]] | None:
     cfg = load_config([cfg_path])
     if cfg.data.train_path:
         return None
-    from grade_ray.data.oracles import truth_table
     from grade_ray.data.simulator import MarketplaceSimulator
+    from grade_ray.jobs.headroom import world_truth_table
 
     sim = MarketplaceSimulator(cfg.simulator)
-    e = cfg.eval
-    w = truth_table(
-        sim,
-        cfg.policy.fusion,
-        e.static_grid_step,
-        e.search_requests,
-        e.ab_seed + 7,
-        cfg.policy.fusion_eps,
-    ).segment_best()
+    w = world_truth_table(cfg, sim).segment_best()
     return {s: w[i].tolist() for i, s in enumerate(sim.segment_names)}
 
 

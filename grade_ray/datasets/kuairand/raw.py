@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
+from grade_ray.config import error_brief
 from grade_ray.datasets.kuairand.dataset import (
     BINARY_LABELS,
     LOG_PLAY,
@@ -78,8 +79,9 @@ def _read_columns(path: Path, wanted: Sequence[str]) -> pa.Table:
         names = pq.read_schema(path).names
         return pq.read_table(path, columns=[c for c in wanted if c in names])
     except (pa.ArrowException, OSError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise KuaiRandError(f"{path}: not readable as a KuaiRand table ({first})") from None
+        raise KuaiRandError(
+            f"{path}: not readable as a KuaiRand table ({error_brief(e)})"
+        ) from None
 
 
 def _csv_problem(path: Path, numeric: Sequence[str], error: Exception) -> str:
@@ -119,8 +121,7 @@ def _csv_problem(path: Path, numeric: Sequence[str], error: Exception) -> str:
                     break
             if bad:
                 break
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
-    return f"{path}: " + (bad[0] if bad else f"not a readable CSV ({first})")
+    return f"{path}: " + (bad[0] if bad else f"not a readable CSV ({error_brief(error)})")
 
 
 def _require(table: pa.Table, columns: Sequence[str], path: Path) -> None:
@@ -408,14 +409,15 @@ def clean_log(
     """
     reason, user_row, video_row, day = _reject_reasons(rows, users, videos)
     c = rows.cols
-    valid = np.flatnonzero(reason == "")
+    bad = reason != ""
+    valid = np.flatnonzero(~bad)
     first = np.zeros(len(valid), bool)
     if len(valid):
         every = np.stack([c[k][valid] for k in sorted(c)], 1)
         first[np.unique(every, axis=0, return_index=True)[1]] = True
     duplicate = np.zeros(len(reason), bool)
     duplicate[valid[~first]] = True
-    ok = (reason == "") & ~duplicate
+    ok = ~bad & ~duplicate
     labels = np.stack([c[col][ok] for col in BINARY_LABELS.values()] + [_watch_ratio(c)[ok]], 1)
     imp = Impressions(
         user_id=c["user_id"][ok].astype(np.int64),
@@ -429,12 +431,12 @@ def clean_log(
         video_row=video_row[ok],
         src=np.flatnonzero(ok),
     )
-    bad_reasons, counts = np.unique(reason[reason != ""].astype(str), return_counts=True)
+    bad_reasons, counts = np.unique(reason[bad].astype(str), return_counts=True)
     key = np.stack([imp.user_id, imp.video_id, imp.time_ms], 1)
     report = {
         "rows_read": len(rows),
         "rows_valid": len(imp),
-        "rows_rejected": int((reason != "").sum()),
+        "rows_rejected": int(bad.sum()),
         "rows_duplicate_dropped": int(duplicate.sum()),
         "rejected_by_reason": {str(r): int(n) for r, n in zip(bad_reasons, counts)},
         "duplicate_impressions": int(len(key) - len(np.unique(key, axis=0))) if len(key) else 0,
@@ -444,8 +446,7 @@ def clean_log(
     if duplicate.any():
         log.info("dropped %d log rows identical to an earlier row", int(duplicate.sum()))
     rejected = None
-    if (reason != "").any():
-        bad = np.flatnonzero(reason != "")
+    if bad.any():
         data = {k: v[bad] for k, v in c.items()}
         data["reject_reason"] = reason[bad].astype(str)
         data["log_file"] = np.asarray(rows.files, dtype=object)[rows.log_file[bad]].astype(str)

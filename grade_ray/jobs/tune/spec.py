@@ -57,7 +57,6 @@ MODEL_SEARCHERS = {  # name -> (package, module, class, name of its seed argumen
 }
 HELD_OUT_METRICS = {"eval/north_star": "simulated", "eval/ndcg": "logged"}
 TRAINING_PREFIXES = ("rollout/", "learner/", "pretrain/", "perf/", "policy/", "segment/")
-# Keys that change what Stage 1 learns (or the data it learns from).
 RESOURCE_KEYS = (
     "rollout.num_workers",
     "rollout.num_cpus_per_worker",
